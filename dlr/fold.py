@@ -1,0 +1,20 @@
+"""Fold the DLR residual into B: B* = B + (alpha/sqrt(K)) R, exact and idempotent."""
+from __future__ import annotations
+
+from torch import nn
+
+from .hf.lowrank import LowRankLinear
+
+
+def fold_model(model: nn.Module) -> int:
+    """Fold every DLR layer in place; returns how many were folded (0 if none are left)."""
+    folded = sum(m.fold_() for m in model.modules() if isinstance(m, LowRankLinear))
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "dlr_method", None) == "dlr":
+        # Recorded so that a reload builds the residual-free (lowrank) layout.
+        config.dlr_folded = True
+    return folded
+
+
+def is_foldable(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRankLinear) and m.has_residual for m in model.modules())

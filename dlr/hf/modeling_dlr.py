@@ -1,0 +1,42 @@
+"""LlamaForCausalLM with factorized projections; loads through AutoModelForCausalLM.
+
+Copied into saved model directories as HF remote code (with configuration_dlr.py and
+lowrank.py), so the folded model can be used without installing dlr.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaForCausalLM
+from transformers import initialization as init
+
+from .configuration_dlr import DlrLlamaConfig
+from .lowrank import LowRankLinear, cola_init_std, factorize_projections
+
+
+class DlrLlamaForCausalLM(LlamaForCausalLM):
+    config_class = DlrLlamaConfig
+
+    def __init__(self, config: DlrLlamaConfig) -> None:
+        super().__init__(config)
+
+    def post_init(self) -> None:
+        # LlamaForCausalLM.__init__ ends with post_init(); swapping the projections here
+        # means HF's weight init runs exactly once, on the final modules.
+        factorize_projections(self, self.config)
+        # HF initialises a sub-model (self.model, a plain LlamaModel) with that sub-model's
+        # own _init_weights, which knows nothing of LowRankLinear; route it to ours.
+        self.model._init_weights = self._init_weights
+        super().post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if isinstance(module, LowRankLinear):
+            # HF's generic init would draw N(0, 0.02); CoLA's scale matters for low rank.
+            std = cola_init_std(module.in_features, module.out_features, module.rank)
+            init.normal_(module.A, mean=0.0, std=std)
+            init.normal_(module.B, mean=0.0, std=std)
+        else:
+            super()._init_weights(module)
+
+
+__all__ = ["DlrLlamaForCausalLM"]

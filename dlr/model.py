@@ -1,0 +1,95 @@
+"""Build a full / low-rank / DLR LLaMA from a zoo size and the factorization options."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ConfigError, bad_value
+from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
+from .hf.lowrank import ACTIVATIONS, EXPAND_MODES, METHODS, SCOPES
+from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
+
+
+def make_config(
+    size: str | LlamaSize,
+    method: str = "dlr",
+    rank: int | None = None,
+    alpha: float = 1.0,
+    activation: str = "silu",
+    expand: str = "uniform",
+    scope: str = "all",
+    seed: int = 0,
+    vocab_size: int = VOCAB_SIZE,
+) -> DlrLlamaConfig:
+    """Validate every option and return the HF config; raises ConfigError on bad input."""
+    spec = get_size(size) if isinstance(size, str) else size
+    if method not in METHODS:
+        raise bad_value("method", method, METHODS)
+    if activation not in ACTIVATIONS:
+        raise bad_value("activation", activation, ACTIVATIONS)
+    if expand not in EXPAND_MODES:
+        raise bad_value("expand", expand, EXPAND_MODES)
+    if scope not in SCOPES:
+        raise bad_value("scope", scope, SCOPES)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise bad_value("alpha", alpha, "a finite number >= 0")
+    if rank is None:
+        rank = spec.default_rank
+    smallest = min(spec.hidden_size, spec.intermediate_size)
+    if method != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
+        raise bad_value("rank", rank, f"an integer with 0 < rank < {smallest} (the smallest projection dim of {spec.name})")
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise bad_value("vocab_size", vocab_size, "a positive integer")
+    return DlrLlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        num_hidden_layers=spec.num_hidden_layers,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=None,
+        dlr_size=spec.name,
+        dlr_method=method,
+        dlr_rank=None if method == "full" else rank,
+        dlr_activation=activation,
+        dlr_alpha=float(alpha),
+        dlr_expand=expand,
+        dlr_scope=scope,
+        dlr_seed=int(seed),
+        dlr_folded=False,
+    )
+
+
+def build_from_config(config: DlrLlamaConfig, device: str | torch.device | None = None) -> DlrLlamaForCausalLM:
+    """Instantiate with SDPA attention (flash / memory-efficient kernels on GPU)."""
+    config._attn_implementation = "sdpa"
+    if device is None:
+        return DlrLlamaForCausalLM(config)
+    with torch.device(device):
+        return DlrLlamaForCausalLM(config)
+
+
+def build_model(
+    model: str | LlamaSize,
+    method: str = "dlr",
+    rank: int | None = None,
+    alpha: float = 1.0,
+    device: str | torch.device | None = None,
+    **options,
+) -> DlrLlamaForCausalLM:
+    """`dlr.build_model("llama_60m", method="dlr", rank=128)`; device="meta" allocates nothing.
+
+    options: activation ("silu" | "identity"), expand ("uniform" | "random_reuse"),
+    scope ("all" | "attn" | "mlp"), seed (for random_reuse), vocab_size.
+    """
+    unknown = set(options) - {"activation", "expand", "scope", "seed", "vocab_size"}
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; accepted: activation, expand, scope, seed, vocab_size")
+    return build_from_config(make_config(model, method, rank, alpha, **options), device)
