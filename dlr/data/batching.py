@@ -1,0 +1,209 @@
+"""Training batches: shard the global document order over processes and DataLoader workers,
+tokenize, build `paper` (truncate/pad) or `packed` (EOS-joined windows) batches, and resume exactly.
+
+Sharding. Every process reads the same globally shuffled stream and keeps document g when
+g % world_size == rank (what `split_dataset_by_node` does when shards cannot be split
+evenly). Done always, not only then, so that the union of a global step over N processes is
+the same set of documents as one process with N times the batch. Within a process, local
+document L goes to worker (L // batch_size) % num_workers: each worker builds whole batches
+from consecutive local documents, and the DataLoader's round-robin hands them out in order,
+so in paper mode the batches do not depend on the number of workers.
+
+Resume. Each batch carries its worker's position *after* that batch. The main process keeps
+the latest one per worker plus the number of batches consumed; a restored loader starts each
+worker from its saved position, rotating workers so the round-robin continues where it was.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dlr.data.sources import check_local_file, resolve_files
+from dlr.data.spec import DataSpec
+from dlr.data.stream import DocStream, Position
+from dlr.data.tokenizer import Tokenizer
+from dlr.errors import ConfigError
+
+STATE_VERSION = 1
+
+
+def paper_batch(ids: list[list[int]], seq_len: int, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """GaLore/CoLA protocol: text + EOS, truncated (EOS kept last) or right-padded; -100 on pads."""
+    x = np.full((len(ids), seq_len), pad_id, dtype=np.int64)
+    y = np.full((len(ids), seq_len), -100, dtype=np.int64)
+    for i, seq in enumerate(ids):
+        seq = seq[: seq_len - 1]
+        n = len(seq)
+        x[i, :n] = seq
+        x[i, n] = eos_id
+        y[i, : n + 1] = x[i, : n + 1]
+    return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+
+
+class _TrainIterable(torch.utils.data.IterableDataset):
+    """Yields batches (with their `_state`) for the logical workers given per DataLoader slot."""
+
+    def __init__(self, stream: DocStream, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
+                 num_logical: int, logical: list[int], starts: list[dict | None]) -> None:
+        self.stream, self.tok = stream, tokenizer
+        self.B, self.T = batch_size, stream.spec.seq_len
+        self.packed = stream.spec.mode == "packed"
+        self.rank, self.world = rank, world_size
+        self.K, self.logical, self.starts = num_logical, logical, starts
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else info.id
+        if info is not None:
+            # One tokenizer thread per worker: the workers are the parallelism.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            if hasattr(self.tok, "num_threads"):
+                self.tok.num_threads = 1
+        try:
+            yield from self._batches(self.logical[slot], self.starts[slot])
+        except ConfigError as e:
+            # A worker's exception reaches the main process wrapped in a multi-line traceback;
+            # pass the one-line message through instead.
+            yield {"_error": str(e)}
+
+    def _batches(self, w: int, start: dict | None) -> Iterator[dict[str, Any]]:
+        B, T, K = self.B, self.T, self.K
+        pos = Position(**{k: start[k] for k in ("epoch", "block", "file", "rec", "g")}) if start else Position()
+        local = start["local"] if start else 0
+        buf: list[int] = start["leftover"].tolist() if start else []
+        eos, pad = self.tok.eos_id, self.tok.pad_id
+        pending: list[str] = []
+
+        def state() -> dict[str, Any]:
+            return {"epoch": pos.epoch, "block": pos.block, "file": pos.file, "rec": pos.rec, "g": pos.g,
+                    "local": local, "leftover": torch.tensor(buf, dtype=torch.int32), "worker": w}
+
+        while True:
+            fresh_epoch, seen, mine = pos.g == 0, 0, 0
+            for g, text, k, bf, br in self.stream.iter_epoch(pos):
+                seen += 1
+                pos.block, pos.file, pos.rec, pos.g = k, bf, br, g + 1
+                if g % self.world != self.rank:
+                    continue
+                mine += 1
+                L, local = local, local + 1
+                if (L // B) % K != w:
+                    continue
+                pending.append(text)
+                if len(pending) < B:
+                    continue
+                ids = self.tok.encode_batch(pending)
+                pending = []
+                if not self.packed:
+                    yield {**paper_batch(ids, T, pad, eos), "_state": state()}
+                    continue
+                for seq in ids:
+                    buf.extend(seq)
+                    buf.append(eos)
+                while len(buf) >= B * T:
+                    x = torch.tensor(buf[: B * T], dtype=torch.long).view(B, T)
+                    buf = buf[B * T:]
+                    yield {"input_ids": x, "labels": x.clone(), "_state": state()}
+            if fresh_epoch and seen == 0:
+                raise ConfigError(f"the train split has no documents (files: {_names(self.stream.files)})")
+            if fresh_epoch and mine == 0:
+                raise ConfigError(
+                    f"the train split has {seen} documents, fewer than world_size={self.world}; every process needs one"
+                )
+            pos = Position(epoch=pos.epoch + 1)
+
+
+def _names(files: list[str], n: int = 3) -> str:
+    shown = ", ".join(files[:n])
+    return shown + (f", ... ({len(files)} files)" if len(files) > n else "")
+
+
+class TrainBatches:
+    """Endless iterator of {"input_ids", "labels"} LongTensor[B, T] batches for one process.
+
+    `state_dict()` between two `next()` calls captures the data position; `load_state_dict`
+    makes the following batches equal those of the uninterrupted stream.
+    """
+
+    def __init__(self, spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} is not valid; accepted: an integer >= 1")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ConfigError(f"rank={rank!r}, world_size={world_size!r} are not valid; accepted: 0 <= rank < world_size")
+        self.spec, self.tokenizer = spec, tokenizer
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
+        files = resolve_files(spec, "train")
+        for f in files:
+            check_local_file(spec, f)
+        self.stream = DocStream(spec, files, seed)
+        self.num_workers = spec.num_workers
+        self._K = max(1, spec.num_workers)
+        self._worker_states: list[dict | None] = [None] * self._K
+        self._n = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def _fingerprint(self) -> dict[str, Any]:
+        s = self.spec
+        return {"seq_len": s.seq_len, "mode": s.mode, "shuffle_buffer": s.shuffle_buffer, "num_workers": s.num_workers,
+                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+                "num_files": len(self.stream.files), "tokenizer_vocab": self.tokenizer.vocab_size}
+
+    def _start(self) -> None:
+        first = self._n % self._K
+        logical = [(first + i) % self._K for i in range(self._K)]
+        starts = [self._worker_states[w] for w in logical]
+        ds = _TrainIterable(self.stream, self.tokenizer, self.batch_size, self.rank, self.world_size,
+                            self._K, logical, starts)
+        if self.num_workers == 0:
+            self._it = iter(ds)
+        else:
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4)
+            self._it = iter(loader)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)  # type: ignore[arg-type]
+        if "_error" in batch:
+            self.close()
+            raise ConfigError(batch["_error"])
+        st = batch.pop("_state")
+        self._worker_states[st["worker"]] = st
+        self._n += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain python + tensors (torch.save-able with weights_only=True)."""
+        return {"version": STATE_VERSION, "batches": self._n, "config": self._fingerprint(),
+                "workers": copy.deepcopy(self._worker_states)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
+        mine = self._fingerprint()
+        for k, v in state["config"].items():
+            if mine.get(k) != v:
+                raise ConfigError(
+                    f"cannot resume the data stream: {k}={mine.get(k)!r} now but {v!r} in the checkpoint; use the same value"
+                )
+        self.close()
+        self._worker_states = copy.deepcopy(list(state["workers"]))
+        self._n = int(state["batches"])
+
+    def close(self) -> None:
+        """Stop workers (a new iterator starts lazily on the next `next()`)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+def train_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int, seed: int) -> TrainBatches:
+    return TrainBatches(spec, tokenizer, batch_size, rank, world_size, seed)

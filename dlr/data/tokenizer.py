@@ -1,0 +1,126 @@
+"""Tokenizers: the bundled T5 SentencePiece model (what the anchors use) or any HF tokenizer."""
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+from dlr.errors import ConfigError
+
+T5_NAME = "t5"
+SPIECE = "spiece.model"
+
+
+def bundled_t5_path() -> Path:
+    return Path(str(resources.files("dlr.assets").joinpath("tokenizer", "t5", SPIECE)))
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def save(self, directory: str | os.PathLike) -> None: ...
+
+
+class SentencePieceTokenizer:
+    """SentencePiece model without BOS; EOS is appended by the batching code, not here."""
+
+    def __init__(self, model_file: str | os.PathLike, num_threads: int = -1) -> None:
+        import sentencepiece as spm
+
+        self.model_file = str(model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError with C++ text
+            raise ConfigError(f"tokenizer file {self.model_file!r} is not a SentencePiece model ({type(e).__name__})") from None
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())
+        # T5 has pad=0; models without a pad piece pad with EOS (labels mask it anyway).
+        self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_id
+        if self.eos_id < 0:
+            raise ConfigError(f"tokenizer {self.model_file!r} has no EOS piece; packing and paper mode need one")
+        self.num_threads = num_threads
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(self.model_file, os.path.join(directory, SPIECE))
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.model_file!r}, vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """Any `transformers` tokenizer; special tokens are not added (we append EOS ourselves)."""
+
+    def __init__(self, name_or_path: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"tokenizer={name_or_path!r} could not be loaded ({msg[:200]}); accepted: 't5' (bundled), "
+                "a Hugging Face tokenizer name (needs the hub), or a local tokenizer directory"
+            ) from None
+        self.name_or_path = name_or_path
+        self.vocab_size = len(self._tok)
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise ConfigError(f"tokenizer={name_or_path!r} has no EOS token; packing and paper mode need one")
+        self.eos_id = int(eos)
+        self.pad_id = int(self._tok.pad_token_id) if self._tok.pad_token_id is not None else self.eos_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        self._tok.save_pretrained(str(directory))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """'t5' = bundled SentencePiece; a `.model` file or a dir holding `spiece.model` (what
+    `save` writes for T5) = SentencePiece; anything else goes to `AutoTokenizer`."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ConfigError(f"tokenizer={name_or_path!r} is not valid; accepted: 't5', an HF tokenizer name, or a path")
+    if name_or_path == T5_NAME:
+        return SentencePieceTokenizer(bundled_t5_path())
+    p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix == ".model":
+        return SentencePieceTokenizer(p)
+    if p.is_dir():
+        # An HF save has tokenizer_config.json; prefer the plain SentencePiece reload otherwise.
+        if (p / SPIECE).is_file() and not (p / "tokenizer_config.json").is_file():
+            return SentencePieceTokenizer(p / SPIECE)
+        return HFTokenizer(str(p))
+    if p.suffix == ".model" or name_or_path.startswith((".", "/", "~")):
+        raise ConfigError(f"tokenizer path {name_or_path!r} does not exist")
+    return HFTokenizer(name_or_path)
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Fail early: an id >= vocab_size would otherwise crash deep inside the embedding lookup."""
+    if model_vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model vocab_size={model_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+            f"tokens ({tokenizer!r}); set the model's vocab_size >= {tokenizer.vocab_size}"
+        )

@@ -1,0 +1,104 @@
+"""The fixed validation set: the first `val_tokens` tokens of the validation split, in order.
+
+Rows are built once, identically on every process, then row i goes to rank i % world_size, so
+the union over ranks never depends on the number of processes.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from dlr.data.sources import check_local_file, iter_file, resolve_files
+from dlr.data.spec import DataSpec
+from dlr.data.tokenizer import Tokenizer
+from dlr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_CHUNK = 256  # documents tokenized per call
+
+
+def _texts(spec: DataSpec, files: list[str]):
+    for f in files:
+        for _, text in iter_file(spec, f):
+            yield text
+
+
+def _token_lists(spec: DataSpec, tokenizer: Tokenizer, files: list[str]):
+    chunk: list[str] = []
+    for text in _texts(spec, files):
+        chunk.append(text)
+        if len(chunk) == _CHUNK:
+            yield from tokenizer.encode_batch(chunk)
+            chunk = []
+    if chunk:
+        yield from tokenizer.encode_batch(chunk)
+
+
+def _pad_rows(rows: list[list[int]], T: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = np.full((len(rows), T), pad, dtype=np.int64)
+    y = np.full((len(rows), T), -100, dtype=np.int64)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = r
+        y[i, : len(r)] = r
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def validation_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) LongTensor[N, seq_len] of the whole fixed validation set."""
+    files = resolve_files(spec, "validation")
+    for f in files:
+        check_local_file(spec, f)
+    T, eos, pad = spec.seq_len, tokenizer.eos_id, tokenizer.pad_id
+    budget = spec.val_tokens if spec.val_tokens is not None else float("inf")
+    used, docs = 0, 0
+    if spec.mode == "paper":
+        rows: list[list[int]] = []
+        for seq in _token_lists(spec, tokenizer, files):
+            docs += 1
+            row = seq[: T - 1] + [eos]
+            # Real (non-pad) tokens count against the budget; the last document is cut to fit.
+            row = row[: int(min(len(row), budget - used))]
+            rows.append(row)
+            used += len(row)
+            if used >= budget:
+                break
+        if not rows:
+            raise ConfigError(f"the validation split has no documents (files: {', '.join(files[:3])})")
+        ids, labels = _pad_rows(rows, T, pad)
+    else:
+        stream: list[int] = []
+        for seq in _token_lists(spec, tokenizer, files):
+            docs += 1
+            stream.extend(seq)
+            stream.append(eos)
+            if len(stream) >= budget:
+                break
+        if not stream:
+            raise ConfigError(f"the validation split has no documents (files: {', '.join(files[:3])})")
+        stream = stream[: int(min(len(stream), budget))]
+        used = len(stream)
+        n_rows = -(-len(stream) // T)
+        flat = np.full(n_rows * T, pad, dtype=np.int64)
+        flat[: len(stream)] = stream
+        lab = np.full(n_rows * T, -100, dtype=np.int64)
+        lab[: len(stream)] = stream
+        ids, labels = torch.from_numpy(flat).view(n_rows, T), torch.from_numpy(lab).view(n_rows, T)
+    if spec.val_tokens is not None and used < spec.val_tokens:
+        log.warning("validation split holds only %d tokens (%d documents), below val_tokens=%d; using all of it",
+                    used, docs, spec.val_tokens)
+    return ids, labels
+
+
+def validation_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int = 0,
+                       world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """This process's share (rows rank, rank + world_size, ...) of the fixed validation set."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is not valid; accepted: an integer >= 1")
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ConfigError(f"rank={rank!r}, world_size={world_size!r} are not valid; accepted: 0 <= rank < world_size")
+    ids, labels = validation_rows(spec, tokenizer)
+    ids, labels = ids[rank::world_size], labels[rank::world_size]
+    return [{"input_ids": ids[i: i + batch_size].contiguous(), "labels": labels[i: i + batch_size].contiguous()}
+            for i in range(0, ids.shape[0], batch_size)]

@@ -1,0 +1,54 @@
+"""Validation loss/perplexity averaged over tokens (not over batches).
+
+Every label token weighs the same, whatever the batch or process it falls in: the loss is
+sum(token CE) / number of label tokens, both summed across processes. The anchors' per-batch
+mean (divided by N+1) over-weights short batches; we deliberately do not reproduce it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str,
+             dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float | int]:
+    """{"val_loss", "val_ppl", "val_tokens"} of a causal LM over `batches` (labels -100 = ignored).
+
+    No attention mask is passed: padding is on the right and masked in the labels, so causal
+    attention never lets a real token see a pad, and SDPA keeps its fast path.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    # float64 accumulators: 10M token losses summed in fp32 would lose digits.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc="eval", leave=False)
+    try:
+        with torch.no_grad():
+            for b in it:
+                x = b["input_ids"].to(device, non_blocking=True)
+                y = b["labels"].to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = model(input_ids=x).logits
+                logits = logits[:, :-1].float()
+                target = y[:, 1:]
+                loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                            ignore_index=-100, reduction="sum").double()
+                count += (target != -100).sum()
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(count)
+    n = int(count.item())
+    loss = float(loss_sum.item()) / n if n else float("nan")
+    return {"val_loss": loss, "val_ppl": math.exp(loss) if n and loss < 700 else float("inf") if n else float("nan"),
+            "val_tokens": n}
