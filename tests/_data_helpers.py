@@ -1,0 +1,33 @@
+"""Shared helpers for the data tests (not a conftest: other engineers own the test setup)."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+DOC_RE = re.compile(r"doc(\d+)x")
+
+
+def write_docs(path: Path, n: int, start: int = 0) -> Path:
+    """n JSON-lines C4-style docs "docIx ..." of varied length (some longer than seq_len 16)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i in range(start, start + n):
+            text = f"doc{i}x " + " ".join(["the cat sat"] * (1 + (i * 7) % 11))
+            f.write(json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": f"https://x/{i}"}) + "\n")
+    return path
+
+
+def doc_ids(batch, tok) -> list[int]:
+    """The document id at the start of each (paper-mode) row."""
+    out = []
+    for row in batch["input_ids"].tolist():
+        m = DOC_RE.match(tok.decode(row[:6]).replace(" ", ""))
+        assert m, tok.decode(row[:6])
+        out.append(int(m.group(1)))
+    return out
