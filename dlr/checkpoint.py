@@ -1,0 +1,338 @@
+"""The self-describing model directory: safetensors + config.json + modeling code + tokenizer.
+
+Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` outputs are):
+
+    config.json                     DlrLlamaConfig: LLaMA dims + dlr_* (method, rank, ...)
+    model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    configuration_dlr.py, lowrank.py, modeling_dlr.py   HF remote code (auto_map)
+    generation_config.json
+    spiece.model (T5/SentencePiece) | tokenizer files of an HF tokenizer
+    dlr_checkpoint.json             format version, dlr version, file sizes, caller's `extra`
+
+Nothing here uses pickle. The per-layer expand index (`*.dlr_index`, random_reuse
+included) is a persistent buffer, so it travels in the safetensors with the weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
+from .hf.lowrank import ACTIVATIONS, EXPAND_MODES, METHODS, SCOPES, LowRankLinear
+
+FORMAT_VERSION = 1
+META_FILE = "dlr_checkpoint.json"
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Shards bound the transient memory of safetensors' serializer (it turns a whole shard into
+# bytes before writing), so saving a 7B model costs about one shard on top of the model.
+MAX_SHARD_SIZE = "2GB"
+TOKENIZER_MARKERS = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dlr_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dlr")
+    except Exception:  # running from a source tree without install metadata
+        return "unknown"
+
+
+def save_model_dir(
+    model: DlrLlamaForCausalLM,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    extra: dict | None = None,
+    files: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` + `tokenizer` as a model directory at `out_dir`, atomically.
+
+    Everything is written into a temporary sibling directory which is then renamed, so a
+    crash leaves either the old directory or the complete new one, never a half-written
+    one. An existing `out_dir` is replaced. `extra` (JSON-able) is stored under "extra" in
+    dlr_checkpoint.json (e.g. step, tokens seen, final val loss); `files` maps extra file
+    names to JSON-able objects written next to the weights (e.g. fold_report.json).
+    """
+    if not isinstance(model, DlrLlamaForCausalLM):
+        raise ConfigError(f"save_model_dir expects a DlrLlamaForCausalLM, got {type(model).__name__}")
+    out = Path(out_dir).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        if tokenizer is None:
+            raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
+        tokenizer.save(tmp)
+        for name, obj in (files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.endswith(".safetensors")}
+        meta = {
+            "format": "dlr-model-dir",
+            "format_version": FORMAT_VERSION,
+            "dlr_version": _dlr_version(),
+            # Sizes catch a truncated shard even when its header survived.
+            "weight_files": sizes,
+            "extra": extra or {},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out.exists():
+            # Two renames: the old directory is only deleted once the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "d")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_dir(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"checkpoint {str(p)!r} is not a directory; expected a dlr model directory (config.json + *.safetensors)")
+    if not (p / CONFIG_FILE).is_file():
+        raise ConfigError(f"checkpoint {str(p)!r} is not a dlr model directory: no config.json")
+    return p
+
+
+def read_config(path: str | os.PathLike) -> DlrLlamaConfig:
+    """The checkpoint's config, validated, without touching the weights."""
+    p = _check_dir(path)
+    try:
+        raw = json.loads((p / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(p / CONFIG_FILE)!r} is not valid JSON ({e.__class__.__name__}: {str(e)[:80]})") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != DlrLlamaConfig.model_type:
+        got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ConfigError(
+            f"{str(p / CONFIG_FILE)!r} has model_type={got!r}; a dlr checkpoint has model_type='dlr_llama'"
+        )
+    raw.pop("auto_map", None)  # only meaningful to AutoModel; we know the class
+    try:
+        config = DlrLlamaConfig.from_dict(raw)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:160]
+        raise ConfigError(f"{str(p / CONFIG_FILE)!r} is not a valid dlr config ({msg})") from None
+    _validate_dlr_fields(config, p / CONFIG_FILE)
+    return config
+
+
+def _validate_dlr_fields(c: DlrLlamaConfig, where: Path) -> None:
+    def bad(field: str, accepted: object) -> ConfigError:
+        return ConfigError(f"{str(where)!r}: {field}={getattr(c, field)!r} is not valid; accepted: {accepted}")
+
+    if c.dlr_method not in METHODS:
+        raise bad("dlr_method", ", ".join(METHODS))
+    if c.dlr_activation not in ACTIVATIONS:
+        raise bad("dlr_activation", ", ".join(ACTIVATIONS))
+    if c.dlr_expand not in EXPAND_MODES:
+        raise bad("dlr_expand", ", ".join(EXPAND_MODES))
+    if c.dlr_scope not in SCOPES:
+        raise bad("dlr_scope", ", ".join(SCOPES))
+    if not isinstance(c.dlr_alpha, (int, float)) or not math.isfinite(c.dlr_alpha) or c.dlr_alpha < 0:
+        raise bad("dlr_alpha", "a finite number >= 0")
+    if c.dlr_method != "full":
+        smallest = min(c.hidden_size, c.intermediate_size)
+        if isinstance(c.dlr_rank, bool) or not isinstance(c.dlr_rank, int) or not 0 < c.dlr_rank < smallest:
+            raise bad("dlr_rank", f"an integer with 0 < rank < {smallest}")
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        v = getattr(c, field)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise bad(field, "a positive integer")
+
+
+def weight_files(path: str | os.PathLike) -> dict[str, list[str]]:
+    """{shard file name: [tensor names]} from the index, or the single model.safetensors."""
+    p = Path(path)
+    if (p / INDEX_FILE).is_file():
+        try:
+            wmap = json.loads((p / INDEX_FILE).read_text())["weight_map"]
+            assert isinstance(wmap, dict)
+        except Exception:
+            raise ConfigError(f"{str(p / INDEX_FILE)!r} is corrupted (not a JSON object with a weight_map)") from None
+        shards: dict[str, list[str]] = {}
+        for name, shard in wmap.items():
+            shards.setdefault(shard, []).append(name)
+        for shard in shards:
+            if not (p / shard).is_file():
+                raise ConfigError(f"weight shard {str(p / shard)!r} listed in {INDEX_FILE} is missing")
+        return shards
+    if (p / SINGLE_FILE).is_file():
+        return {SINGLE_FILE: []}
+    if any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth")):
+        raise ConfigError(f"checkpoint {str(p)!r} has pickled weights (.bin/.pt); dlr reads safetensors only")
+    raise ConfigError(f"checkpoint {str(p)!r} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _check_sizes(p: Path) -> None:
+    meta_path = p / META_FILE
+    if not meta_path.is_file():
+        return  # a model directory written by plain save_pretrained; the headers still get checked
+    try:
+        sizes = json.loads(meta_path.read_text()).get("weight_files", {})
+    except Exception:
+        raise ConfigError(f"{str(meta_path)!r} is corrupted (not valid JSON)") from None
+    for name, size in sizes.items():
+        f = p / name
+        if not f.is_file():
+            raise ConfigError(f"weight file {str(f)!r} is missing")
+        actual = f.stat().st_size
+        if actual != size:
+            raise ConfigError(f"weight file {str(f)!r} is truncated or corrupted: {actual} bytes, expected {size}")
+
+
+def find_tokenizer(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not any((p / m).is_file() for m in TOKENIZER_MARKERS):
+        raise ConfigError(
+            f"checkpoint {str(p)!r} has no tokenizer (none of {', '.join(TOKENIZER_MARKERS)}); "
+            "a model directory must carry the tokenizer it was trained with"
+        )
+    return p
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fresh_rotary(model: DlrLlamaForCausalLM, device: torch.device) -> None:
+    # inv_freq is a non-persistent buffer: not in the safetensors, and still on meta.
+    # Rebuilt on the CPU (the rope init functions compute there), then moved.
+    rotary = model.model.rotary_emb
+    with torch.device("cpu"):
+        fresh = type(rotary)(config=model.config)
+    model.model.rotary_emb = fresh.to(device)
+
+
+def load_model_dir(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[DlrLlamaForCausalLM, Any]:
+    """Load a model directory; every problem is a one-line ConfigError naming the path.
+
+    The model is built on `meta` (no allocation, no random init) and each tensor is read
+    from safetensors straight to `device` and assigned, so peak memory is one model.
+    Returns (model in eval mode, tokenizer).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from .data import load_tokenizer
+
+    p = _check_dir(path)
+    config = read_config(p)
+    find_tokenizer(p)
+    shards = weight_files(p)
+    _check_sizes(p)
+    device = torch.device(device)
+
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = DlrLlamaForCausalLM(config)
+    # dlr_index buffers are built on the CPU even under meta; they are expected in the file.
+    expected = model.state_dict()
+    # For error messages: the entry we want, and what the config implies.
+    found: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        f_path = p / shard
+        try:
+            with safe_open(str(f_path), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if name not in expected:
+                        raise ConfigError(
+                            f"{str(f_path)!r} holds {name!r}, which a {_describe(config)} model does not have "
+                            "(config.json and the weights disagree)"
+                        )
+                    want = tuple(expected[name].shape)
+                    got = tuple(f.get_slice(name).get_shape())
+                    if got != want:
+                        raise ConfigError(
+                            f"{str(f_path)!r}: {name} has shape {list(got)} but config.json implies {list(want)} "
+                            "(config/weights shape mismatch)"
+                        )
+                    t = f.get_tensor(name)
+                    if t.is_floating_point():
+                        t = t.to(dtype)
+                    found[name] = t
+        except SafetensorError as e:
+            raise ConfigError(f"weight file {str(f_path)!r} is truncated or corrupted ({' '.join(str(e).split())[:120]})") from None
+        except OSError as e:
+            raise ConfigError(f"weight file {str(f_path)!r} cannot be read ({e.strerror or e})") from None
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {str(p)!r} lacks {len(missing)} tensor(s) a {_describe(config)} model needs, "
+            f"e.g. {missing[0]!r} (config.json and the weights disagree)"
+        )
+    for name, t in found.items():
+        if name.endswith(".dlr_index"):
+            _check_index(p, name, t, config.dlr_rank)
+        elif not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"checkpoint {str(p)!r}: {name} contains NaN/inf (corrupted weights)")
+    model.load_state_dict(found, strict=True, assign=True)
+    del found
+    _fresh_rotary(model, device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # a bug in this loader, not bad input
+        raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
+    model.eval()
+    return model, load_tokenizer(str(p))
+
+
+def _check_index(p: Path, name: str, index: torch.Tensor, rank: int) -> None:
+    if index.dtype not in (torch.int64, torch.int32) or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= rank)):
+        raise ConfigError(f"checkpoint {str(p)!r}: {name} is not an expand index into rank {rank} (corrupted weights)")
+
+
+def _describe(c: DlrLlamaConfig) -> str:
+    state = "folded " if c.dlr_folded else ""
+    rank = f" rank={c.dlr_rank}" if c.dlr_method != "full" else ""
+    return f"{c.dlr_size or 'custom'} {state}{c.dlr_method}{rank}"
+
+
+def describe(config: DlrLlamaConfig) -> str:
+    """Short human description, e.g. 'llama_1b dlr rank=512 (folded)'."""
+    return _describe(config)
+
+
+def residual_layers(model: torch.nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, LowRankLinear) and m.has_residual)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """dlr_checkpoint.json ({} for a directory written by plain save_pretrained)."""
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except Exception:
+        raise ConfigError(f"{str(f)!r} is corrupted (not valid JSON)") from None
