@@ -1,0 +1,110 @@
+"""Export to a plain dense `LlamaForCausalLM` (no remote code needed to load it).
+
+Only exact for activation=identity: there y = B (A x), so W = B A multiplies out. With SiLU,
+y = B silu(A x) is not linear in x and no dense matrix reproduces it, so we refuse.
+A DLR residual is included through the effective up weight B + sR (folded or not).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .errors import ConfigError
+from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
+from .hf.lowrank import LowRankLinear
+
+
+def dense_refusal(config: DlrLlamaConfig) -> str | None:
+    """Why this model cannot be exported dense, or None if it can."""
+    if config.dlr_method != "full" and config.dlr_activation != "identity":
+        return (
+            f"dense export needs activation=identity (y = B A x); this checkpoint uses "
+            f"activation={config.dlr_activation!r}, where y = B {config.dlr_activation}(A x) is not a linear map, "
+            "so no dense weight reproduces it. Use the folded low-rank directory (loads with trust_remote_code=True)"
+        )
+    return None
+
+
+def dense_config(config: DlrLlamaConfig) -> LlamaConfig:
+    """The same LLaMA, minus every dlr_* field and the remote-code auto_map."""
+    d = config.to_dict()
+    for key in list(d):
+        if key.startswith("dlr_") or key in ("auto_map", "model_type", "architectures", "transformers_version"):
+            d.pop(key)
+    return LlamaConfig(**d)
+
+
+@torch.no_grad()
+def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
+    """Dense LlamaForCausalLM computing the same function as `model` (identity activation).
+
+    Built on meta and filled tensor by tensor, so memory is the dense model plus one
+    projection's product at a time (the dense 7B is ~4x the low-rank one, unavoidably).
+    The product is taken in fp32 even for a bf16 model, then stored in the model's dtype.
+    """
+    reason = dense_refusal(model.config)
+    if reason:
+        raise ConfigError(reason)
+    config = dense_config(model.config)
+    config._attn_implementation = "sdpa"
+    device = next(model.parameters()).device
+    with torch.device("meta"):
+        dense = LlamaForCausalLM(config)
+    state: dict[str, torch.Tensor] = {}
+    lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    for name, t in model.state_dict().items():
+        if name.endswith((".A", ".B", ".dlr_index")):
+            continue
+        state[name] = t
+    for name, m in lowrank.items():
+        w = m.effective_B().float() @ m.A.float()
+        state[f"{name}.weight"] = w.to(m.A.dtype)
+    dense.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent rotary buffers are not in the state dict: rebuild them on the real device.
+    with torch.device("cpu"):
+        rotary = type(dense.model.rotary_emb)(config=config)
+    dense.model.rotary_emb = rotary.to(device)
+    dense.generation_config = model.generation_config
+    return dense.eval()
+
+
+def save_dense_dir(dense: LlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, files: dict | None = None) -> Path:
+    """Atomic write like save_model_dir; the result loads with plain AutoModelForCausalLM."""
+    import json
+    import shutil
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    from .checkpoint import MAX_SHARD_SIZE
+
+    out = Path(out_dir).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            dense.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        tokenizer.save(tmp)
+        for name, obj in (files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "d")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
