@@ -1,0 +1,251 @@
+"""The training loop: one code path for CPU, one GPU, many GPUs and nodes (accelerate)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from ..counting import model_stats
+from ..data import check_vocab, data_spec, load_tokenizer, train_batches, validation_batches
+from ..errors import ConfigError
+from ..evaluation import evaluate
+from ..fold import fold_model
+from ..model import build_from_config, make_config
+from ..optim import build_optimizer
+from .plan import TrainPlan, make_plan, memory_estimate_gib
+from .rundir import MetricsLog, check_run_dir, write_config, write_summary
+from .state import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .telemetry import peak_flops, peak_memory_gib
+
+log = logging.getLogger("dlr.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is left as it was."""
+
+
+def _model_config(cfg: DictConfig, tokenizer):
+    config = make_config(cfg.model.name if "name" in cfg.model else cfg.model, cfg.method, cfg.rank, cfg.alpha,
+                         activation=cfg.activation, expand=cfg.expand, scope=cfg.scope, seed=cfg.seed,
+                         vocab_size=tokenizer.vocab_size)
+    # The ids the data pipeline writes are the ids the model (and generate()) must use.
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_id, tokenizer.eos_id
+    return config
+
+
+def _precision(cfg: DictConfig) -> str:
+    accepted = ("auto", "fp32", "bf16")
+    if cfg.precision not in accepted:
+        raise ConfigError(f"precision={cfg.precision!r} is not valid; accepted: {', '.join(accepted)}")
+    if cfg.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return "no" if cfg.precision == "fp32" else "bf16"
+
+
+def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
+    """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
+    train_model = build_from_config(config, device="meta")
+    deploy_config = make_config(config.dlr_size, "lowrank" if cfg.method == "dlr" else cfg.method, cfg.rank,
+                                activation=cfg.activation, vocab_size=config.vocab_size)
+    train_stats = model_stats(train_model, plan.seq_len)
+    deploy_stats = model_stats(build_from_config(deploy_config, device="meta"), plan.seq_len)
+    memory = memory_estimate_gib(train_stats, plan, config.hidden_size, config.num_hidden_layers,
+                                 config.num_attention_heads, config.vocab_size, bf16=_precision(cfg) == "bf16" or plan.processes > 1,
+                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    return {
+        "model": config.dlr_size, "method": cfg.method, "rank": config.dlr_rank, "alpha": cfg.alpha,
+        "train_params": train_stats.total_params, "train_non_embedding_params": train_stats.non_embedding_params,
+        "deploy_params": deploy_stats.total_params, "deploy_non_embedding_params": deploy_stats.non_embedding_params,
+        "forward_flops_per_token": train_stats.forward_flops_per_token,
+        "train_flops_per_token": train_stats.train_flops_per_token,
+        "total_train_flops": train_stats.train_flops_per_token * plan.total_tokens,
+        **plan.as_dict(),
+        "memory_estimate_per_process_gib": {k: round(v, 2) for k, v in memory.items()},
+        "out_dir": cfg.out_dir,
+    }
+
+
+def _resume_point(cfg: DictConfig, out_dir: Path) -> Path | None:
+    existing = checkpoint_dirs(out_dir)
+    if cfg.resume == "auto":
+        return existing[-1] if existing else None
+    if cfg.resume == "never":
+        if existing:
+            raise ConfigError(f"resume='never' but out_dir={str(out_dir)!r} has checkpoints; accepted: resume=auto or another out_dir")
+        return None
+    path = Path(str(cfg.resume))
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume={str(cfg.resume)!r} is not a checkpoint directory; accepted: auto, never, or a checkpoints/step_<N> dir")
+    return path
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or dry-run) one training job described by the resolved Hydra config."""
+    spec = data_spec(cfg.data)
+    tokenizer = load_tokenizer(spec.tokenizer)
+    config = _model_config(cfg, tokenizer)
+    check_vocab(tokenizer, config.vocab_size)
+    if cfg.dry_run:
+        processes = cfg.plan_processes or 1
+        return describe_plan(cfg, make_plan(cfg, processes, spec.seq_len), config)
+
+    mixed = _precision(cfg)
+    accelerator = Accelerator(mixed_precision=mixed, log_with="wandb" if cfg.logger == "wandb" else None)
+    if cfg.logger not in ("none", "wandb"):
+        raise ConfigError(f"logger={cfg.logger!r} is not valid; accepted: none, wandb")
+    plan = make_plan(cfg, accelerator.num_processes, spec.seq_len)
+    out_dir = Path(cfg.out_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_run_dir(out_dir, resolved)
+    resume_from = _resume_point(cfg, out_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_config(out_dir, cfg)
+
+    set_seed(cfg.seed)  # identical init on every process
+    model = build_from_config(config)
+    stats = model_stats(model, plan.seq_len)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.method)
+    # Not passed to prepare(): accelerate would step it once per process per step.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps, min_lr_rate=cfg.min_lr_ratio)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
+
+    data = train_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    step, wall_before, wandb_id = 0, 0.0, None
+    if resume_from is not None:
+        trainer_state, data_state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        data.load_state_dict(data_state)
+        step, wall_before, wandb_id = trainer_state["step"], trainer_state["wall_s"], trainer_state.get("wandb_id")
+        log.info("resumed from %s at step %d", resume_from, step)
+    if cfg.logger == "wandb":
+        import wandb
+
+        wandb_id = wandb_id or wandb.util.generate_id()
+        accelerator.init_trackers(cfg.wandb.project, config=resolved, init_kwargs={"wandb": {
+            "name": cfg.wandb.name or out_dir.name, "id": wandb_id, "resume": "allow", "entity": cfg.wandb.entity,
+            "dir": str(out_dir), **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}})
+    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator.is_main_process, start_step=step)
+    val = validation_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes)
+
+    def run_eval(at_step: int, eval_model=None, prefix: str = "val") -> dict:
+        result = evaluate(eval_model or model, val, device, dtype=autocast_dtype)
+        record = {"step": at_step, "tokens": at_step * plan.tokens_per_step, f"{prefix}_loss": result["val_loss"],
+                  f"{prefix}_ppl": result["val_ppl"], f"{prefix}_tokens": result["val_tokens"]}
+        metrics.write(record)
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=at_step)
+        if accelerator.is_main_process:
+            tqdm.write(f"step {at_step}: {prefix}_loss {result['val_loss']:.4f} {prefix}_ppl {result['val_ppl']:.2f} ({result['val_tokens']} tokens)")
+        return result
+
+    def checkpoint(at_step: int, wall: float) -> None:
+        save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler, data.state_dict(),
+                        {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall, "wandb_id": wandb_id},
+                        cfg.keep_last)
+
+    peak = peak_flops(device)
+    progress = tqdm(total=plan.steps, initial=step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
+    t_start, tokens_timed, t_timed = time.perf_counter(), 0, 0.0
+    last_eval = None
+    while step < plan.steps:
+        t0 = time.perf_counter()
+        micro = [next(data) for _ in range(plan.grad_accum)]
+        # Token-weighted loss over the whole global batch: the same number whatever the
+        # split into processes and micro-batches (HF divides the summed CE by this count).
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_tokens = accelerator.reduce(torch.tensor(local_tokens, device=device, dtype=torch.long), "sum")
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                out = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                            num_items_in_batch=n_tokens)
+                # DDP averages gradients over processes; undo that, the count is global.
+                accelerator.backward(out.loss * accelerator.num_processes)
+            loss_sum += out.loss.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = accelerator.reduce(loss_sum, "sum").item()
+        if not math.isfinite(loss):
+            kept = checkpoint_dirs(out_dir)
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step}; stopped. Last good checkpoint: {kept[-1] if kept else 'none'} (try a lower lr={cfg.lr})"
+            )
+        dt = time.perf_counter() - t0
+        if step > 1 or resume_from is not None:  # the first step pays for warm-up/compilation
+            tokens_timed, t_timed = tokens_timed + plan.tokens_per_step, t_timed + dt
+        tok_s = plan.tokens_per_step / dt
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:,.0f}")
+        if step % cfg.log_every == 0 or step == plan.steps:
+            record = {"step": step, "tokens": step * plan.tokens_per_step, "loss": loss,
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "grad_norm": float(grad_norm),
+                      "peak_mem_gib": peak_memory_gib(device)}
+            if peak:
+                record["mfu"] = tok_s * stats.train_flops_per_token / (peak * accelerator.num_processes)
+            metrics.write(record)
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if step % cfg.eval_every == 0 or step == plan.steps:
+            last_eval = run_eval(step)
+        if step % cfg.save_every == 0 or step == plan.steps:
+            checkpoint(step, wall_before + time.perf_counter() - t_start)
+    progress.close()
+    data.close()
+
+    if last_eval is None:  # resumed from the final checkpoint: evaluate what we have
+        last_eval = run_eval(step)
+    return _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval,
+                   wall_before + time.perf_counter() - t_start, tokens_timed / t_timed if t_timed else None)
+
+
+def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval, wall, mean_tok_s) -> dict:
+    """Write final/ (and folded/ for dlr, with its perplexity) and summary.json."""
+    from ..checkpoint import save_model_dir
+
+    out_dir = Path(cfg.out_dir)
+    device = accelerator.device
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        save_model_dir(unwrapped, tokenizer, out_dir / "final")
+    summary = {
+        "model": unwrapped.config.dlr_size, "method": cfg.method, "rank": unwrapped.config.dlr_rank,
+        "alpha": cfg.alpha, "seed": cfg.seed, "optimizer": cfg.optimizer.name, "steps": plan.steps,
+        "tokens": plan.total_tokens, "processes": plan.processes,
+        "val_loss": last_eval["val_loss"], "val_ppl": last_eval["val_ppl"], "val_tokens": last_eval["val_tokens"],
+        "train_params": stats.total_params, "train_non_embedding_params": stats.non_embedding_params,
+        "deploy_params": stats.total_params, "train_flops_per_token": stats.train_flops_per_token,
+        "wall_s": wall, "mean_tokens_per_s": mean_tok_s, "peak_mem_gib": peak_memory_gib(device),
+    }
+    accelerator.wait_for_everyone()
+    if cfg.method == "dlr":
+        folded = fold_model(unwrapped)
+        folded_eval = run_eval(plan.steps, eval_model=unwrapped, prefix="folded_val")
+        deploy = model_stats(unwrapped, plan.seq_len)
+        summary.update({"folded_layers": folded, "folded_val_loss": folded_eval["val_loss"],
+                        "folded_val_ppl": folded_eval["val_ppl"], "deploy_params": deploy.total_params,
+                        "deploy_non_embedding_params": deploy.non_embedding_params,
+                        "fold_rel_ppl_diff": abs(folded_eval["val_ppl"] - last_eval["val_ppl"]) / last_eval["val_ppl"]})
+        if accelerator.is_main_process:
+            save_model_dir(unwrapped, tokenizer, out_dir / "folded")
+    if accelerator.is_main_process:
+        write_summary(out_dir, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary

@@ -1,0 +1,84 @@
+"""The training plan: batch geometry, budget and a memory estimate, derived from the config."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..counting import ModelStats
+from ..errors import ConfigError, bad_value
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    processes: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    steps: int
+    warmup_steps: int
+    tokens_per_step: int
+    total_tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
+    """Derive accumulation and steps; every inconsistency is a one-line ConfigError."""
+    for key in ("global_batch", "micro_batch"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad_value(key, value, "a positive integer")
+    if cfg.global_batch % processes:
+        raise bad_value("global_batch", cfg.global_batch, f"a multiple of the number of processes ({processes})")
+    per_process = cfg.global_batch // processes
+    if per_process % cfg.micro_batch:
+        divisors = [d for d in range(1, per_process + 1) if per_process % d == 0]
+        raise bad_value("micro_batch", cfg.micro_batch, f"a divisor of global_batch/processes = {per_process}: {divisors}")
+    per_forward = cfg.micro_batch * processes
+    tokens_per_step = cfg.global_batch * seq_len
+    if cfg.get("tokens") is not None:
+        if not isinstance(cfg.tokens, (int, float)) or cfg.tokens <= 0:
+            raise bad_value("tokens", cfg.tokens, "a positive number of training tokens, or null")
+        steps = math.ceil(cfg.tokens / tokens_per_step)
+    else:
+        steps = cfg.steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise bad_value("steps", steps, "a positive integer")
+    if not 0 <= cfg.warmup < 1:
+        raise bad_value("warmup", cfg.warmup, "a fraction in [0, 1)")
+    return TrainPlan(
+        processes=processes,
+        global_batch=cfg.global_batch,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.global_batch // per_forward,
+        seq_len=seq_len,
+        steps=steps,
+        warmup_steps=int(cfg.warmup * steps),
+        tokens_per_step=tokens_per_step,
+        total_tokens=steps * tokens_per_step,
+    )
+
+
+def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers: int, heads: int, vocab: int,
+                        bf16: bool, gradient_checkpointing: bool, optimizer_bytes_per_param: int = 8) -> dict:
+    """Rough per-process peak: fp32 weights + grads + optimizer state, plus activations.
+
+    Activations follow Korthikanti et al. (2022) for a transformer layer with flash/SDPA
+    attention, 34 * s * b * h bytes in half precision (x2 in fp32), and the logits
+    (b * s * V, fp32 for the loss, plus their gradient). With checkpointing only each
+    layer's input (2 * s * b * h bytes) is kept. An estimate, not a measurement.
+    """
+    s, b = plan.seq_len, plan.micro_batch
+    states = stats.total_params * (4 + 4 + optimizer_bytes_per_param)
+    per_layer = (2 * s * b * hidden) if gradient_checkpointing else 34 * s * b * hidden
+    activations = per_layer * layers * (1 if bf16 else 2)
+    logits = b * s * vocab * 4 * 2
+    gib = 1024**3
+    return {
+        "weights_grads_optimizer_gib": states / gib,
+        "activations_gib": activations / gib,
+        "logits_gib": logits / gib,
+        "total_gib": (states + activations + logits) / gib,
+    }
