@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -62,3 +63,30 @@ def test_autocast_dtype_runs():
     ref = evaluate(model, _batches(), "cpu")
     assert not model.training  # eval mode restored as eval
     assert res["val_tokens"] == ref["val_tokens"] and abs(res["val_loss"] - ref["val_loss"]) < 0.05
+
+
+def _dist_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        rows_x = torch.cat([b["input_ids"] for b in _batches()])
+        rows_y = torch.cat([b["labels"] for b in _batches()])
+        mine = [{"input_ids": rows_x[rank::world], "labels": rows_y[rank::world]}]
+        res = evaluate(_model(), mine, "cpu")
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_reduced_across_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_dist_worker, args=(world, f"file://{tmp_path}/init", str(tmp_path / "res")), nprocs=world)
+    ref = evaluate(_model(), _batches(), "cpu")
+    for r in range(world):
+        res = torch.load(tmp_path / f"res.{r}", weights_only=True)
+        assert res["val_tokens"] == ref["val_tokens"]
+        assert math.isclose(res["val_loss"], ref["val_loss"], rel_tol=1e-6)
