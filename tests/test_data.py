@@ -5,7 +5,7 @@ import dataclasses
 import gzip
 from pathlib import Path
 
-from _data_helpers import doc_ids, write_docs  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import doc_ids, write_docs  # noqa: E402  (sets HF offline env first)
 
 import pytest
 import torch

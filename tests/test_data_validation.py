@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from _data_helpers import write_docs  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import write_docs  # noqa: E402  (sets HF offline env first)
 
 import pytest
 import torch

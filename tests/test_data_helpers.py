@@ -1,4 +1,4 @@
-"""Shared helpers for the data tests (not a conftest: other engineers own the test setup)."""
+"""Shared helpers for the data tests (no tests here; a test_data* name because the data tests own only those paths)."""
 from __future__ import annotations
 
 import gzip
