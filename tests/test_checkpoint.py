@@ -1,0 +1,164 @@
+"""The model directory: round trip, atomic writes, and one-line errors for every bad input."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlr
+from dlr.checkpoint import load_model_dir, read_config, read_meta, save_model_dir
+from dlr.data import load_tokenizer
+from dlr.errors import ConfigError
+
+
+def tiny(method="dlr", **kw) -> dlr.DlrLlamaForCausalLM:
+    torch.manual_seed(0)
+    model = dlr.build_model("llama_tiny", method=method, **kw)
+    with torch.no_grad():  # random B, so that B + sR differs visibly from B
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("t5")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    model = tiny(expand="random_reuse", seed=3)
+    d = save_model_dir(model, tok, tmp_path_factory.mktemp("ck") / "final", extra={"step": 7})
+    return d, model
+
+
+X = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def test_round_trip_is_exact_and_self_describing(ckpt):
+    d, model = ckpt
+    names = set(os.listdir(d))
+    assert {"config.json", "model.safetensors", "spiece.model", "dlr_checkpoint.json",
+            "configuration_dlr.py", "lowrank.py", "modeling_dlr.py"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)  # no pickle anywhere
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "dlr_llama" and cfg["auto_map"]["AutoModelForCausalLM"]
+    for k, v in dict(dlr_size="llama_tiny", dlr_method="dlr", dlr_rank=16, dlr_activation="silu", dlr_alpha=1.0,
+                     dlr_expand="random_reuse", dlr_seed=3, dlr_scope="all", dlr_folded=False).items():
+        assert cfg[k] == v
+    assert read_meta(d)["extra"] == {"step": 7}
+    loaded, tok = load_model_dir(d)
+    assert tok.vocab_size == 32000 and not loaded.training
+    # The random_reuse index travels in the safetensors with the weights.
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert any(k.endswith("dlr_index") for k in lsd)
+    for k in sd:
+        assert torch.equal(sd[k], lsd[k]), k
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, loaded(X).logits)
+
+
+def test_load_in_bf16_keeps_the_index_integer(ckpt):
+    loaded, _ = load_model_dir(ckpt[0], dtype=torch.bfloat16)
+    up = loaded.model.layers[0].mlp.up_proj
+    assert up.A.dtype == torch.bfloat16 and up.dlr_index.dtype == torch.long
+
+
+def test_folded_dir_has_the_lowrank_layout(tmp_path, ckpt, tok):
+    model, _ = load_model_dir(ckpt[0])
+    assert dlr.fold_model(model) == 14
+    d = save_model_dir(model, tok, tmp_path / "folded")
+    assert read_config(d).dlr_folded is True
+    loaded, _ = load_model_dir(d)
+    assert not any(k.endswith("dlr_index") for k in loaded.state_dict())
+    with torch.no_grad():
+        ref = ckpt[1](X).logits
+        assert (loaded(X).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_sharded_save_loads(tmp_path, tok, monkeypatch):
+    import dlr.checkpoint as ck
+
+    monkeypatch.setattr(ck, "MAX_SHARD_SIZE", "2MB")
+    model = tiny("lowrank")
+    d = save_model_dir(model, tok, tmp_path / "m")
+    assert (d / "model.safetensors.index.json").is_file()
+    loaded, _ = load_model_dir(d)
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, loaded(X).logits)
+
+
+def test_save_is_atomic_and_replaces(tmp_path, tok):
+    out = tmp_path / "m"
+    save_model_dir(tiny("lowrank"), tok, out)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="tokenizer"):
+        save_model_dir(tiny("full"), None, out)
+    assert (out / "model.safetensors").read_bytes() == before  # the old dir is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
+    save_model_dir(tiny("full"), tok, out)
+    assert read_config(out).dlr_method == "full"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _truncate(d: Path, keep_meta: bool) -> None:
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    if not keep_meta:  # then only safetensors' own header check can notice
+        (d / "dlr_checkpoint.json").unlink()
+
+
+def _nan(d: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    sd["model.norm.weight"][0] = float("nan")
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "dlr_checkpoint.json").unlink()
+
+
+BAD = {
+    "missing": (lambda d: shutil.rmtree(d), "does not exist"),
+    "a file": (lambda d: (shutil.rmtree(d), d.write_text("x")), "not a directory"),
+    "no config": (lambda d: (d / "config.json").unlink(), "no config.json"),
+    "bad json": (lambda d: (d / "config.json").write_text("{oops"), "not valid JSON"),
+    "not dlr": (lambda d: _edit_config(d, model_type="llama"), "model_type='llama'"),
+    "bad method": (lambda d: _edit_config(d, dlr_method="sparse"), "dlr_method='sparse'"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "no weights"),
+    "pickled": (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"x")), "pickled"),
+    "truncated": (lambda d: _truncate(d, True), "truncated"),
+    "truncated, no size record": (lambda d: _truncate(d, False), "truncated or corrupted"),
+    "garbage header": (lambda d: ((d / "model.safetensors").write_bytes(b"\xff" * 64),
+                                  (d / "dlr_checkpoint.json").unlink()), "truncated or corrupted"),
+    "rank mismatch": (lambda d: _edit_config(d, dlr_rank=8), "shape"),
+    "method mismatch": (lambda d: _edit_config(d, dlr_method="full", dlr_rank=None), "does not have"),
+    "folded flag lies": (lambda d: _edit_config(d, dlr_folded=True), "does not have"),
+    "nan weights": (_nan, "NaN"),
+    "no tokenizer": (lambda d: (d / "spiece.model").unlink(), "no tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoints_give_one_line_errors(tmp_path, ckpt, case):
+    d = _copy(ckpt[0], tmp_path / "ck")
+    damage, needle = BAD[case]
+    damage(d)
+    with pytest.raises(ConfigError) as e:
+        load_model_dir(d)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    assert str(d) in msg  # names the path
