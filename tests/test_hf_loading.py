@@ -1,0 +1,87 @@
+"""Saved directories load with plain transformers (remote code, dlr never imported) and
+give dlr's logits; identity checkpoints export to a dense LlamaForCausalLM."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dlr
+from dlr.checkpoint import load_model_dir, save_model_dir
+from dlr.data import load_tokenizer
+from dlr.errors import ConfigError
+from dlr.export import export_dense, save_dense_dir
+
+X = torch.randint(2, 32000, (2, 20), generator=torch.Generator().manual_seed(2))
+
+
+def tiny(**kw) -> dlr.DlrLlamaForCausalLM:
+    torch.manual_seed(0)
+    model = dlr.build_model("llama_tiny", method="dlr", **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def run_plain_transformers(dirs: list, out, trust_remote_code: bool) -> None:
+    """Load each dir with AutoModelForCausalLM in a fresh interpreter that never imports dlr."""
+    save_file({"x": X}, str(out / "x.safetensors"))
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        x = load_file({str(out / 'x.safetensors')!r})["x"]
+        res = {{}}
+        for i, d in enumerate({[str(d) for d in dirs]!r}):
+            m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code={trust_remote_code}).eval()
+            with torch.no_grad():
+                res[f"logits{{i}}"] = m(x).logits.contiguous()
+            g = m.generate(x[:, :5], max_new_tokens=4, do_sample=False)
+            assert g.shape == (2, 9), g.shape
+            res[f"cls{{i}}"] = torch.tensor([ord(c) for c in type(m).__name__])
+        assert not any(k == "dlr" or k.startswith("dlr.") for k in sys.modules), "dlr was imported"
+        save_file(res, {str(out / 'res.safetensors')!r})
+    """)
+    # cwd=out: the dlr source tree must not be importable by accident.
+    proc = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_unfolded_and_folded_dirs_load_with_trust_remote_code(tmp_path):
+    tok = load_tokenizer("t5")
+    model = tiny(expand="random_reuse", seed=5)
+    final = save_model_dir(model, tok, tmp_path / "final")
+    loaded, _ = load_model_dir(final)
+    dlr.fold_model(loaded)
+    folded = save_model_dir(loaded, tok, tmp_path / "folded")
+    run_plain_transformers([final, folded], tmp_path, trust_remote_code=True)
+    res = load_file(str(tmp_path / "res.safetensors"))
+    with torch.no_grad():
+        own_final = load_model_dir(final)[0](X).logits
+        own_folded = load_model_dir(folded)[0](X).logits
+    assert torch.equal(res["logits0"], own_final)
+    assert torch.equal(res["logits1"], own_folded)
+    assert (own_final - own_folded).abs().max() <= 1e-5 * own_final.abs().max()
+
+
+def test_identity_exports_to_a_plain_dense_llama(tmp_path):
+    model = tiny(activation="identity", expand="random_reuse")  # unfolded: export uses B + sR
+    dense = export_dense(model)
+    assert type(dense).__name__ == "LlamaForCausalLM" and dense.config.model_type == "llama"
+    assert not any(k.startswith("dlr_") for k in dense.config.to_dict())
+    d = save_dense_dir(dense, load_tokenizer("t5"), tmp_path / "dense")
+    assert not (d / "modeling_dlr.py").exists()
+    run_plain_transformers([d], tmp_path, trust_remote_code=False)
+    res = load_file(str(tmp_path / "res.safetensors"))
+    assert "".join(map(chr, res["cls0"].tolist())) == "LlamaForCausalLM"
+    with torch.no_grad():
+        ref = model(X).logits
+    assert (res["logits0"] - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_silu_dense_export_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="activation=identity.*'silu'.*not a linear map"):
+        export_dense(tiny())
