@@ -99,7 +99,9 @@ def train(cfg: DictConfig) -> dict:
         return describe_plan(cfg, make_plan(cfg, processes, spec.seq_len), config)
 
     mixed = _precision(cfg)
-    accelerator = Accelerator(mixed_precision=mixed, log_with="wandb" if cfg.logger == "wandb" else None)
+    # cpu=True is what makes accelerate pick gloo for a torchrun-launched CPU job.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                              log_with="wandb" if cfg.logger == "wandb" else None)
     if cfg.logger not in ("none", "wandb"):
         raise ConfigError(f"logger={cfg.logger!r} is not valid; accepted: none, wandb")
     plan = make_plan(cfg, accelerator.num_processes, spec.seq_len)
@@ -143,7 +145,10 @@ def train(cfg: DictConfig) -> dict:
     val = validation_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes)
 
     def run_eval(at_step: int, eval_model=None, prefix: str = "val") -> dict:
-        result = evaluate(eval_model or model, val, device, dtype=autocast_dtype)
+        # The plain module: evaluation needs no DDP hooks, and a compiled graph would
+        # recompile for no-grad mode and every new batch shape.
+        eval_model = eval_model or accelerator.unwrap_model(model, keep_torch_compile=False)
+        result = evaluate(eval_model, val, device, dtype=autocast_dtype)
         record = {"step": at_step, "tokens": at_step * plan.tokens_per_step, f"{prefix}_loss": result["val_loss"],
                   f"{prefix}_ppl": result["val_ppl"], f"{prefix}_tokens": result["val_tokens"]}
         metrics.write(record)
@@ -221,7 +226,7 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
 
     out_dir = Path(cfg.out_dir)
     device = accelerator.device
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     if accelerator.is_main_process:
         save_model_dir(unwrapped, tokenizer, out_dir / "final")
     summary = {

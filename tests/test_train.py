@@ -1,0 +1,175 @@
+"""dlr-train end to end on the bundled C4 sample: run dir, resume after SIGKILL, 2 processes, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+import dlr.cli.train  # noqa: F401  (registers the run-dir resolver)
+from dlr.train.loop import TrainingDiverged, train
+
+TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=8", "micro_batch=4", "log_every=1",
+        "data.val_tokens=2000", "data.num_workers=0", "eval_every=3", "save_every=2"]
+
+
+def cfg(*overrides):
+    with initialize_config_module("dlr.configs", version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+def cli(*args, check=True, timeout=300, launcher=(sys.executable, "-m", "dlr.cli.train")):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, *TINY, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def records(out_dir, key="loss"):
+    lines = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in lines if key in r}
+
+
+def test_run_dir_contract_and_exact_fold(tmp_path):
+    out = tmp_path / "run"
+    summary = train(cfg("steps=4", f"out_dir={out}", "method=dlr"))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/model.safetensors", "final/config.json",
+                 "folded/model.safetensors", "checkpoints/step_4/trainer_state.json"):
+        assert (out / name).exists(), name
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["rank"] == 16 and saved["model"]["name"] == "llama_tiny"  # fully resolved
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert {"step", "tokens", "loss", "lr", "tokens_per_s"} <= set(train_recs[0])
+    evals = [r for r in lines if "val_ppl" in r]
+    assert [r["step"] for r in evals] == [3, 4] and {"val_loss", "val_tokens"} <= set(evals[0])
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["val_ppl"] == pytest.approx(summary["val_ppl"])
+    assert abs(on_disk["folded_val_ppl"] - on_disk["val_ppl"]) / on_disk["val_ppl"] < 1e-5
+    assert on_disk["deploy_params"] == on_disk["train_params"]  # the residual has no parameters
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = ["steps=8", "save_every=2", "eval_every=4", "method=dlr", "data.num_workers=2"]
+    cli(*common, f"out_dir={tmp_path / 'straight'}")
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dlr.cli.train", *TINY, *common, f"out_dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_4").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    cli(*common, f"out_dir={killed}", "resume=auto")
+    assert records(killed) == records(tmp_path / "straight")
+    assert records(killed, "val_ppl") == records(tmp_path / "straight", "val_ppl")
+    assert len(list((killed / "checkpoints").iterdir())) == 2  # keep_last
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    common = ["steps=4", "method=dlr", "global_batch=8"]
+    cli(*common, "micro_batch=4", f"out_dir={tmp_path / 'one'}")
+    cli(*common, "micro_batch=2", f"out_dir={tmp_path / 'two'}",
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dlr.cli.train"))
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert list(two) == [1, 2, 3, 4]  # only the main process writes: no duplicated records
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    assert records(tmp_path / "two", "val_ppl")[4] == pytest.approx(records(tmp_path / "one", "val_ppl")[4], rel=1e-5)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["processes"] == 2
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.pt")) == ["data_0.pt", "data_1.pt"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="step_1"):
+        train(cfg("steps=6", "save_every=1", "lr=1e12", "warmup=0", "grad_clip=1e30", f"out_dir={out}"))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept and all(p.startswith("step_") for p in kept)
+    assert not (out / "summary.json").exists()
+
+
+def test_other_config_in_out_dir_is_refused_and_left_intact(tmp_path):
+    out = tmp_path / "run"
+    train(cfg("steps=2", f"out_dir={out}", "method=lowrank"))
+    before = (out / "config.yaml").read_text()
+    proc = cli("steps=2", f"out_dir={out}", "method=lowrank", "lr=0.1", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "differs in: lr" in err and str(out) in err
+    assert (out / "config.yaml").read_text() == before
+
+
+def test_stale_partial_checkpoint_is_ignored_on_resume(tmp_path):
+    out = tmp_path / "run"
+    train(cfg("steps=2", "save_every=2", f"out_dir={out}", "method=lowrank"))
+    partial = out / "checkpoints" / ".tmp_step_4"  # what a kill during a save leaves
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    # Same config (steps unchanged), so resume=auto continues from step_2 and finishes.
+    train(cfg("steps=2", "save_every=2", f"out_dir={out}", "method=lowrank", "resume=auto"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir()) if not p.name.startswith(".")] == ["step_2"]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("micro_batch=3", "micro_batch=3"), ("precision=fp16", "precision='fp16'"), ("logger=tensorboard", "logger='tensorboard'"),
+    ("method=sparse", "method='sparse'"), ("rank=100", "rank=100"), ("alpha=-1", "alpha=-1"),
+    ("data.seq_len=1", "seq_len"), ("resume=/nonexistent/ckpt", "/nonexistent/ckpt"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, override, needle):
+    out = tmp_path / "bad"
+    proc = cli("steps=2", f"out_dir={out}", override, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_dry_run_plans_7b_without_allocating():
+    proc = subprocess.run([sys.executable, "-m", "dlr.cli.train", "model=llama_7b", "dry_run=true", "plan_processes=64"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert plan["train_params"] == plan["deploy_params"] == 2_820_935_680
+    assert (plan["global_batch"], plan["micro_batch"], plan["grad_accum"], plan["steps"]) == (512, 8, 1, 150_000)
+    assert plan["memory_estimate_per_process_gib"]["total_gib"] > 40
+
+
+def test_token_budget_sets_steps():
+    plan = json.loads(json.dumps(train(cfg("dry_run=true", "tokens=20480"))))
+    assert plan["steps"] == 10 and plan["total_tokens"] == 20480
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
+    train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "gradient_checkpointing=true"))
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_compile_gives_the_same_losses(tmp_path):
+    train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
+    train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "compile=true"))
+    assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-4)
+
+
+def test_wandb_offline_logs_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    train(cfg("steps=2", "save_every=2", f"out_dir={out}", "method=lowrank", "logger=wandb"))
+    state = json.loads((out / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert state["wandb_id"] and len(runs) == 1 and runs[0].name.endswith(state["wandb_id"])
