@@ -23,6 +23,16 @@ def optimizer_cfg(config: str, top_lr: float = 0.02, **overrides):
     return root.optimizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared 2-core box, two intra-op threads competing with other processes made the
+    # tiny-model steps ~15x slower; one thread keeps these tests at a few seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_lowrank() -> nn.Module:
     torch.manual_seed(0)

@@ -62,24 +62,29 @@ def newton_schulz(g: Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
 def power_iteration(w: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tensor]:
     """Estimate ||w||_2, warm-started from the unit vector `v`; returns (sigma, new v).
 
-    `v` lives on the short side of `w` (length min(rows, cols)), so the state it needs is
-    rank-sized for a factor. sigma is a lower bound that tightens every call; keeping `v`
-    between optimizer steps makes one matvec pair per step enough because the weights move
-    little from one step to the next. Computed in fp32, without host syncs.
+    Batched over leading dims. `v` lives on the short side of `w` (length
+    min(rows, cols)), so the state it needs is rank-sized for a factor. sigma is a lower
+    bound that tightens every call; keeping `v` between optimizer steps makes one matvec
+    pair per step enough because the weights move little from one step to the next.
+    Computed in fp32, without host syncs.
     """
-    m = w.float()
-    if m.shape[0] < m.shape[1]:
-        m = m.mT  # now v has length m.shape[1] == min(rows, cols)
+    x = w.float()
+    if x.shape[-2] > x.shape[-1]:
+        x = x.mT  # [..., short, long]: v is a left singular vector estimate
     v = v.float()
-    sigma = v.new_zeros(())
+    sigma = v.new_zeros(v.shape[:-1])
     for _ in range(iters):
-        u = m @ v
-        u = u / u.norm().clamp_min(_TINY)
-        mtu = m.mT @ u
-        sigma = mtu.norm()
+        right = (x.mT @ v.unsqueeze(-1)).squeeze(-1)
+        right = right / right.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+        left = (x @ right.unsqueeze(-1)).squeeze(-1)
+        sigma = left.norm(dim=-1)
         # A zero matrix would turn v into zeros forever; keep the old direction instead.
-        v = torch.where(sigma > _TINY, mtu / sigma.clamp_min(_TINY), v)
+        v = torch.where((sigma > _TINY).unsqueeze(-1), left / sigma.clamp_min(_TINY).unsqueeze(-1), v)
     return sigma, v
+
+
+def _short_first(t: Tensor) -> Tensor:
+    return t.mT if t.shape[-2] > t.shape[-1] else t
 
 
 class Spectron(torch.optim.Optimizer):
@@ -177,34 +182,58 @@ class Spectron(torch.optim.Optimizer):
     def _spectron_group(self, group: dict[str, Any], group_index: int) -> None:
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
         params = group["params"]
+        active: list[Tensor] = []  # factors to step, pair by pair: [A_i, B_i, A_j, B_j, ...]
         for pair_index in range(len(params) // 2):
             pair = params[2 * pair_index : 2 * pair_index + 2]
             if all(p.grad is None for p in pair):
                 continue
-            orth, sigmas = [], []
             for offset, p in enumerate(pair):
                 seed = group["seed"] + 1_000_003 * group_index + 2 * pair_index + offset
                 state = self._factor_state(p, group, seed)
                 state["step"] += 1
-                buf = state["momentum_buffer"]
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("Spectron does not support sparse gradients")
-                    buf.lerp_(p.grad, 1.0 - beta)
+                if p.grad is None:
+                    state["momentum_buffer"].mul_(beta)  # unused factor: momentum decays as for a zero grad
+                elif p.grad.is_sparse:
+                    raise RuntimeError("Spectron does not support sparse gradients")
                 else:
-                    buf.mul_(beta)  # an unused factor: its momentum decays like a zero gradient
-                # Norm of the weights *before* this step: rho bounds the step taken from them.
-                sigma, v = power_iteration(p, state["power_vec"], 1)
-                state["power_vec"].copy_(v)
-                state["sigma"].copy_(sigma)
-                sigmas.append(sigma)
-                ns_dtype = torch.bfloat16 if group["ns_dtype"] == "bfloat16" and p.is_cuda else torch.float32
-                orth.append(newton_schulz(buf, group["ns_steps"], dtype=ns_dtype))
-            rho = lr / (sigmas[0] + sigmas[1] + 1.0)  # 0-d tensor: no host sync
-            for p, o in zip(pair, orth):
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                p.sub_(o.to(p.dtype) * rho.to(p.dtype))
+                    state["momentum_buffer"].lerp_(p.grad, 1.0 - beta)
+                active.append(p)
+        if not active:
+            return
+
+        # Same-shaped factors (e.g. every q/k/v/o A of every layer) are processed as one
+        # batch: a handful of batched matmuls instead of thousands of small kernel launches
+        # (the per-matrix loop was launch-bound on GPU). The stacks are transient copies of
+        # the factors and their momenta, never anything of size d_out x d_in.
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(active):
+            buckets.setdefault((min(p.shape), max(p.shape), p.device, p.dtype), []).append(i)
+        device = active[0].device
+        sigmas = torch.zeros(len(active), device=device, dtype=torch.float32)
+        orth: dict[tuple, Tensor] = {}
+        for key, idx in buckets.items():
+            states = [self.state[active[i]] for i in idx]
+            # Norm of the weights *before* this step: rho bounds the step taken from them.
+            sigma, v = power_iteration(
+                torch.stack([_short_first(active[i]) for i in idx]), torch.stack([s["power_vec"] for s in states]), 1
+            )
+            torch._foreach_copy_([s["power_vec"] for s in states], list(v.to(active[idx[0]].dtype).unbind(0)))
+            torch._foreach_copy_([s["sigma"] for s in states], list(sigma.unbind(0)))
+            sigmas[torch.tensor(idx, device=device)] = sigma.to(device)
+            ns_dtype = torch.bfloat16 if group["ns_dtype"] == "bfloat16" and key[2].type == "cuda" else torch.float32
+            momenta = torch.stack([_short_first(s["momentum_buffer"]) for s in states])
+            orth[key] = newton_schulz(momenta, group["ns_steps"], dtype=ns_dtype)
+
+        rho = (lr / (sigmas[0::2] + sigmas[1::2] + 1.0)).repeat_interleave(2)  # per factor, no host sync
+        deltas: list[Tensor] = [active[0]] * len(active)
+        for key, idx in buckets.items():
+            scaled = orth[key] * rho[torch.tensor(idx, device=device)].to(orth[key]).view(-1, 1, 1)
+            for j, i in enumerate(idx):
+                p = active[i]
+                deltas[i] = (scaled[j].mT if p.shape[0] > p.shape[1] else scaled[j]).to(p.dtype)
+        if wd != 0:
+            torch._foreach_mul_(active, 1.0 - lr * wd)
+        torch._foreach_sub_(active, deltas)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         # Same arithmetic as torch.optim.AdamW's single-tensor path (tested against it),
