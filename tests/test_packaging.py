@@ -1,0 +1,38 @@
+"""The configs and bundled assets ship inside the package: a non-editable install works elsewhere."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_non_editable_install_finds_configs_and_assets(tmp_path):
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True,
+                   capture_output=True, timeout=300)
+    wheel = next(wheels.glob("dlr-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = (
+        "import dlr, json; from importlib import resources; "
+        "from hydra import compose, initialize_config_module; "
+        "initialize_config_module('dlr.configs', version_base='1.3').__enter__(); "
+        "c = compose('train', overrides=['model=llama_130m', 'data=c4_sample']); "
+        "print(json.dumps({'file': dlr.__file__, 'sizes': dlr.size_names(), 'hidden': c.model.hidden_size, "
+        "'sample': resources.files('dlr.assets').joinpath('c4_sample').is_dir()}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["file"].startswith(str(site))  # the installed copy, not the source tree
+    assert "llama_7b" in info["sizes"] and info["hidden"] == 768 and info["sample"]
+    plan = subprocess.run([sys.executable, "-m", "dlr.cli.train", "model=llama_60m", "data=c4_sample", "dry_run=true"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert json.loads(plan.stdout[plan.stdout.index("{"):])["deploy_params"] == 42_770_944
+    assert list(elsewhere.iterdir()) == []  # Hydra wrote nothing into the working directory
