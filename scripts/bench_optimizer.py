@@ -19,7 +19,7 @@ import time
 import torch
 
 import dlr
-from dlr.optim import build_optimizer
+from dlr.optim import build_optimizer, find_factor_pairs
 
 CONFIGS = {
     "adamw": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
@@ -103,7 +103,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for size in args.sizes:
         model = dlr.build_model(size, method="lowrank")
-        pairs = 7 * model.config.num_hidden_layers
+        pairs = len(find_factor_pairs(model))
         params = sum(p.numel() for p in model.parameters()) / 1e6
         del model
         times = {o: bench_step(size, o, device, args.warmup, args.repeats) for o in args.optimizers}
