@@ -1,0 +1,262 @@
+"""Training step time and peak memory of full / lowrank / dlr, and an explicit-expansion DLR reference.
+
+    python scripts/bench_train.py --device cpu --sizes llama_tiny,llama_60m --micro-batch 4 --repeats 7
+    python scripts/bench_train.py --device cuda --dtype bf16 --sizes llama_60m,llama_130m --micro-batch 32 --json out.json
+
+One training step = forward + backward + AdamW step on `micro-batch x seq` random tokens,
+the trainer's precision handling (fp32 weights, bf16 autocast when --dtype bf16). Methods:
+
+  full, lowrank, dlr      the zoo models as dlr-train builds them (dlr: residual through B + sR)
+  dlr_ri                  reference DLR that expands the latent per token:
+                          y = B z + s * z.repeat_interleave(K)[..., :d_out]
+
+Time: all methods of a size stay resident and are stepped round-robin (one step of each per
+round), so load drift on a shared machine hits every method alike; the median over rounds
+after --warmup rounds is reported. Peak memory: on CUDA, torch.cuda.max_memory_allocated
+minus what was allocated before the model was built (weights + grads + AdamW state +
+activations); on CPU, the peak-RSS increase of a fresh child process over its RSS after
+imports (torch's CPU allocator is invisible to tracemalloc).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dlr import build_model, model_stats
+from dlr.hf.lowrank import LowRankLinear, expansion_factor
+from dlr.train.telemetry import peak_flops
+
+METHODS = ("full", "lowrank", "dlr", "dlr_ri")
+SEQ = 256
+
+
+class RepeatInterleaveDLR(LowRankLinear):
+    """The naive DLR residual: materializes the [tokens, d_out] expansion of z every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.A)
+        if self.activation == "silu":
+            z = F.silu(z)
+        y = F.linear(z, self.B)
+        if self.dlr_index is None:
+            return y
+        k = expansion_factor(self.out_features, self.rank)
+        return y + self.dlr_scale * z.repeat_interleave(k, dim=-1)[..., : self.out_features]
+
+
+def build(size: str, method: str, device: torch.device) -> torch.nn.Module:
+    model = build_model(size, "dlr" if method == "dlr_ri" else method, device=device)
+    if method == "dlr_ri":
+        for m in model.modules():
+            if isinstance(m, LowRankLinear) and m.has_residual:
+                k = expansion_factor(m.out_features, m.rank)
+                # repeat_interleave is the uniform expansion; the zoo default is uniform.
+                assert torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
+                m.__class__ = RepeatInterleaveDLR
+    return model
+
+
+def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, SEQ), generator=gen).to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext)
+
+    def step() -> float:
+        with autocast() if dtype == "bf16" else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return float(loss.detach())
+
+    return step
+
+
+def _rss_gib() -> float:
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def memory_child(size: str, method: str, dtype: str, batch: int) -> None:
+    """Run in a fresh process: the peak-RSS increase of building and stepping one model."""
+    torch.manual_seed(0)
+    base = _rss_gib()
+    model = build(size, method, torch.device("cpu"))
+    step = make_step(model, torch.device("cpu"), dtype, batch, model.config.vocab_size)
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_mem_gib": _rss_gib() - base}))
+
+
+def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch: int, warmup: int) -> tuple[float, object]:
+    """(peak GiB, (model, step)) on CUDA; on CPU (peak GiB from a child process, None)."""
+    if device.type == "cpu":
+        proc = subprocess.run([sys.executable, __file__, "--_memory-child", size, method, "--dtype", dtype,
+                               "--micro-batch", str(batch)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"memory child {size} {method} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_gib"], None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = build(size, method, device)
+    step = make_step(model, device, dtype, batch, model.config.vocab_size)
+    for _ in range(max(warmup, 2)):
+        step()
+    return (torch.cuda.max_memory_allocated(device) - base) / 1024**3, (model, step)
+
+
+def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, batch: int, warmup: int,
+               repeats: int) -> list[dict]:
+    stats = {m: model_stats(build(size, m, torch.device("meta")), SEQ) for m in methods}
+    mem, live = {}, {}
+    for m in methods:
+        mem[m], live[m] = peak_memory(size, m, device, dtype, batch, warmup)
+    if device.type == "cpu":
+        for m in methods:
+            torch.manual_seed(0)
+            model = build(size, m, device)
+            live[m] = (model, make_step(model, device, dtype, batch, model.config.vocab_size))
+    # Same-weights check of the reference against the product's B + sR path.
+    if "dlr" in live and "dlr_ri" in live:
+        with torch.no_grad():
+            ids = torch.randint(0, 1000, (1, 32), device=device)
+            live["dlr_ri"][0].load_state_dict(live["dlr"][0].state_dict())
+            a, b = (live[k][0](input_ids=ids).logits.float() for k in ("dlr", "dlr_ri"))
+            ref_diff = float((a - b).abs().max())
+    else:
+        ref_diff = None
+    times = {m: [] for m in methods}
+    for r in range(warmup + repeats):
+        for m in methods:
+            t0 = time.perf_counter()
+            live[m][1]()
+            if r >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    peak = peak_flops(device) if device.type == "cuda" else None
+    rows = []
+    for m in methods:
+        med = statistics.median(times[m])
+        tok_s = batch * SEQ / med
+        rows.append({
+            "size": size, "method": m, "device": str(device), "dtype": dtype, "micro_batch": batch, "seq": SEQ,
+            "params": stats[m].total_params, "train_flops_per_token": stats[m].train_flops_per_token,
+            "ms_per_step": med * 1e3, "ms_min": min(times[m]) * 1e3, "ms_max": max(times[m]) * 1e3,
+            "tokens_per_s": tok_s, "peak_mem_gib": mem[m],
+            "mfu": tok_s * stats[m].train_flops_per_token / peak if peak else None,
+            "repeats": repeats, "warmup": warmup,
+            "ref_max_abs_logit_diff": ref_diff if m == "dlr_ri" else None,
+        })
+    del live
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    out = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        by = {r["method"]: r for r in rows if r["size"] == size}
+        entry = {"size": size}
+        for num, den in (("dlr", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full")):
+            if num in by and den in by:
+                entry[f"{num}/{den}_time"] = by[num]["ms_per_step"] / by[den]["ms_per_step"]
+                entry[f"{num}/{den}_mem"] = by[num]["peak_mem_gib"] / by[den]["peak_mem_gib"]
+                entry[f"{num}/{den}_flops"] = by[num]["train_flops_per_token"] / by[den]["train_flops_per_token"]
+        out.append(entry)
+    return out
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
+    except (OSError, AttributeError):
+        name = platform.processor()
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def markdown(rows: list[dict], rat: list[dict]) -> str:
+    lines = ["| size | method | params | ms/step (median) | min–max ms | tokens/s | peak mem (GiB) | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "—"
+        lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {r['ms_per_step']:.1f} | "
+                     f"{r['ms_min']:.1f}–{r['ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.3f} | {mfu} |")
+    lines += ["", "| size | dlr/lowrank time | dlr/lowrank mem | dlr_ri/lowrank time | dlr_ri/lowrank mem "
+                  "| lowrank/full time | lowrank/full FLOPs |", "|---|---|---|---|---|---|---|"]
+
+    def f(e: dict, k: str) -> str:
+        return f"{e[k]:.3f}" if k in e else "—"
+
+    for e in rat:
+        lines.append(f"| {e['size']} | {f(e, 'dlr/lowrank_time')} | {f(e, 'dlr/lowrank_mem')} | {f(e, 'dlr_ri/lowrank_time')} "
+                     f"| {f(e, 'dlr_ri/lowrank_mem')} | {f(e, 'lowrank/full_time')} | {f(e, 'lowrank/full_flops')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--sizes", default="llama_tiny,llama_60m")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")
+    ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._memory_child:
+        memory_child(*args._memory_child, args.dtype, args.micro_batch)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but no CUDA device is available")
+    device = torch.device(args.device)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        sys.exit(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
+    rows = []
+    for size in args.sizes.split(","):
+        rows += bench_size(size, methods, device, args.dtype, args.micro_batch, args.warmup, args.repeats)
+        print(f"{size} done", file=sys.stderr, flush=True)
+    rat = ratios(rows)
+    hw = hardware(device)
+    print(f"Hardware: {hw}; {args.dtype}; micro-batch {args.micro_batch} x {SEQ} tokens; "
+          f"median of {args.repeats} round-robin steps after {args.warmup} warm-up rounds\n")
+    print(markdown(rows, rat))
+    ref = [r["ref_max_abs_logit_diff"] for r in rows if r["ref_max_abs_logit_diff"] is not None]
+    if ref:
+        print(f"dlr_ri vs dlr max |logit difference| with the same weights: {max(ref):.2e}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"hardware": hw, "args": {k: v for k, v in vars(args).items() if k != "json"
+                                                                   and not k.startswith("_")},
+                                         "rows": rows, "ratios": rat}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
