@@ -81,10 +81,12 @@ class LowRankLinear(nn.Module):
     def effective_B(self) -> torch.Tensor:
         if self.dlr_index is None:
             return self.B
-        rows = torch.arange(self.out_features, device=self.B.device)
-        cols = self.dlr_index.to(self.B.device)
-        # Out of place, so autograd sees B + s R and B's gradient is exactly dL/dB_eff.
-        return self.B.index_put((rows, cols), self.B.new_tensor(self.dlr_scale), accumulate=True)
+        # Out of place, so autograd sees B + s R and B's gradient is exactly dL/dB_eff;
+        # each row o gets s added at column index[o]: one scatter kernel, no sort. The
+        # scale column is filled on B's device (a fill kernel): turning the Python float
+        # into a tensor on the host would be a blocking host-to-device copy every call.
+        src = torch.full((self.out_features, 1), self.dlr_scale, dtype=self.B.dtype, device=self.B.device)
+        return self.B.scatter_add(1, self.dlr_index.unsqueeze(1), src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.A)
@@ -97,8 +99,7 @@ class LowRankLinear(nn.Module):
         """B <- B + s R; the layer is then a plain low-rank layer. False if nothing to fold."""
         if self.dlr_index is None:
             return False
-        rows = torch.arange(self.out_features, device=self.B.device)
-        self.B.index_put_((rows, self.dlr_index.to(self.B.device)), self.B.new_tensor(self.dlr_scale), accumulate=True)
+        self.B.copy_(self.effective_B())
         del self._buffers["dlr_index"]
         self.dlr_index = None
         self.dlr_scale = 0.0
