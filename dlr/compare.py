@@ -194,7 +194,8 @@ def varying_keys(groups: Sequence[Group]) -> list[str]:
 
 
 def label(group: Group, keys: Sequence[str]) -> str:
-    shown = [k for k in keys if k not in ("method", "model.name")]
+    # optimizer.lr is `${lr}` in the optimizer configs: printing both says the same thing twice.
+    shown = [k for k in keys if k not in ("method", "model.name") and not (k == "optimizer.lr" and "lr" in keys)]
     parts = [group.method] + [f"{k}={group.settings[k]}" for k in shown if k in group.settings]
     return " ".join(parts)
 
