@@ -23,9 +23,13 @@ def tok():
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     d = tmp_path_factory.mktemp("c4")
-    # Two files of unequal size: shards cannot be split evenly over 2 or 3 processes.
-    write_docs(d / "c4-train.00000-of-00002.json.gz", 35)
-    write_docs(d / "c4-train.00001-of-00002.json.gz", 25, start=35)
+    # Five files of unequal size: 5 is divisible by neither 2 nor 3, so these tests exercise the
+    # example-wise split (file sharding is in test_data_shards.py).
+    start = 0
+    for k, n in enumerate((15, 10, 14, 11, 10)):
+        write_docs(d / f"c4-train.{k:05d}-of-00005.json.gz", n, start=start)
+        start += n
+    assert start == N_DOCS
     return d
 
 

@@ -1,13 +1,18 @@
 """Training batches: shard the global document order over processes and DataLoader workers,
 tokenize, build `paper` (truncate/pad) or `packed` (EOS-joined windows) batches, and resume exactly.
 
-Sharding. Every process reads the same globally shuffled stream and keeps document g when
-g % world_size == rank (what `split_dataset_by_node` does when shards cannot be split
-evenly). Done always, not only then, so that the union of a global step over N processes is
-the same set of documents as one process with N times the batch. Within a process, local
-document L goes to worker (L // batch_size) % num_workers: each worker builds whole batches
-from consecutive local documents, and the DataLoader's round-robin hands them out in order,
-so in paper mode the batches do not depend on the number of workers.
+Sharding over processes follows `datasets.distributed.split_dataset_by_node`. When the number
+of train files is divisible by world_size (always for one process), each epoch's permuted file
+order is dealt out to the processes (rank r reads positions i % world_size == r), so a process
+downloads and parses only 1/world_size of the data. Otherwise every process reads the whole
+globally shuffled stream and keeps document g when g % world_size == rank; only then is the
+union of a global step over N processes the set of documents of one process with N times the
+batch. `split_mode` names which applies; it is part of the resume fingerprint.
+
+Within a process, local document L goes to worker (L // batch_size) % num_workers: each worker
+builds whole batches from consecutive local documents, and the DataLoader's round-robin hands
+them out in order, so in paper mode the batches do not depend on the number of workers. The
+price is that every worker parses its process's whole stream (it tokenizes only its own).
 
 Resume. Each batch carries its worker's position *after* that batch. The main process keeps
 the latest one per worker plus the number of batches consumed; a restored loader starts each
@@ -29,7 +34,14 @@ from dlr.data.stream import DocStream, Position
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Version 1 had no "split" in its fingerprint: it always split by documents.
+_READABLE_VERSIONS = (1, 2)
+
+
+def split_mode(num_files: int, world_size: int) -> str:
+    """'files' when the files can be dealt out evenly over the processes, else 'documents'."""
+    return "files" if num_files > 0 and num_files % world_size == 0 else "documents"
 
 
 def paper_batch(ids: list[list[int]], seq_len: int, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
@@ -50,6 +62,8 @@ class _TrainIterable(torch.utils.data.IterableDataset):
 
     def __init__(self, stream: DocStream, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
                  num_logical: int, logical: list[int], starts: list[dict | None]) -> None:
+        # rank/world_size split the stream's documents; (0, 1) when the stream is already this
+        # process's file shard.
         self.stream, self.tok = stream, tokenizer
         self.B, self.T = batch_size, stream.spec.seq_len
         self.packed = stream.spec.mode == "packed"
@@ -110,7 +124,14 @@ class _TrainIterable(torch.utils.data.IterableDataset):
                     buf = buf[B * T:]
                     yield {"input_ids": x, "labels": x.clone(), "_state": state()}
             if fresh_epoch and seen == 0:
-                raise ConfigError(f"the train split has no documents (files: {_names(self.stream.files)})")
+                st = self.stream
+                if st.num_shards == 1:
+                    raise ConfigError(f"the train split has no documents (files: {_names(st.files)})")
+                mine_files = [st.files[i] for i in st.file_order(pos.epoch)]
+                raise ConfigError(
+                    f"process rank={st.shard} of world_size={st.num_shards} got train files with no documents in epoch "
+                    f"{pos.epoch} ({_names(mine_files)}); every process needs a non-empty file"
+                )
             if fresh_epoch and mine == 0:
                 raise ConfigError(
                     f"the train split has {seen} documents, fewer than world_size={self.world}; every process needs one"
@@ -140,7 +161,13 @@ class TrainBatches:
         files = resolve_files(spec, "train")
         for f in files:
             check_local_file(spec, f)
-        self.stream = DocStream(spec, files, seed)
+        self.split = split_mode(len(files), world_size)
+        if self.split == "files":
+            self.stream = DocStream(spec, files, seed, shard=rank, num_shards=world_size)
+            self._doc_rank, self._doc_world = 0, 1
+        else:
+            self.stream = DocStream(spec, files, seed)
+            self._doc_rank, self._doc_world = rank, world_size
         self.num_workers = spec.num_workers
         self._K = max(1, spec.num_workers)
         self._worker_states: list[dict | None] = [None] * self._K
@@ -151,13 +178,13 @@ class TrainBatches:
         s = self.spec
         return {"seq_len": s.seq_len, "mode": s.mode, "shuffle_buffer": s.shuffle_buffer, "num_workers": s.num_workers,
                 "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-                "num_files": len(self.stream.files), "tokenizer_vocab": self.tokenizer.vocab_size}
+                "num_files": len(self.stream.files), "split": self.split, "tokenizer_vocab": self.tokenizer.vocab_size}
 
     def _start(self) -> None:
         first = self._n % self._K
         logical = [(first + i) % self._K for i in range(self._K)]
         starts = [self._worker_states[w] for w in logical]
-        ds = _TrainIterable(self.stream, self.tokenizer, self.batch_size, self.rank, self.world_size,
+        ds = _TrainIterable(self.stream, self.tokenizer, self.batch_size, self._doc_rank, self._doc_world,
                             self._K, logical, starts)
         if self.num_workers == 0:
             self._it = iter(ds)
@@ -186,10 +213,23 @@ class TrainBatches:
                 "workers": copy.deepcopy(self._worker_states)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
+        if state.get("version") not in _READABLE_VERSIONS:
+            raise ConfigError(
+                f"data state version={state.get('version')!r} is not valid; accepted: {list(_READABLE_VERSIONS)}"
+            )
         mine = self._fingerprint()
-        for k, v in state["config"].items():
+        saved = dict(state["config"])
+        if "split" not in saved:  # version 1: positions count the documents of the whole stream
+            saved["split"] = "documents" if saved.get("world_size", 1) > 1 else "files"
+        # Split last: a changed world_size or file count is the cause, and is named first.
+        for k in sorted(saved, key=lambda k: k == "split"):
+            v = saved[k]
+            if k == "split" and v != self.split:
+                raise ConfigError(
+                    f"cannot resume the data stream: the train split is divided over processes by {self.split} now "
+                    f"but by {v} in the checkpoint (positions are not comparable); resume with the code and settings "
+                    f"that wrote it"
+                )
             if mine.get(k) != v:
                 raise ConfigError(
                     f"cannot resume the data stream: {k}={mine.get(k)!r} now but {v!r} in the checkpoint; use the same value"
