@@ -73,10 +73,9 @@ def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: i
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, SEQ), generator=gen).to(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext)
 
     def step() -> float:
-        with autocast() if dtype == "bf16" else contextlib.nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without an editable install too
 
 METHODS = ("full", "lowrank", "dlr")
 
@@ -96,7 +95,7 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> None:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         f.write(f"# exit {proc.returncode} after {time.perf_counter() - t0:.1f}s\n")
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                 print("dlr-eval:", ", ".join(f"{p.stem} ppl {json.loads(p.read_text())['val_ppl']:.2f}" for p in files),
                       flush=True)
     compare_cmd = [sys.executable, "-m", "dlr.cli.compare", str(args.out / "runs"), "--out", str(args.out / "compare")]
-    proc = subprocess.run(compare_cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(compare_cmd, capture_output=True, text=True)
     (args.out / "compare").mkdir(exist_ok=True)
     (args.out / "compare" / "stdout.txt").write_text(proc.stdout + proc.stderr)
     print(proc.stdout, proc.stderr, sep="")

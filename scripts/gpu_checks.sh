@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduces the GPU figures in docs/benchmarks.md, docs/results.md and docs/spectron.md
+# on one GPU (we ran it on one H100 80GB): training-step benchmark in bf16, the 3-seed
+# full/lowrank/dlr comparison, and the AdamW vs Spectron runs. Writes under ${OUT:-gpu_out}.
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
+mkdir -p "$OUT/logs"
+# Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
+# (which has no dlr.configs) must not shadow it.
+cd "$(mktemp -d)"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+python3 "$REPO/scripts/bench_train.py" --device cuda --dtype bf16 --sizes llama_60m,llama_130m --micro-batch 32 \
+    --repeats 20 --warmup 5 --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/bench_train_gpu.md"
+
+# AdamW vs Spectron on the same setting as the results runs (seed 0); AdamW runs come from above.
+for lr in 0.02 0.05; do
+  for method in lowrank dlr; do
+    python3 -m dlr.cli.train model=llama_demo data=c4_sample method=$method seed=0 steps=300 global_batch=32 \
+      micro_batch=32 eval_every=50 save_every=300 lr=3e-3 optimizer=spectron optimizer.lr=$lr optimizer.adamw_lr=3e-3 \
+      out_dir=/tmp/results/spectron/$method-lr$lr > "$OUT/logs/spectron-$method-$lr.log" 2>&1 &
+  done
+done
+python3 "$REPO/scripts/run_results.py" --device cuda --jobs 3 --out /tmp/results > "$OUT/logs/run_results.log" 2>&1
+cp /tmp/results/results_bundle.tar.gz "$OUT/" 2>/dev/null
+wait
+python3 -m dlr.cli.compare /tmp/results/spectron /tmp/results/runs/lowrank-s0 /tmp/results/runs/dlr-s0 \
+    --out /tmp/results/spectron_compare > "$OUT/logs/spectron_compare.txt" 2>&1
+tar czf "$OUT/spectron_bundle.tar.gz" -C /tmp/results --exclude='*.safetensors' --exclude='checkpoints' \
+    spectron spectron_compare 2>/dev/null
+tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
+ls -la "$OUT"
