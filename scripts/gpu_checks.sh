@@ -21,15 +21,14 @@ for lr in 0.02 0.05; do
   for method in lowrank dlr; do
     python3 -m dlr.cli.train model=llama_demo data=c4_sample method=$method seed=0 steps=300 global_batch=32 \
       micro_batch=32 eval_every=50 save_every=300 lr=3e-3 optimizer=spectron optimizer.lr=$lr optimizer.adamw_lr=3e-3 \
-      out_dir=/tmp/results/spectron/$method-lr$lr > "$OUT/logs/spectron-$method-$lr.log" 2>&1 &
+      out_dir=/tmp/spectron/runs/$method-lr$lr > "$OUT/logs/spectron-$method-$lr.log" 2>&1 &
   done
 done
-python3 "$REPO/scripts/run_results.py" --device cuda --jobs 3 --out /tmp/results > "$OUT/logs/run_results.log" 2>&1
+python3 "$REPO/scripts/run_results.py" --device cuda --jobs ${JOBS:-3} --out /tmp/results > "$OUT/logs/run_results.log" 2>&1
 cp /tmp/results/results_bundle.tar.gz "$OUT/" 2>/dev/null
 wait
-python3 -m dlr.cli.compare /tmp/results/spectron /tmp/results/runs/lowrank-s0 /tmp/results/runs/dlr-s0 \
-    --out /tmp/results/spectron_compare > "$OUT/logs/spectron_compare.txt" 2>&1
-tar czf "$OUT/spectron_bundle.tar.gz" -C /tmp/results --exclude='*.safetensors' --exclude='checkpoints' \
-    spectron spectron_compare 2>/dev/null
+python3 -m dlr.cli.compare /tmp/spectron/runs /tmp/results/runs/lowrank-s0 /tmp/results/runs/dlr-s0 \
+    --out /tmp/spectron/compare > "$OUT/logs/spectron_compare.txt" 2>&1
+tar czf "$OUT/spectron_bundle.tar.gz" -C /tmp --exclude='*.safetensors' --exclude='checkpoints' spectron 2>/dev/null
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 ls -la "$OUT"

@@ -70,7 +70,9 @@ class LowRankLinear(nn.Module):
         self.dlr_scale = float(dlr_scale)
         if dlr_index is not None:
             # Persistent: a random_reuse index must travel with the weights it was trained with.
-            self.register_buffer("dlr_index", dlr_index.to(torch.long), persistent=True)
+            # On B's device: a model built under `with torch.device("cuda")` must not keep a
+            # CPU index (expand_index builds it on the CPU so that `meta` builds still have it).
+            self.register_buffer("dlr_index", dlr_index.to(device=self.B.device, dtype=torch.long), persistent=True)
         else:
             self.dlr_index = None
 
