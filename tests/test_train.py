@@ -167,9 +167,15 @@ def test_compile_gives_the_same_losses(tmp_path):
 
 
 def test_wandb_offline_logs_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):
+    import shutil
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
-    train(cfg("steps=2", "save_every=2", f"out_dir={out}", "method=lowrank", "logger=wandb"))
-    state = json.loads((out / "checkpoints" / "step_2" / "trainer_state.json").read_text())
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert state["wandb_id"] and len(runs) == 1 and runs[0].name.endswith(state["wandb_id"])
+    args = ("steps=2", "save_every=1", f"out_dir={out}", "method=lowrank", "logger=wandb")
+    train(cfg(*args))
+    state = json.loads((out / "checkpoints" / "step_1" / "trainer_state.json").read_text())
+    shutil.rmtree(out / "checkpoints" / "step_2")  # as if killed after step 1
+    train(cfg(*args, "resume=auto"))
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert state["wandb_id"] and len(runs) == 2
+    assert all(r.name.endswith(state["wandb_id"]) for r in runs)  # the resumed run continues the same wandb run

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -135,9 +136,9 @@ def train(cfg: DictConfig) -> dict:
         step, wall_before, wandb_id = trainer_state["step"], trainer_state["wall_s"], trainer_state.get("wandb_id")
         log.info("resumed from %s at step %d", resume_from, step)
     if cfg.logger == "wandb":
-        import wandb
-
-        wandb_id = wandb_id or wandb.util.generate_id()
+        # Our own id (wandb's generator moved between releases), kept in every checkpoint so
+        # a resumed run continues the same wandb run.
+        wandb_id = wandb_id or uuid.uuid4().hex[:8]
         accelerator.init_trackers(cfg.wandb.project, config=resolved, init_kwargs={"wandb": {
             "name": cfg.wandb.name or out_dir.name, "id": wandb_id, "resume": "allow", "entity": cfg.wandb.entity,
             "dir": str(out_dir), **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}})
