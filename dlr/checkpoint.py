@@ -14,12 +14,13 @@ included) is a persistent buffer, so it travels in the safetensors with the weig
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +68,10 @@ def save_model_dir(
     """
     if not isinstance(model, DlrLlamaForCausalLM):
         raise ConfigError(f"save_model_dir expects a DlrLlamaForCausalLM, got {type(model).__name__}")
-    out = Path(out_dir).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        from transformers.utils import logging as hf_logging
-
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        if tokenizer is None:
-            raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
+    if tokenizer is None:
+        raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
+    with atomic_dir(out_dir) as tmp:
+        save_pretrained_quietly(model, tmp)
         tokenizer.save(tmp)
         for name, obj in (files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -95,9 +85,23 @@ def save_model_dir(
             "extra": extra or {},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir`; on success it becomes `out_dir`.
+
+    A crash leaves either the old directory or the complete new one, never a half-written
+    one: an existing `out_dir` is only deleted once the new one is in place.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if out.exists():
-            # Two renames: the old directory is only deleted once the new one is in place.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "d")
             os.rename(tmp, out)
@@ -107,7 +111,19 @@ def save_model_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_pretrained_quietly(model: Any, path: Path) -> None:
+    """save_pretrained in bounded shards, without HF's progress bar in our CLI output."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, max_shard_size=MAX_SHARD_SIZE)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- validation

@@ -6,6 +6,7 @@ A DLR residual is included through the effective up weight B + sR (folded or not
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .checkpoint import atomic_dir, save_pretrained_quietly
 from .errors import ConfigError
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
@@ -74,37 +76,10 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
 
 def save_dense_dir(dense: LlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, files: dict | None = None) -> Path:
     """Atomic write like save_model_dir; the result loads with plain AutoModelForCausalLM."""
-    import json
-    import shutil
-    import tempfile
-
-    from transformers.utils import logging as hf_logging
-
-    from .checkpoint import MAX_SHARD_SIZE
-
-    out = Path(out_dir).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            dense.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
+    with atomic_dir(out_dir) as tmp:
+        save_pretrained_quietly(dense, tmp)
         tokenizer.save(tmp)
         for name, obj in (files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "d")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser().absolute()
+
