@@ -87,10 +87,25 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert list(two) == [1, 2, 3, 4]  # only the main process writes: no duplicated records
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5)
+    # The schedule advances once per optimizer step, not once per process.
+    assert records(tmp_path / "two", "lr") == records(tmp_path / "one", "lr")
     assert records(tmp_path / "two", "val_ppl")[4] == pytest.approx(records(tmp_path / "one", "val_ppl")[4], rel=1e-5)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.pt")) == ["data_0.pt", "data_1.pt"]
+
+
+def test_resume_with_spectron_restores_its_state_exactly(tmp_path):
+    import shutil
+
+    args = ("steps=4", "save_every=2", "method=dlr", "optimizer=spectron", "optimizer.lr=0.02")
+    train(cfg(*args, f"out_dir={tmp_path / 'straight'}"))
+    out = tmp_path / "resumed"
+    train(cfg(*args, f"out_dir={out}"))
+    shutil.rmtree(out / "checkpoints" / "step_4")  # as if killed after step 2's checkpoint
+    (out / "summary.json").unlink()
+    train(cfg(*args, f"out_dir={out}", "resume=auto"))
+    assert records(out) == records(tmp_path / "straight")  # momentum and power-iteration state restored
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
