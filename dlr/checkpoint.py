@@ -273,7 +273,7 @@ def load_model_dir(
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = DlrLlamaForCausalLM(config)
-    # dlr_index buffers are built on the CPU even under meta; they are expected in the file.
+    # Persistent buffers (dlr_index) are in state_dict, so the file must hold them too.
     expected = model.state_dict()
     # For error messages: the entry we want, and what the config implies.
     found: dict[str, torch.Tensor] = {}
