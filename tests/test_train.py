@@ -143,10 +143,11 @@ def test_stale_partial_checkpoint_is_ignored_on_resume(tmp_path):
     ("micro_batch=3", "micro_batch=3"), ("precision=fp16", "precision='fp16'"), ("logger=tensorboard", "logger='tensorboard'"),
     ("method=sparse", "method='sparse'"), ("rank=100", "rank=100"), ("alpha=-1", "alpha=-1"),
     ("data.seq_len=1", "seq_len"), ("resume=/nonexistent/ckpt", "/nonexistent/ckpt"),
+    ("optimizer=spectron method=full", "full"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, override, needle):
     out = tmp_path / "bad"
-    proc = cli("steps=2", f"out_dir={out}", override, check=False)
+    proc = cli("steps=2", f"out_dir={out}", *override.split(), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -91,6 +91,8 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> Path | None:
 
 def train(cfg: DictConfig) -> dict:
     """Run (or dry-run) one training job described by the resolved Hydra config."""
+    if cfg.logger not in ("none", "wandb"):
+        raise ConfigError(f"logger={cfg.logger!r} is not valid; accepted: none, wandb")
     spec = data_spec(cfg.data)
     tokenizer = load_tokenizer(spec.tokenizer)
     config = _model_config(cfg, tokenizer)
@@ -103,16 +105,11 @@ def train(cfg: DictConfig) -> dict:
     # cpu=True is what makes accelerate pick gloo for a torchrun-launched CPU job.
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
                               log_with="wandb" if cfg.logger == "wandb" else None)
-    if cfg.logger not in ("none", "wandb"):
-        raise ConfigError(f"logger={cfg.logger!r} is not valid; accepted: none, wandb")
     plan = make_plan(cfg, accelerator.num_processes, spec.seq_len)
     out_dir = Path(cfg.out_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_run_dir(out_dir, resolved)
     resume_from = _resume_point(cfg, out_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_config(out_dir, cfg)
 
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(config)
@@ -129,6 +126,12 @@ def train(cfg: DictConfig) -> dict:
     autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
 
     data = train_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    val = validation_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes)
+    # Written only now: bad input found while building the model, optimizer or data above
+    # must leave no run directory behind (it would then refuse the corrected config).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_config(out_dir, cfg)
     step, wall_before, wandb_id = 0, 0.0, None
     if resume_from is not None:
         trainer_state, data_state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
@@ -143,7 +146,6 @@ def train(cfg: DictConfig) -> dict:
             "name": cfg.wandb.name or out_dir.name, "id": wandb_id, "resume": "allow", "entity": cfg.wandb.entity,
             "dir": str(out_dir), **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}})
     metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator.is_main_process, start_step=step)
-    val = validation_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes)
 
     def run_eval(at_step: int, eval_model=None, prefix: str = "val") -> dict:
         # The plain module: evaluation needs no DDP hooks, and a compiled graph would
