@@ -144,6 +144,7 @@ def test_stale_partial_checkpoint_is_ignored_on_resume(tmp_path):
     ("method=sparse", "method='sparse'"), ("rank=100", "rank=100"), ("alpha=-1", "alpha=-1"),
     ("data.seq_len=1", "seq_len"), ("resume=/nonexistent/ckpt", "/nonexistent/ckpt"),
     ("optimizer=spectron method=full", "full"),
+    ("model=llama_9000", "model='llama_9000'"), ("data=nope", "data='nope'"), ("optimizer=sgd", "optimizer='sgd'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, override, needle):
     out = tmp_path / "bad"

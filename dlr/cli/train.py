@@ -8,11 +8,13 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError
+from ..errors import ConfigError, bad_value
+from ._common import group_options
 from ..train.loop import TrainingDiverged, train
 from ..train.rundir import run_name
 
 OmegaConf.register_new_resolver("dlr_run_dir", lambda *parts: run_name(*parts), replace=True)
+GROUPS = ("model", "data", "optimizer")
 
 
 @hydra.main(config_path="pkg://dlr.configs", config_name="train", version_base="1.3")
@@ -30,7 +32,23 @@ def _main(cfg: DictConfig) -> None:
                          | {k: result[k] for k in ("folded_val_ppl",) if k in result}))
 
 
+def _check_group_choices(args: list[str]) -> None:
+    """One-line errors for unknown config-group choices (Hydra's own message spans a page)."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in GROUPS:
+            options = group_options(key)
+            for choice in value.split(","):  # multirun: model=llama_60m,llama_130m
+                if choice not in options:
+                    raise bad_value(key, choice, options)
+
+
 def main() -> None:
+    try:
+        _check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        print(f"dlr-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     _main()
 
 
