@@ -64,7 +64,7 @@ def build(size: str, method: str, device: torch.device) -> torch.nn.Module:
             if isinstance(m, LowRankLinear) and m.has_residual:
                 k = expansion_factor(m.out_features, m.rank)
                 # repeat_interleave is the uniform expansion; the zoo default is uniform.
-                assert torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
+                assert m.dlr_index.is_meta or torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
                 m.__class__ = RepeatInterleaveDLR
     return model
 
