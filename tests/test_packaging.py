@@ -1,6 +1,7 @@
 """The configs and bundled assets ship inside the package: a non-editable install works elsewhere."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_non_editable_install_finds_configs_and_assets(tmp_path):
-    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    wheels, site, elsewhere, src = (tmp_path / n for n in ("wheels", "site", "elsewhere", "src"))
     elsewhere.mkdir()
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info", "__pycache__", ".whl", "results"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True,
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True,
                    capture_output=True, timeout=300)
     wheel = next(wheels.glob("dlr-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True,
