@@ -20,7 +20,6 @@ imports (torch's CPU allocator is invisible to tracemalloc).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform

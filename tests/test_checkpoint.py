@@ -9,7 +9,6 @@ import torch
 
 import dlr
 from dlr.checkpoint import load_model_dir, read_config, read_meta, save_model_dir
-from dlr.data import load_tokenizer
 from dlr.errors import ConfigError
 
 
@@ -20,11 +19,6 @@ def tiny(method="dlr", **kw) -> dlr.DlrLlamaForCausalLM:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("t5")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,6 @@ from dlr.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("t5")
-
-
 def local_spec(train, val=None, **kw):
     cfg = {"source": "json", "train_files": str(train), "validation_files": str(val or train), "seq_len": 16,
            "shuffle_buffer": 0, "num_workers": 0, "val_tokens": None}

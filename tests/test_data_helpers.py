@@ -31,3 +31,13 @@ def doc_ids(batch, tok) -> list[int]:
         assert m, tok.decode(row[:6])
         out.append(int(m.group(1)))
     return out
+
+
+def spec_for(docs: Path, **kw):
+    """A DataSpec over the c4-train.*.json.gz shards written into `docs` (tiny seq_len)."""
+    from dlr.data import data_spec
+
+    cfg = {"source": "json", "train_files": str(docs / "c4-train.*.json.gz"), "seq_len": 16,
+           "shuffle_buffer": 8, "num_workers": 0}
+    cfg.update(kw)
+    return data_spec(cfg)

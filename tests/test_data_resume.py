@@ -4,20 +4,15 @@ from __future__ import annotations
 import io
 from collections import Counter
 
-from test_data_helpers import doc_ids, write_docs  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import doc_ids, spec_for, write_docs  # noqa: E402  (sets HF offline env first)
 
 import pytest
 import torch
 
-from dlr.data import data_spec, load_tokenizer, train_batches
+from dlr.data import data_spec, train_batches
 from dlr.errors import ConfigError
 
 N_DOCS = 60
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("t5")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +26,6 @@ def docs(tmp_path_factory):
         start += n
     assert start == N_DOCS
     return d
-
-
-def spec_for(docs, **kw):
-    cfg = {"source": "json", "train_files": str(docs / "c4-train.*.json.gz"), "seq_len": 16,
-           "shuffle_buffer": 8, "num_workers": 0}
-    cfg.update(kw)
-    return data_spec(cfg)
 
 
 @pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 0), (3, 0), (2, 2), (3, 1)])

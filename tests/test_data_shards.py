@@ -6,14 +6,14 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from test_data_helpers import doc_ids, write_docs  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import doc_ids, spec_for, write_docs  # noqa: E402  (sets HF offline env first)
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 import dlr.data.stream as stream_mod
-from dlr.data import data_spec, load_tokenizer, train_batches
+from dlr.data import data_spec, train_batches
 from dlr.data.batching import split_mode
 from dlr.errors import ConfigError
 
@@ -23,24 +23,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("t5")
-
-
-@pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     d = tmp_path_factory.mktemp("c4shards")
     # Equal sizes, so every process's epoch is a whole number of batches for the sizes used here.
     for k in range(N_FILES):
         write_docs(d / f"c4-train.{k:05d}-of-{N_FILES:05d}.json.gz", PER_FILE, start=k * PER_FILE)
     return d
-
-
-def spec_for(docs, **kw):
-    cfg = {"source": "json", "train_files": str(docs / "c4-train.*.json.gz"), "seq_len": 16,
-           "shuffle_buffer": 8, "num_workers": 0}
-    cfg.update(kw)
-    return data_spec(cfg)
 
 
 def file_of(doc: int) -> int:

@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..counting import ModelStats
-from ..errors import ConfigError, bad_value
+from ..errors import bad_value
 
 
 @dataclass(frozen=True)
