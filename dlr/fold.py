@@ -15,6 +15,3 @@ def fold_model(model: nn.Module) -> int:
         config.dlr_folded = True
     return folded
 
-
-def is_foldable(model: nn.Module) -> bool:
-    return any(isinstance(m, LowRankLinear) and m.has_residual for m in model.modules())

@@ -41,3 +41,15 @@ def spec_for(docs: Path, **kw):
            "shuffle_buffer": 8, "num_workers": 0}
     cfg.update(kw)
     return data_spec(cfg)
+
+
+def roundtrip(state):
+    """What a checkpoint does to a data state: torch.save, then torch.load(weights_only=True)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -1,10 +1,9 @@
 """Sharding over processes/workers and exact resume."""
 from __future__ import annotations
 
-import io
 from collections import Counter
 
-from test_data_helpers import doc_ids, spec_for, write_docs  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import doc_ids, roundtrip, spec_for, write_docs  # noqa: E402  (sets HF offline env first)
 
 import pytest
 import torch
@@ -60,13 +59,6 @@ def test_paper_batches_do_not_depend_on_num_workers(tok, docs):
     b.close()
 
 
-def _roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("mode,num_workers,world_size", [
     ("paper", 0, 1), ("packed", 0, 1), ("paper", 2, 1), ("packed", 2, 1), ("paper", 0, 2), ("packed", 1, 2),
 ])
@@ -81,7 +73,7 @@ def test_resume_equals_uninterrupted(tok, docs, mode, num_workers, world_size):
     it = train_batches(spec, tok, B, rank, world_size, seed=11)
     for i in range(before):
         assert torch.equal(next(it)["input_ids"], ref[i]["input_ids"])
-    state = _roundtrip(it.state_dict())
+    state = roundtrip(it.state_dict())
     it.close()
 
     resumed = train_batches(spec, tok, B, rank, world_size, seed=11)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections import Counter
 from pathlib import Path
 
-from test_data_helpers import doc_ids, spec_for, write_docs  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import doc_ids, roundtrip, spec_for, write_docs  # noqa: E402  (sets HF offline env first)
 
 import pytest
 import torch
@@ -105,13 +104,6 @@ def test_indivisible_world_size_falls_back_to_document_split(tok, docs, world_si
     assert sorted(seen) == list(range(N_DOCS)) and set(seen.values()) == {1}
 
 
-def _roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("mode,num_workers,before", [
     ("paper", 0, 7), ("paper", 2, 12), ("packed", 1, 7), ("packed", 0, 12),
 ])
@@ -128,7 +120,7 @@ def test_file_shard_resume_equals_uninterrupted(tok, docs, mode, num_workers, be
     assert it.split == "files"
     for i in range(before):
         assert torch.equal(next(it)["input_ids"], ref[i]["input_ids"])
-    state = _roundtrip(it.state_dict())
+    state = roundtrip(it.state_dict())
     it.close()
     assert state["config"]["split"] == "files"
 
