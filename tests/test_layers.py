@@ -1,4 +1,4 @@
-"""The DLR residual through B + sR equals the paper's explicit repeat_interleave form."""
+"""The DLR residual through B + sR equals the explicit expansion; the training path adds no memory."""
 import math
 
 import pytest
@@ -69,3 +69,86 @@ def test_fold_layer_is_exact_and_removes_the_buffer():
     assert "dlr_index" not in dict(layer.named_buffers())
     torch.testing.assert_close(layer(x), before, rtol=1e-12, atol=1e-12)
     assert layer.fold_() is False
+
+
+# The training paths build B + sR three ways (eager autocast, eager fp32, torch.compile);
+# `effective_B` followed by F.linear is the reference each must match bit for bit.
+SHAPES = [(64, 176, 16), (176, 64, 16), (64, 64, 24), (16, 13, 4)]
+
+
+def reference_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    z = torch.nn.functional.silu(torch.nn.functional.linear(x, layer.A))
+    return torch.nn.functional.linear(z, layer.effective_B())
+
+
+@pytest.mark.parametrize("mode", ["uniform", "random_reuse"])
+@pytest.mark.parametrize("d_in,d_out,rank", SHAPES)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compile-path"])
+def test_training_paths_equal_linear_through_the_effective_weight(mode, d_in, d_out, rank, bf16, compiling, monkeypatch):
+    layer, _ = make_layer(d_in, d_out, rank, mode, alpha=0.7)
+    layer = layer.float()
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    grad_out = torch.randn(3, 5, d_out)
+    outs = []
+    for forward in (layer, lambda t: reference_forward(layer, t)):
+        # The branch dynamo traces, run eagerly: the same ops inductor then compiles.
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling and forward is layer)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = forward(x)
+        grads = torch.autograd.grad(y.float(), [x, layer.A, layer.B], grad_out)
+        outs.append((y, *grads))
+    assert outs[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+
+
+def saved_bytes(layer: LowRankLinear, x: torch.Tensor, bf16: bool) -> int:
+    """Bytes autograd keeps for backward that are not parameters, buffers, their cached
+    views (built by a first call) or the input."""
+    layer(x)
+    cached = [t for t in (layer._dlr_cache or ()) if t is not None]
+    keep = {t.data_ptr() for t in [*layer.parameters(), *layer.buffers(), *cached, x]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in keep:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            layer(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_residual_keeps_no_more_for_backward_than_lowrank(bf16):
+    # The memory target: DLR keeps exactly what a low-rank layer keeps. In fp32 the
+    # effective weight is a new B-sized tensor; it is rebuilt in backward, not kept.
+    dlr, _ = make_layer(64, 176, 16)
+    lowrank = LowRankLinear(64, 176, 16, "silu")
+    x = torch.randn(4, 8, 64)
+    assert saved_bytes(dlr.float(), x, bf16) == saved_bytes(lowrank, x, bf16) > 0
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_cached_operands_follow_a_loaded_index(assign):
+    uniform, _ = make_layer(32, 40, 8)
+    shuffled, index = make_layer(32, 40, 8, "random_reuse", seed=5)
+    x = torch.randn(6, 32, dtype=torch.float64)
+    uniform(x)  # fills the cache with the uniform layout
+    uniform.load_state_dict(shuffled.state_dict(), assign=assign)
+    torch.testing.assert_close(uniform(x), explicit_dlr(shuffled, x, index), rtol=1e-12, atol=1e-12)
+
+
+def test_residual_layer_compiles_without_graph_breaks():
+    layer, _ = make_layer(32, 40, 8)
+    layer = layer.float()
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x).float().sum()
+
+    explained = torch._dynamo.explain(step)(torch.randn(2, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

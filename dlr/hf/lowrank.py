@@ -7,6 +7,15 @@ Expand_K(z) = R z with R a fixed one-hot [d_out, r] matrix, and we compute the r
 through the effective up weight B + s R: no [tokens, d_out] expansion is ever built, and
 the gradient w.r.t. B is unchanged. Folding writes B + s R into B for good.
 
+How B + s R is built depends on what is cheap where (docs/benchmarks.md, "Training step"):
+- bf16 autocast, eager: an out-of-place scatter, then autocast's cast, which low-rank pays
+  anyway; the cast copy is what F.linear keeps for backward, so no memory is added, and
+  autograd stays in C++ (small models on a GPU are bound by per-op host overhead).
+- fp32, eager: the same weight through `_RebuiltResidualUp`, which keeps B rather than an
+  fp32 copy of B + s R for backward and rebuilds it there (the copy is B-sized per layer).
+- torch.compile: a pointwise `where` over an index comparison, which inductor can fuse with
+  the cast.
+
 This file is copied into saved model directories (HF remote code): torch only.
 """
 from __future__ import annotations
@@ -50,6 +59,30 @@ def cola_init_std(d_in: int, d_out: int, rank: int) -> float:
     return rank**-0.25 * (d_in + d_out) ** -0.25
 
 
+class _RebuiltResidualUp(torch.autograd.Function):
+    """y = z (B + s R)^T keeping z and B, not an fp32 B + s R, for backward.
+
+    Without autocast, F.linear(z, B.scatter_add(...)) would keep the new B-sized weight
+    alive until backward in every layer; here backward rebuilds it. dL/dB = dL/d(B + s R).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, B: torch.Tensor, index_col: torch.Tensor, scale_col: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z, B, index_col, scale_col)
+        return F.linear(z, B.scatter_add(1, index_col, scale_col))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        z, B, index_col, scale_col = ctx.saved_tensors
+        grad_z = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad_y @ B.scatter_add(1, index_col, scale_col)
+        if ctx.needs_input_grad[1]:
+            grad_B = grad_y.reshape(-1, grad_y.shape[-1]).t() @ z.reshape(-1, z.shape[-1])
+        return grad_z, grad_B, None, None
+
+
 class LowRankLinear(nn.Module):
     """y = B act(A x) (+ s * Expand_K(act(A x)) while the DLR residual is unfolded)."""
 
@@ -75,6 +108,7 @@ class LowRankLinear(nn.Module):
             self.register_buffer("dlr_index", dlr_index.to(device=self.B.device, dtype=torch.long), persistent=True)
         else:
             self.dlr_index = None
+        self._dlr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def has_residual(self) -> bool:
@@ -84,17 +118,37 @@ class LowRankLinear(nn.Module):
         if self.dlr_index is None:
             return self.B
         # Out of place, so autograd sees B + s R and B's gradient is exactly dL/dB_eff;
-        # each row o gets s added at column index[o]: one scatter kernel, no sort. The
-        # scale column is filled on B's device (a fill kernel): turning the Python float
-        # into a tensor on the host would be a blocking host-to-device copy every call.
-        src = torch.full((self.out_features, 1), self.dlr_scale, dtype=self.B.dtype, device=self.B.device)
-        return self.B.scatter_add(1, self.dlr_index.unsqueeze(1), src)
+        # each row o gets s added at column index[o]: one scatter kernel, no sort.
+        return self.B.scatter_add(1, *self._scatter_operands())
+
+    def _scatter_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index column, scale column) for B.scatter_add, cached for B's device and dtype.
+
+        The scale column must live on B's device: a Python float turned into a tensor on the
+        host would be a blocking host-to-device copy per call. Caching it saves a fill kernel
+        and two ops of host overhead per projection. The cache follows the index object, so a
+        load with assign=True or a device move (both replace the buffer) rebuilds it.
+        """
+        B, index, cache = self.B, self.dlr_index, self._dlr_cache
+        if cache is None or cache[0] is not index or cache[2].dtype != B.dtype or cache[2].device != B.device:
+            scale = torch.full((self.out_features, 1), self.dlr_scale, dtype=B.dtype, device=B.device)
+            cache = self._dlr_cache = (index, index.unsqueeze(1), scale)
+        return cache[1], cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.A)
         if self.activation == "silu":
             z = F.silu(z)
-        return F.linear(z, self.effective_B())
+        if self.dlr_index is None:
+            return F.linear(z, self.B)
+        if torch.compiler.is_compiling():
+            cols = torch.arange(self.rank, device=self.B.device)
+            weight = torch.where(cols == self.dlr_index.unsqueeze(1), self.B + self.dlr_scale, self.B)
+        elif torch.is_autocast_enabled(z.device.type):
+            weight = self.effective_B()
+        else:
+            return _RebuiltResidualUp.apply(z, self.B, *self._scatter_operands())
+        return F.linear(z, weight)
 
     @torch.no_grad()
     def fold_(self) -> bool:
@@ -105,6 +159,7 @@ class LowRankLinear(nn.Module):
         del self._buffers["dlr_index"]
         self.dlr_index = None
         self.dlr_scale = 0.0
+        self._dlr_cache = None
         return True
 
     def extra_repr(self) -> str:
