@@ -7,6 +7,8 @@ One training step = forward + backward + AdamW step on `micro-batch x seq` rando
 the trainer's precision handling (fp32 weights, bf16 autocast when --dtype bf16). Methods:
 
   full, lowrank, dlr      the zoo models as dlr-train builds them (dlr: residual through B + sR)
+  dlr_scatter             the first DLR layer: F.linear(z, B.scatter_add(1, index, torch.full(...)))
+                          in every precision (no cached operands, no fp32 rebuild, no compile path)
   dlr_ri                  reference DLR that expands the latent per token:
                           y = B z + s * z.repeat_interleave(K)[..., :d_out]
 
@@ -14,17 +16,18 @@ Time: all methods of a size stay resident and are stepped round-robin (one step 
 round), so load drift on a shared machine hits every method alike; the median over rounds
 after --warmup rounds is reported. Peak memory: on CUDA, torch.cuda.max_memory_allocated
 minus what was allocated before the model was built (weights + grads + AdamW state +
-activations); on CPU, the peak-RSS increase of a fresh child process over its RSS after
-imports (torch's CPU allocator is invisible to tracemalloc).
+activations); on CPU, the peak-RSS increase (VmHWM) of a fresh child process over its RSS after
+imports, with glibc's mmap threshold fixed at 64 KiB so that RSS follows live tensors
+(torch's CPU allocator is invisible to tracemalloc).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +41,7 @@ from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.train.telemetry import peak_flops
 
-METHODS = ("full", "lowrank", "dlr", "dlr_ri")
+METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
 SEQ = 256
 
 
@@ -56,16 +59,32 @@ class RepeatInterleaveDLR(LowRankLinear):
         return y + self.dlr_scale * z.repeat_interleave(k, dim=-1)[..., : self.out_features]
 
 
-def build(size: str, method: str, device: torch.device) -> torch.nn.Module:
-    model = build_model(size, "dlr" if method == "dlr_ri" else method, device=device)
-    if method == "dlr_ri":
+class ScatterAddDLR(LowRankLinear):
+    """The first DLR layer: a fill, a scatter and autocast's cast per call, whatever the precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.A)
+        if self.activation == "silu":
+            z = F.silu(z)
+        if self.dlr_index is None:
+            return F.linear(z, self.B)
+        src = torch.full((self.out_features, 1), self.dlr_scale, dtype=self.B.dtype, device=self.B.device)
+        return F.linear(z, self.B.scatter_add(1, self.dlr_index.unsqueeze(1), src))
+
+
+VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
+
+
+def build(size: str, method: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    model = build_model(size, "dlr" if method in VARIANTS else method, device=device)
+    if method in VARIANTS:
         for m in model.modules():
             if isinstance(m, LowRankLinear) and m.has_residual:
                 k = expansion_factor(m.out_features, m.rank)
                 # repeat_interleave is the uniform expansion; the zoo default is uniform.
                 assert m.dlr_index.is_meta or torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
-                m.__class__ = RepeatInterleaveDLR
-    return model
+                m.__class__ = VARIANTS[method]
+    return torch.compile(model) if compile else model
 
 
 def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int):
@@ -86,27 +105,38 @@ def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: i
     return step
 
 
-def _rss_gib() -> float:
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+def _proc_status_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc: both belong to this process's
+    own address space. getrusage's ru_maxrss would not do: Linux carries it across exec, so a
+    child forked from a large parent starts with the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024**2  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(size: str, method: str, dtype: str, batch: int) -> None:
+def memory_child(size: str, method: str, dtype: str, batch: int, compile: bool) -> None:
     """Run in a fresh process: the peak-RSS increase of building and stepping one model."""
     torch.manual_seed(0)
-    base = _rss_gib()
-    model = build(size, method, torch.device("cpu"))
+    base = _proc_status_gib("VmRSS")
+    model = build(size, method, torch.device("cpu"), compile)
     step = make_step(model, torch.device("cpu"), dtype, batch, model.config.vocab_size)
     for _ in range(2):
         step()
-    print(json.dumps({"peak_mem_gib": _rss_gib() - base}))
+    print(json.dumps({"peak_mem_gib": _proc_status_gib("VmHWM") - base}))
 
 
-def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch: int, warmup: int) -> tuple[float, object]:
+def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch: int, warmup: int,
+                compile: bool) -> tuple[float, object]:
     """(peak GiB, (model, step)) on CUDA; on CPU (peak GiB from a child process, None)."""
     if device.type == "cpu":
+        # A fixed mmap threshold makes glibc map every tensor-sized block on its own and unmap
+        # it on free, so peak RSS is the peak of live tensors. With its default dynamic
+        # threshold, reuse of freed heap made the same measurement vary by 20% run to run.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run([sys.executable, __file__, "--_memory-child", size, method, "--dtype", dtype,
-                               "--micro-batch", str(batch)], capture_output=True, text=True)
+                               "--micro-batch", str(batch)] + (["--compile"] if compile else []),
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"memory child {size} {method} failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_gib"], None
@@ -116,7 +146,7 @@ def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch:
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)
-    model = build(size, method, device)
+    model = build(size, method, device, compile)
     step = make_step(model, device, dtype, batch, model.config.vocab_size)
     for _ in range(max(warmup, 2)):
         step()
@@ -124,18 +154,18 @@ def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch:
 
 
 def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, batch: int, warmup: int,
-               repeats: int) -> list[dict]:
+               repeats: int, compile: bool = False) -> list[dict]:
     stats = {m: model_stats(build(size, m, torch.device("meta")), SEQ) for m in methods}
     mem, live = {}, {}
     for m in methods:
-        mem[m], live[m] = peak_memory(size, m, device, dtype, batch, warmup)
+        mem[m], live[m] = peak_memory(size, m, device, dtype, batch, warmup, compile)
     if device.type == "cpu":
         for m in methods:
             torch.manual_seed(0)
-            model = build(size, m, device)
+            model = build(size, m, device, compile)
             live[m] = (model, make_step(model, device, dtype, batch, model.config.vocab_size))
     # Same-weights check of the reference against the product's B + sR path.
-    if "dlr" in live and "dlr_ri" in live:
+    if "dlr" in live and "dlr_ri" in live and not compile:  # a compiled check would recompile for no-grad
         with torch.no_grad():
             ids = torch.randint(0, 1000, (1, 32), device=device)
             live["dlr_ri"][0].load_state_dict(live["dlr"][0].state_dict())
@@ -156,7 +186,7 @@ def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, 
         med = statistics.median(times[m])
         tok_s = batch * SEQ / med
         rows.append({
-            "size": size, "method": m, "device": str(device), "dtype": dtype, "micro_batch": batch, "seq": SEQ,
+            "size": size, "method": m, "device": str(device), "dtype": dtype, "compiled": compile, "micro_batch": batch, "seq": SEQ,
             "params": stats[m].total_params, "train_flops_per_token": stats[m].train_flops_per_token,
             "ms_per_step": med * 1e3, "ms_min": min(times[m]) * 1e3, "ms_max": max(times[m]) * 1e3,
             "tokens_per_s": tok_s, "peak_mem_gib": mem[m],
@@ -176,7 +206,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     for size in dict.fromkeys(r["size"] for r in rows):
         by = {r["method"]: r for r in rows if r["size"] == size}
         entry = {"size": size}
-        for num, den in (("dlr", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full")):
+        for num, den in (("dlr", "lowrank"), ("dlr_scatter", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full")):
             if num in by and den in by:
                 entry[f"{num}/{den}_time"] = by[num]["ms_per_step"] / by[den]["ms_per_step"]
                 entry[f"{num}/{den}_mem"] = by[num]["peak_mem_gib"] / by[den]["peak_mem_gib"]
@@ -203,15 +233,11 @@ def markdown(rows: list[dict], rat: list[dict]) -> str:
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "—"
         lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {r['ms_per_step']:.1f} | "
                      f"{r['ms_min']:.1f}–{r['ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.3f} | {mfu} |")
-    lines += ["", "| size | dlr/lowrank time | dlr/lowrank mem | dlr_ri/lowrank time | dlr_ri/lowrank mem "
-                  "| lowrank/full time | lowrank/full FLOPs |", "|---|---|---|---|---|---|---|"]
-
-    def f(e: dict, k: str) -> str:
-        return f"{e[k]:.3f}" if k in e else "—"
-
+    cols = ["dlr/lowrank_time", "dlr/lowrank_mem", "dlr_scatter/lowrank_time", "dlr_scatter/lowrank_mem",
+            "dlr_ri/lowrank_time", "dlr_ri/lowrank_mem", "lowrank/full_time", "lowrank/full_flops"]
+    lines += ["", "| size | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for e in rat:
-        lines.append(f"| {e['size']} | {f(e, 'dlr/lowrank_time')} | {f(e, 'dlr/lowrank_mem')} | {f(e, 'dlr_ri/lowrank_time')} "
-                     f"| {f(e, 'dlr_ri/lowrank_mem')} | {f(e, 'lowrank/full_time')} | {f(e, 'lowrank/full_flops')} |")
+        lines.append(f"| {e['size']} | " + " | ".join(f"{e[c]:.3f}" if c in e else "—" for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,11 +250,12 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model (as dlr-train compile=true)")
     ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")
     ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_child:
-        memory_child(*args._memory_child, args.dtype, args.micro_batch)
+        memory_child(*args._memory_child, args.dtype, args.micro_batch, args.compile)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device is available")
@@ -239,11 +266,11 @@ def main() -> None:
         sys.exit(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
     rows = []
     for size in args.sizes.split(","):
-        rows += bench_size(size, methods, device, args.dtype, args.micro_batch, args.warmup, args.repeats)
+        rows += bench_size(size, methods, device, args.dtype, args.micro_batch, args.warmup, args.repeats, args.compile)
         print(f"{size} done", file=sys.stderr, flush=True)
     rat = ratios(rows)
     hw = hardware(device)
-    print(f"Hardware: {hw}; {args.dtype}; micro-batch {args.micro_batch} x {SEQ} tokens; "
+    print(f"Hardware: {hw}; {args.dtype}; {'torch.compile' if args.compile else 'eager'}; micro-batch {args.micro_batch} x {SEQ} tokens; "
           f"median of {args.repeats} round-robin steps after {args.warmup} warm-up rounds\n")
     print(markdown(rows, rat))
     ref = [r["ref_max_abs_logit_diff"] for r in rows if r["ref_max_abs_logit_diff"] is not None]
