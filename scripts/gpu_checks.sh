@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures in docs/benchmarks.md, docs/results.md and docs/spectron.md
-# on one GPU (we ran it on one H100 80GB): training-step benchmark in bf16, the 3-seed
+# on one GPU (an H100 80GB; the training-step tables on an H200): training-step benchmarks in bf16, the 3-seed
 # full/lowrank/dlr comparison, and the AdamW vs Spectron runs. Writes under ${OUT:-gpu_out}.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,8 +13,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-python3 "$REPO/scripts/bench_train.py" --device cuda --dtype bf16 --sizes llama_60m,llama_130m --micro-batch 32 \
-    --repeats 20 --warmup 5 --json "$OUT/bench_train_gpu.json" 2>&1 | tee "$OUT/bench_train_gpu.md"
+OUT="$OUT/bench_train" bash "$REPO/scripts/gpu_bench_train.sh"
 
 # AdamW vs Spectron on the same setting as the results runs (seed 0); AdamW runs come from above.
 for lr in 0.02 0.05; do
