@@ -49,9 +49,7 @@ class RepeatInterleaveDLR(LowRankLinear):
     """The naive DLR residual: materializes the [tokens, d_out] expansion of z every forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.A)
-        if self.activation == "silu":
-            z = F.silu(z)
+        z = self.latent(x)
         y = F.linear(z, self.B)
         if self.dlr_index is None:
             return y
@@ -63,9 +61,7 @@ class ScatterAddDLR(LowRankLinear):
     """The first DLR layer: a fill, a scatter and autocast's cast per call, whatever the precision."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.A)
-        if self.activation == "silu":
-            z = F.silu(z)
+        z = self.latent(x)
         if self.dlr_index is None:
             return F.linear(z, self.B)
         src = torch.full((self.out_features, 1), self.dlr_scale, dtype=self.B.dtype, device=self.B.device)

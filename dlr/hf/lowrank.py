@@ -135,10 +135,13 @@ class LowRankLinear(nn.Module):
             cache = self._dlr_cache = (index, index.unsqueeze(1), scale)
         return cache[1], cache[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """z = act(A x), the rank-r code that B (and the residual) map back up."""
         z = F.linear(x, self.A)
-        if self.activation == "silu":
-            z = F.silu(z)
+        return F.silu(z) if self.activation == "silu" else z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.latent(x)
         if self.dlr_index is None:
             return F.linear(z, self.B)
         if torch.compiler.is_compiling():
