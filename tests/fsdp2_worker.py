@@ -1,0 +1,106 @@
+"""Run by tests/test_fsdp2.py under torch.distributed.run: 2 CPU processes, gloo, FSDP2.
+
+A DLR model sharded with `fully_shard` (one unit per decoder layer, as configs/accelerate/
+fsdp2.yaml asks accelerate to do) must train like the same model unsharded on the whole
+batch, and our checkpoint code (dlr.train.state) must restore it exactly. accelerate turns
+FSDP on only for GPU jobs, so the model is sharded here directly and the Accelerator is told
+it is an FSDP job, which is what selects the full-state-dict branch of dlr.train.state.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from dlr import build_model
+from dlr.train.state import load_checkpoint, save_checkpoint
+
+SIZE, LR, WD = "llama_tiny", 1e-3, 0.01
+
+
+def sharded(state: dict) -> torch.nn.Module:
+    model = build_model(SIZE, "dlr")
+    model.load_state_dict(state)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+
+
+def batch(step: int, rank: int) -> torch.Tensor:
+    return torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def step(model, opt, ids) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def full(model) -> dict:
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def main(out: Path) -> None:
+    acc = Accelerator(cpu=True)
+    acc.state.distributed_type = DistributedType.FSDP
+    rank, world = acc.process_index, acc.num_processes
+    torch.manual_seed(0)
+    init = build_model(SIZE, "dlr").state_dict()
+    ref = build_model(SIZE, "dlr")
+    ref.load_state_dict(init)
+    ref_opt = optimizer(ref)
+    model = sharded(init)
+    opt = optimizer(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    report: dict = {"losses": [], "ref_losses": []}
+    for s in range(2):
+        # FSDP averages gradients over ranks: the reference sees both ranks' micro-batches at once.
+        local = step(model, opt, batch(s, rank))
+        sched.step()
+        both = torch.tensor([local])
+        torch.distributed.all_reduce(both)
+        report["losses"].append(float(both) / world)
+        report["ref_losses"].append(step(ref, ref_opt, torch.cat([batch(s, r) for r in range(world)])))
+    trained = full(model)
+    if rank == 0:
+        report["param_diff_vs_unsharded"] = max_diff(trained, ref.state_dict())
+
+    save_checkpoint(acc, out, 2, model, opt, sched, data_state={"rank": rank}, trainer_state={"step": 2}, keep_last=2)
+    torch.manual_seed(1)  # different weights, so that only the load can make them equal
+    restored = sharded(build_model(SIZE, "dlr").state_dict())
+    restored_opt = optimizer(restored)
+    restored_sched = torch.optim.lr_scheduler.LambdaLR(restored_opt, lambda s: 1.0)
+    _, data_state = load_checkpoint(acc, out / "checkpoints" / "step_2", restored, restored_opt, restored_sched)
+    loaded = full(restored)
+    # One more step from the original and from the restored copy: same loss, same weights.
+    report["next_loss"] = step(model, opt, batch(2, rank))
+    report["restored_next_loss"] = step(restored, restored_opt, batch(2, rank))
+    after, restored_after = full(model), full(restored)
+    if rank == 0:
+        report["loaded_diff"] = max_diff(loaded, trained)
+        report["after_resume_diff"] = max_diff(restored_after, after)
+        report["data_state_rank"] = data_state["rank"]
+        report["scheduler_epoch"] = restored_sched.last_epoch
+        (out / "report.json").write_text(json.dumps(report))
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
