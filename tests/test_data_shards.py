@@ -1,4 +1,4 @@
-"""Process sharding by files (`split_dataset_by_node`'s rule) and its example-wise fallback."""
+"""Process sharding by files (`split_dataset_by_node`'s rule, checked against datasets) and its example-wise fallback."""
 from __future__ import annotations
 
 import dataclasses
@@ -170,3 +170,48 @@ def test_empty_file_shard_is_one_line(tok, tmp_path):
     with pytest.raises(ConfigError, match="rank=1 of world_size=2 got train files with no documents") as e:
         next(train_batches(spec, tok, 2, 1, 2, 0))
     assert "\n" not in str(e.value)
+
+
+def split_by_datasets(items: list, rank: int, world_size: int, per_item_sources: bool) -> list:
+    """What `datasets.distributed.split_dataset_by_node` gives this rank of `items`, in order,
+    with one data source per item (like one file each) or one source holding them all."""
+    from datasets import IterableDataset
+    from datasets.distributed import split_dataset_by_node
+
+    def gen(sources):
+        for source in sources:
+            yield from ({"item": x} for x in source)
+
+    sources = [[x] for x in items] if per_item_sources else [items]
+    ds = IterableDataset.from_generator(gen, gen_kwargs={"sources": sources})  # one shard per list entry
+    return [ex["item"] for ex in split_dataset_by_node(ds, rank=rank, world_size=world_size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_file_split_is_split_dataset_by_nodes(docs, world_size):
+    # datasets gives rank r the data sources r, r + world, ... when they divide evenly; ours
+    # applies that rule to each epoch's seeded file permutation.
+    spec = spec_for(docs)
+    files = sorted(str(p) for p in docs.glob("c4-train.*.json.gz"))
+    for epoch in range(2):
+        order = stream_mod.DocStream(spec, files, seed=5).file_order(epoch)
+        for rank in range(world_size):
+            ours = stream_mod.DocStream(spec, files, seed=5, shard=rank, num_shards=world_size).file_order(epoch)
+            assert ours == split_by_datasets(order, rank, world_size, per_item_sources=True)
+
+
+@pytest.mark.parametrize("world_size", [4, 5])
+def test_document_split_is_split_dataset_by_nodes(tok, docs, world_size):
+    # When the files do not divide, datasets keeps example i on rank i % world; ours keeps the
+    # same documents of the same global stream (the one-process stream), in the same order.
+    B = 2
+    steps = N_DOCS // (world_size * B)
+    one = train_batches(spec_for(docs), tok, B, 0, 1, seed=5)
+    stream = sum((doc_ids(next(one), tok) for _ in range(N_DOCS // B)), [])
+    one.close()
+    for rank in range(world_size):
+        it = train_batches(spec_for(docs), tok, B, rank, world_size, seed=5)
+        assert it.split == "documents"
+        ours = sum((doc_ids(next(it), tok) for _ in range(steps)), [])
+        it.close()
+        assert ours == split_by_datasets(stream, rank, world_size, per_item_sources=False)[: len(ours)]
