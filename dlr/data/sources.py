@@ -59,9 +59,11 @@ def _resolve_hub(spec: DataSpec, split: str, patterns: tuple[str, ...]) -> list[
     if not patterns:  # C4's layout: <name>/c4-<split>.NNNNN-of-NNNNN.json.gz
         patterns = (f"{spec.name}/c4-{split}.*.json.gz" if spec.name else f"c4-{split}.*.json.gz",)
     try:
-        from huggingface_hub import HfFileSystem
+        import fsspec
 
-        fs = HfFileSystem()
+        # fsspec's "hf" filesystem (huggingface_hub's HfFileSystem): the one `datasets` opens
+        # the returned hf:// paths with, so listing and streaming resolve the same way.
+        fs = fsspec.filesystem("hf")
         files: list[str] = []
         for pat in patterns:
             files += sorted(fs.glob(f"datasets/{spec.path}/{pat}"))
