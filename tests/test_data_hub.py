@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from dlr.data import data_spec
 from dlr.data.sources import resolve_files
 from dlr.train.loop import train
-from tests.test_train import cfg, records
+from test_train import cfg, records
 
 CONFIGS_DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 

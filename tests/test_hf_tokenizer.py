@@ -16,8 +16,8 @@ from dlr.cli.evaluate import main as eval_cli
 from dlr.data import load_tokenizer
 from dlr.data.tokenizer import HFTokenizer
 from dlr.train.loop import train
-from tests.test_cli_eval_fold import call
-from tests.test_train import cfg
+from test_cli_eval_fold import call
+from test_train import cfg
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 
