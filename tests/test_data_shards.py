@@ -188,7 +188,7 @@ def split_by_datasets(items: list, rank: int, world_size: int, per_item_sources:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_file_split_is_split_dataset_by_nodes(docs, world_size):
+def test_file_split_matches_split_dataset_by_node(docs, world_size):
     # datasets gives rank r the data sources r, r + world, ... when they divide evenly; ours
     # applies that rule to each epoch's seeded file permutation.
     spec = spec_for(docs)
@@ -201,7 +201,7 @@ def test_file_split_is_split_dataset_by_nodes(docs, world_size):
 
 
 @pytest.mark.parametrize("world_size", [4, 5])
-def test_document_split_is_split_dataset_by_nodes(tok, docs, world_size):
+def test_document_split_matches_split_dataset_by_node(tok, docs, world_size):
     # When the files do not divide, datasets keeps example i on rank i % world; ours keeps the
     # same documents of the same global stream (the one-process stream), in the same order.
     B = 2
