@@ -5,14 +5,13 @@ filesystem (huggingface_hub's HfFileSystem) and streams the matched `hf://` file
 `datasets`, which opens them with that same filesystem. The test registers a directory-backed
 filesystem for `hf` instead (a mirror holding allenai/c4/en/ shards), so everything above it
 runs for real: C4's shard globs, the hf:// paths, datasets' streaming, sharding and the
-trainer. The check is that `data=c4` gives the same run as `data=c4_local`
-on the same files.
+trainer. The check is that `data=c4` gives the same run as `data=c4_local` on the same files.
 """
-import shutil
-from pathlib import Path
-from importlib import resources
-
 import importlib
+import shutil
+from importlib import resources
+from pathlib import Path
+
 import pytest
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
