@@ -11,8 +11,8 @@ How B + s R is built depends on what is cheap where (docs/benchmarks.md, "Traini
 - bf16 autocast, eager: an out-of-place scatter, then autocast's cast, which low-rank pays
   anyway; the cast copy is what F.linear keeps for backward, so no memory is added, and
   autograd stays in C++ (small models on a GPU are bound by per-op host overhead).
-- fp32, eager: the same weight through `_RebuiltResidualUp`, which keeps B rather than an
-  fp32 copy of B + s R for backward and rebuilds it there (the copy is B-sized per layer).
+- no autocast (fp32), eager: the same weight through `_RebuiltResidualUp`, which keeps B rather
+  than a copy of B + s R for backward and rebuilds it there (the copy is B-sized per layer).
 - torch.compile: a pointwise `where` over an index comparison, which inductor can fuse with
   the cast.
 
