@@ -12,9 +12,22 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from .loss import chunked_linear_cross_entropy
+
+
+def _summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled_loss: bool) -> torch.Tensor:
+    """Summed token CE; from the hidden states in chunks when the model is a decoder + lm_head
+    (every model dlr writes), so no fp32 [batch, seq, vocab] logits are built."""
+    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
+    if decoder is not None and head is not None:
+        hidden = decoder(input_ids=x, use_cache=False).last_hidden_state
+        return chunked_linear_cross_entropy(hidden, head.weight, y, reduction="sum", compiled=compiled_loss)
+    logits = model(input_ids=x).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
 
 def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str,
-             dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float | int]:
+             dtype: torch.dtype | None = None, progress: bool = False, compiled_loss: bool = False) -> dict[str, float | int]:
     """{"val_loss", "val_ppl", "val_tokens"} of a causal LM over `batches` (labels -100 = ignored).
 
     No attention mask is passed: padding is on the right and masked in the labels, so causal
@@ -37,12 +50,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor
                 x = b["input_ids"].to(device, non_blocking=True)
                 y = b["labels"].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(input_ids=x).logits
-                logits = logits[:, :-1].float()
-                target = y[:, 1:]
-                loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                            ignore_index=-100, reduction="sum").double()
-                count += (target != -100).sum()
+                    loss_sum += _summed_loss(model, x, y, compiled_loss).double()
+                count += (y[:, 1:] != -100).sum()
     finally:
         model.train(was_training)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

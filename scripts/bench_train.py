@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
+from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
+from dlr.train.loop import compile_layers
 from dlr.train.telemetry import peak_flops
 
 METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
@@ -80,10 +82,15 @@ def build(size: str, method: str, device: torch.device, compile: bool = False) -
                 # repeat_interleave is the uniform expansion; the zoo default is uniform.
                 assert m.dlr_index.is_meta or torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
                 m.__class__ = VARIANTS[method]
-    return torch.compile(model) if compile else model
+    if compile and device.type != "meta":
+        compile_layers(model)  # what dlr-train does with compile=true (and compile=auto on CUDA)
+    return model
 
 
-def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int):
+def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int, loss: str = "auto",
+              compile: bool = False):
+    # The trainer's loss: plain = HF's lm_head + fp32 logits; chunked/liger from the hidden states.
+    model.fused_loss = make_loss_fn(resolve_loss_impl(loss, device), compiled=compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, SEQ), generator=gen).to(device)
@@ -111,19 +118,19 @@ def _proc_status_gib(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(size: str, method: str, dtype: str, batch: int, compile: bool) -> None:
+def memory_child(size: str, method: str, dtype: str, batch: int, compile: bool, loss: str) -> None:
     """Run in a fresh process: the peak-RSS increase of building and stepping one model."""
     torch.manual_seed(0)
     base = _proc_status_gib("VmRSS")
     model = build(size, method, torch.device("cpu"), compile)
-    step = make_step(model, torch.device("cpu"), dtype, batch, model.config.vocab_size)
+    step = make_step(model, torch.device("cpu"), dtype, batch, model.config.vocab_size, loss, compile)
     for _ in range(2):
         step()
     print(json.dumps({"peak_mem_gib": _proc_status_gib("VmHWM") - base}))
 
 
 def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch: int, warmup: int,
-                compile: bool) -> tuple[float, object]:
+                compile: bool, loss: str) -> tuple[float, object]:
     """(peak GiB, (model, step)) on CUDA; on CPU (peak GiB from a child process, None)."""
     if device.type == "cpu":
         # A fixed mmap threshold makes glibc map every tensor-sized block on its own and unmap
@@ -131,7 +138,7 @@ def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch:
         # threshold, reuse of freed heap made the same measurement vary by 20% run to run.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run([sys.executable, __file__, "--_memory-child", size, method, "--dtype", dtype,
-                               "--micro-batch", str(batch)] + (["--compile"] if compile else []),
+                               "--micro-batch", str(batch), "--loss", loss] + (["--compile"] if compile else []),
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"memory child {size} {method} failed:\n{proc.stderr[-3000:]}")
@@ -143,23 +150,23 @@ def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch:
     base = torch.cuda.memory_allocated(device)
     torch.manual_seed(0)
     model = build(size, method, device, compile)
-    step = make_step(model, device, dtype, batch, model.config.vocab_size)
+    step = make_step(model, device, dtype, batch, model.config.vocab_size, loss, compile)
     for _ in range(max(warmup, 2)):
         step()
     return (torch.cuda.max_memory_allocated(device) - base) / 1024**3, (model, step)
 
 
 def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, batch: int, warmup: int,
-               repeats: int, compile: bool = False) -> list[dict]:
+               repeats: int, compile: bool = False, loss: str = "auto") -> list[dict]:
     stats = {m: model_stats(build(size, m, torch.device("meta")), SEQ) for m in methods}
     mem, live = {}, {}
     for m in methods:
-        mem[m], live[m] = peak_memory(size, m, device, dtype, batch, warmup, compile)
+        mem[m], live[m] = peak_memory(size, m, device, dtype, batch, warmup, compile, loss)
     if device.type == "cpu":
         for m in methods:
             torch.manual_seed(0)
             model = build(size, m, device, compile)
-            live[m] = (model, make_step(model, device, dtype, batch, model.config.vocab_size))
+            live[m] = (model, make_step(model, device, dtype, batch, model.config.vocab_size, loss, compile))
     # Same-weights check of the reference against the product's B + sR path.
     if "dlr" in live and "dlr_ri" in live and not compile:  # a compiled check would recompile for no-grad
         with torch.no_grad():
@@ -182,7 +189,8 @@ def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, 
         med = statistics.median(times[m])
         tok_s = batch * SEQ / med
         rows.append({
-            "size": size, "method": m, "device": str(device), "dtype": dtype, "compiled": compile, "micro_batch": batch, "seq": SEQ,
+            "size": size, "method": m, "device": str(device), "dtype": dtype, "compiled": compile,
+            "loss": resolve_loss_impl(loss, device), "micro_batch": batch, "seq": SEQ,
             "params": stats[m].total_params, "train_flops_per_token": stats[m].train_flops_per_token,
             "ms_per_step": med * 1e3, "ms_min": min(times[m]) * 1e3, "ms_max": max(times[m]) * 1e3,
             "tokens_per_s": tok_s, "peak_mem_gib": mem[m],
@@ -237,21 +245,31 @@ def markdown(rows: list[dict], rat: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipe_micro_batch(size: str) -> int:
+    """The micro-batch `dlr-train model=<size>` runs with (configs/model/<size>.yaml)."""
+    from importlib import resources
+
+    import yaml
+
+    return int(yaml.safe_load((resources.files("dlr.configs") / "model" / f"{size}.yaml").read_text())["micro_batch"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--sizes", default="llama_tiny,llama_60m")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--micro-batch", type=int, default=4, help="0: each size's recipe micro-batch")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each model (as dlr-train compile=true)")
+    ap.add_argument("--compile", action="store_true", help="compile each decoder layer (as dlr-train compile=true / auto on CUDA)")
+    ap.add_argument("--loss", default="auto", choices=LOSS_IMPLS, help="the LM loss (dlr-train loss=...); plain = HF logits")
     ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")
     ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_child:
-        memory_child(*args._memory_child, args.dtype, args.micro_batch, args.compile)
+        memory_child(*args._memory_child, args.dtype, args.micro_batch, args.compile, args.loss)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device is available")
@@ -262,11 +280,13 @@ def main() -> None:
         sys.exit(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
     rows = []
     for size in args.sizes.split(","):
-        rows += bench_size(size, methods, device, args.dtype, args.micro_batch, args.warmup, args.repeats, args.compile)
+        batch = args.micro_batch or recipe_micro_batch(size)
+        rows += bench_size(size, methods, device, args.dtype, batch, args.warmup, args.repeats, args.compile, args.loss)
         print(f"{size} done", file=sys.stderr, flush=True)
     rat = ratios(rows)
     hw = hardware(device)
-    print(f"Hardware: {hw}; {args.dtype}; {'torch.compile' if args.compile else 'eager'}; micro-batch {args.micro_batch} x {SEQ} tokens; "
+    print(f"Hardware: {hw}; {args.dtype}; {'torch.compile' if args.compile else 'eager'}; loss {args.loss}; "
+          f"micro-batch {args.micro_batch or 'recipe'} x {SEQ} tokens; "
           f"median of {args.repeats} round-robin steps after {args.warmup} warm-up rounds\n")
     print(markdown(rows, rat))
     ref = [r["ref_max_abs_logit_diff"] for r in rows if r["ref_max_abs_logit_diff"] is not None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dlr import DlrLlamaConfig
 from .lowrank import LowRankLinear, cola_init_std, factorize_projections
@@ -15,9 +16,21 @@ from .lowrank import LowRankLinear, cola_init_std, factorize_projections
 
 class DlrLlamaForCausalLM(LlamaForCausalLM):
     config_class = DlrLlamaConfig
+    # Set by the trainer to fused_loss(hidden, lm_head_weight, labels, num_items) -> loss: the
+    # loss is then computed from the hidden states without [tokens, vocab] logits (dlr.loss).
+    # Inside forward, so DDP/FSDP hooks see it. None (loaded models, generate()): plain HF.
+    fused_loss = None
 
     def __init__(self, config: DlrLlamaConfig) -> None:
         super().__init__(config)
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        if self.fused_loss is None or labels is None:
+            return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.setdefault("use_cache", False)
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        return CausalLMOutputWithPast(loss=self.fused_loss(hidden, self.lm_head.weight, labels, num_items))
 
     def post_init(self) -> None:
         # LlamaForCausalLM.__init__ ends with post_init(); swapping the projections here

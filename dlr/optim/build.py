@@ -87,12 +87,13 @@ def _number(cfg: Mapping[str, Any], key: str, default: Any, ok, accepted: str) -
     return number
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model` trained with `method` ("full" | "lowrank" | "dlr").
 
     cfg keys (configs/optimizer/*.yaml): name, lr, weight_decay, betas, eps; spectron adds
     momentum, ns_steps, adamw_lr, adamw_weight_decay, power_init_iters, ns_dtype, seed.
-    Missing or null keys take the defaults documented in docs/spectron.md.
+    Missing or null keys take the defaults documented in docs/spectron.md. fused: AdamW's
+    single-kernel implementation (the trainer asks for it on CUDA); Spectron ignores it.
     """
     name = _get(cfg, "name")
     if name not in OPTIMIZERS:
@@ -113,7 +114,7 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str) -> to
 
     if name == "adamw":
         groups = _adamw_groups(_trainable(model), lr=lr, weight_decay=wd)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=fused or None)
 
     if method not in FACTORIZED_METHODS:
         raise ConfigError(

@@ -20,6 +20,7 @@ from ..data import check_vocab, data_spec, load_tokenizer, train_batches, valida
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..fold import fold_model
+from ..loss import make_loss_fn, resolve_loss_impl
 from ..model import build_from_config, make_config
 from ..optim import build_optimizer
 from .plan import TrainPlan, make_plan, memory_estimate_gib
@@ -50,6 +51,40 @@ def _precision(cfg: DictConfig) -> str:
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
     return "no" if cfg.precision == "fp32" else "bf16"
+
+
+COMPILE_CHOICES = ("auto", True, False)
+
+
+def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
+    """compile=auto: on for CUDA (2x+ the eager step, docs/benchmarks.md), off on CPU (compile time dominates)."""
+    if cfg.compile not in COMPILE_CHOICES:
+        raise ConfigError(f"compile={cfg.compile!r} is not valid; accepted: auto, true, false")
+    return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+
+
+def compile_layers(model) -> None:
+    """Regional compilation: each decoder layer, in place (torchtitan's per-block compile).
+
+    The layers share one class and code, so dynamo compiles once and reuses the graph for
+    every layer: compile time is that of one layer, not of the whole model. In place, so
+    parameter names, state dicts, the fold and DDP/FSDP wrapping are those of the eager model.
+    """
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned + non_blocking: the copy overlaps the GPU's queue instead of stalling the host on it.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _fused_adamw(optimizer) -> torch.optim.Optimizer | None:
+    """The torch AdamW behind accelerate's wrapper when it is fused (it then honours found_inf)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused") else None
 
 
 def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
@@ -120,11 +155,16 @@ def train(cfg: DictConfig) -> dict:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.method)
+    compiled = _compile_enabled(cfg, accelerator.device)
+    # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
+    # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.method, fused=accelerator.device.type == "cuda")
     # Not passed to prepare(): accelerate would step it once per process per step.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps, min_lr_rate=cfg.min_lr_ratio)
-    if cfg.compile:
-        model = torch.compile(model)
+    loss_impl = resolve_loss_impl(cfg.loss, accelerator.device)
+    model.fused_loss = make_loss_fn(loss_impl, compiled=compiled)
+    if compiled:
+        compile_layers(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
@@ -155,7 +195,7 @@ def train(cfg: DictConfig) -> dict:
         # The plain module: evaluation needs no DDP hooks, and a compiled graph would
         # recompile for no-grad mode and every new batch shape.
         eval_model = eval_model or accelerator.unwrap_model(model, keep_torch_compile=False)
-        result = evaluate(eval_model, val, device, dtype=autocast_dtype)
+        result = evaluate(eval_model, val, device, dtype=autocast_dtype, compiled_loss=compiled)
         record = {"step": at_step, "tokens": at_step * plan.tokens_per_step, f"{prefix}_loss": result["val_loss"],
                   f"{prefix}_ppl": result["val_ppl"], f"{prefix}_tokens": result["val_tokens"]}
         metrics.write(record)
@@ -171,63 +211,149 @@ def train(cfg: DictConfig) -> dict:
 
     peak = peak_flops(device)
     progress = tqdm(total=plan.steps, initial=step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
-    t_start, tokens_timed, t_timed = time.perf_counter(), 0, 0.0
-    last_eval = None
+    fused_adamw = _fused_adamw(optimizer)
+    # First step whose update was refused for a non-finite loss or gradient (0: none). Kept on
+    # the device and read at log/eval/save points only: no per-step host sync.
+    refused_at = torch.zeros((), dtype=torch.long, device=device)
+    speed = _Throughput(plan.tokens_per_step, device)
+    t_start = time.perf_counter()
+    last_eval, first_step_in_log = None, True
+
+    def check_finite(at_step: int) -> None:
+        bad = int(refused_at) if fused_adamw is not None else 0
+        if bad:
+            raise TrainingDiverged(_diverged_message(out_dir, bad, at_step, cfg.lr))
+
     while step < plan.steps:
-        t0 = time.perf_counter()
         micro = [next(data) for _ in range(plan.grad_accum)]
         # Token-weighted loss over the whole global batch: the same number whatever the
         # split into processes and micro-batches (HF divides the summed CE by this count).
+        # Counted on the host (the labels are still there), summed on the device.
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        n_tokens = accelerator.reduce(torch.tensor(local_tokens, device=device, dtype=torch.long), "sum")
+        n_tokens = accelerator.reduce(_to_device(torch.tensor(local_tokens, dtype=torch.long), device), "sum")
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                out = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                out = model(input_ids=_to_device(batch["input_ids"], device), labels=_to_device(batch["labels"], device),
                             num_items_in_batch=n_tokens)
                 # DDP averages gradients over processes; undo that, the count is global.
                 accelerator.backward(out.loss * accelerator.num_processes)
             loss_sum += out.loss.detach().float()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        step += 1
+        # A non-finite loss anywhere makes every process's gradient (all-reduced) non-finite.
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        if fused_adamw is not None:
+            fused_adamw.found_inf = (~finite).float()  # the kernel then leaves weights and moments alone
+            refused_at = torch.where((refused_at == 0) & ~finite, step, refused_at)
+        elif not bool(finite):  # no fused kernel (CPU, Spectron): refuse on the host before the update
+            raise TrainingDiverged(_diverged_message(out_dir, step, step, cfg.lr))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss = accelerator.reduce(loss_sum, "sum").item()
-        if not math.isfinite(loss):
-            kept = checkpoint_dirs(out_dir)
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step}; stopped. Last good checkpoint: {kept[-1] if kept else 'none'} (try a lower lr={cfg.lr})"
-            )
-        dt = time.perf_counter() - t0
-        if step > 1 or resume_from is not None:  # the first step pays for warm-up/compilation
-            tokens_timed, t_timed = tokens_timed + plan.tokens_per_step, t_timed + dt
-        tok_s = plan.tokens_per_step / dt
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:,.0f}")
+        if speed.step_done() and accelerator.is_main_process:
+            tqdm.write(f"first step (compile + warm-up): {speed.first_step_s:.1f} s, kept out of tokens/s")
         if step % cfg.log_every == 0 or step == plan.steps:
+            check_finite(step)
+            loss = accelerator.reduce(loss_sum, "sum").item()  # the one host sync per log interval
+            tok_s = speed.window_tokens_per_s()
             record = {"step": step, "tokens": step * plan.tokens_per_step, "loss": loss,
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s, "grad_norm": float(grad_norm),
                       "peak_mem_gib": peak_memory_gib(device)}
-            if peak:
+            if first_step_in_log:
+                record["first_step_s"], first_step_in_log = speed.first_step_s, False
+            if peak and tok_s:
                 record["mfu"] = tok_s * stats.train_flops_per_token / (peak * accelerator.num_processes)
             metrics.write(record)
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                 tok_s=f"{tok_s:,.0f}" if tok_s else "-")
+            speed.new_window()
         if step % cfg.eval_every == 0 or step == plan.steps:
-            last_eval = run_eval(step)
+            check_finite(step)
+            with speed.paused():
+                last_eval = run_eval(step)
         if step % cfg.save_every == 0 or step == plan.steps:
-            checkpoint(step, wall_before + time.perf_counter() - t_start)
+            check_finite(step)
+            with speed.paused():
+                checkpoint(step, wall_before + time.perf_counter() - t_start)
     progress.close()
     data.close()
 
     if last_eval is None:  # resumed from the final checkpoint: evaluate what we have
         last_eval = run_eval(step)
     return _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval,
-                   wall_before + time.perf_counter() - t_start, tokens_timed / t_timed if t_timed else None)
+                   wall_before + time.perf_counter() - t_start, speed, loss_impl, compiled)
 
 
-def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval, wall, mean_tok_s) -> dict:
+def _diverged_message(out_dir: Path, bad_step: int, at_step: int, lr: float) -> str:
+    kept = checkpoint_dirs(out_dir)
+    where = f"at step {bad_step}" + (f" (found at step {at_step})" if at_step != bad_step else "")
+    return (f"loss or gradient is not finite {where}; that update was refused, so the weights stay finite; stopped. "
+            f"Last good checkpoint: {kept[-1] if kept else 'none'} (try a lower lr={lr})")
+
+
+class _Throughput:
+    """Training tokens/s from host clocks read only after a sync, evaluation and saves left out.
+
+    Without per-step syncs the host runs ahead of the GPU, so one step's wall time means
+    nothing; a window between two log points (each read after a sync) does. The first step of
+    a process (compilation, warm-up) is timed once on its own and kept out of tokens/s.
+    """
+
+    def __init__(self, tokens_per_step: int, device: torch.device) -> None:
+        self.tokens_per_step, self.device = tokens_per_step, device
+        self.first_step_s: float | None = None
+        self.timed_s, self.timed_steps = 0.0, 0
+        self._timed_in_window = 0
+        self._window_t0, self._excluded = time.perf_counter(), 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step_done(self) -> bool:
+        """Count a finished step; True for the first one, which is timed (after a sync) on its own."""
+        if self.first_step_s is None:
+            self._sync()
+            now = time.perf_counter()
+            self.first_step_s = now - self._window_t0 - self._excluded
+            self._window_t0, self._excluded = now, 0.0
+            return True
+        self._timed_in_window += 1
+        return False
+
+    def window_tokens_per_s(self) -> float | None:
+        """Tokens/s of the timed steps since the last window; syncs first."""
+        self._sync()
+        elapsed = time.perf_counter() - self._window_t0 - self._excluded
+        if self._timed_in_window == 0 or elapsed <= 0:
+            return None
+        self.timed_s += elapsed
+        self.timed_steps += self._timed_in_window
+        return self._timed_in_window * self.tokens_per_step / elapsed
+
+    def new_window(self) -> None:
+        self._timed_in_window = 0
+        self._window_t0, self._excluded = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._excluded += time.perf_counter() - t
+
+    def mean_tokens_per_s(self) -> float | None:
+        return self.timed_steps * self.tokens_per_step / self.timed_s if self.timed_s > 0 else None
+
+
+def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval, wall, speed, loss_impl, compiled) -> dict:
     """Write final/ (and folded/ for dlr, with its perplexity) and summary.json."""
     from ..checkpoint import save_model_dir
 
@@ -243,7 +369,8 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
         "val_loss": last_eval["val_loss"], "val_ppl": last_eval["val_ppl"], "val_tokens": last_eval["val_tokens"],
         "train_params": stats.total_params, "train_non_embedding_params": stats.non_embedding_params,
         "deploy_params": stats.total_params, "train_flops_per_token": stats.train_flops_per_token,
-        "wall_s": wall, "mean_tokens_per_s": mean_tok_s, "peak_mem_gib": peak_memory_gib(device),
+        "wall_s": wall, "mean_tokens_per_s": speed.mean_tokens_per_s(), "first_step_s": speed.first_step_s,
+        "compile": compiled, "loss_impl": loss_impl, "peak_mem_gib": peak_memory_gib(device),
     }
     accelerator.wait_for_everyone()
     if cfg.method == "dlr":
