@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
-from dlr.train.loop import compile_layers
+from dlr.train.loop import compile_layers, compile_model
 from dlr.train.telemetry import peak_flops
 
 METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
@@ -73,6 +73,11 @@ class ScatterAddDLR(LowRankLinear):
 VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 
+COMPILE_SCOPE = {"layers": compile_layers, "model": compile_model}
+SCOPE = ["layers"]  # --compile-scope; a list so the memory child and build() share it
+PROFILE: list[Path | None] = [None]  # --profile
+
+
 def build(size: str, method: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
     model = build_model(size, "dlr" if method in VARIANTS else method, device=device)
     if method in VARIANTS:
@@ -83,7 +88,7 @@ def build(size: str, method: str, device: torch.device, compile: bool = False) -
                 assert m.dlr_index.is_meta or torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
                 m.__class__ = VARIANTS[method]
     if compile and device.type != "meta":
-        compile_layers(model)  # what dlr-train does with compile=true (and compile=auto on CUDA)
+        COMPILE_SCOPE[SCOPE[0]](model)  # what dlr-train does with compile=true (and compile=auto on CUDA)
     return model
 
 
@@ -183,6 +188,16 @@ def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, 
             live[m][1]()
             if r >= warmup:
                 times[m].append(time.perf_counter() - t0)
+    if PROFILE[0] is not None and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        for m in methods:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    live[m][1]()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+            with PROFILE[0].open("a") as f:
+                f.write(f"\n## {size} {m} (2 steps, compile={compile} scope={SCOPE[0]})\n{table}\n")
     peak = peak_flops(device) if device.type == "cuda" else None
     rows = []
     for m in methods:
@@ -190,6 +205,7 @@ def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, 
         tok_s = batch * SEQ / med
         rows.append({
             "size": size, "method": m, "device": str(device), "dtype": dtype, "compiled": compile,
+            "compile_scope": SCOPE[0] if compile else None,
             "loss": resolve_loss_impl(loss, device), "micro_batch": batch, "seq": SEQ,
             "params": stats[m].total_params, "train_flops_per_token": stats[m].train_flops_per_token,
             "ms_per_step": med * 1e3, "ms_min": min(times[m]) * 1e3, "ms_max": max(times[m]) * 1e3,
@@ -264,10 +280,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="compile each decoder layer (as dlr-train compile=true / auto on CUDA)")
+    ap.add_argument("--compile-scope", default="layers", choices=tuple(COMPILE_SCOPE),
+                    help="layers: each decoder layer (dlr-train); model: the whole forward with its loss")
+    ap.add_argument("--profile", type=Path, default=None, help="write the top CUDA kernels of one step per method here")
     ap.add_argument("--loss", default="auto", choices=LOSS_IMPLS, help="the LM loss (dlr-train loss=...); plain = HF logits")
     ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")
     ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SCOPE[0], PROFILE[0] = args.compile_scope, args.profile
     if args._memory_child:
         memory_child(*args._memory_child, args.dtype, args.micro_batch, args.compile, args.loss)
         return

@@ -74,6 +74,11 @@ def compile_layers(model) -> None:
         layer.compile()
 
 
+def compile_model(model) -> None:
+    """Whole-model compilation, in place: one graph from the embedding to the loss."""
+    model.compile()
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # Pinned + non_blocking: the copy overlaps the GPU's queue instead of stalling the host on it.
     if device.type == "cuda":
