@@ -217,7 +217,7 @@ def bundle(out: Path, path: Path) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+", help=f"all, or any of: {', '.join(STUDIES)} (run in that order)")
-    ap.add_argument("--out", type=Path, default=Path("studies"))
+    ap.add_argument("--out", type=Path, default=Path("runs/studies"), help="default: runs/studies (git-ignored)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--jobs", type=int, default=1, help="trainings at the same time (one GPU holds many llama_demo runs)")
     ap.add_argument("--seeds", default="0,1,2")
