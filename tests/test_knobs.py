@@ -292,3 +292,42 @@ def test_bad_knob_values_are_one_line_errors(kwargs, needle):
     with pytest.raises(ConfigError) as e:
         dlr.make_config("llama_tiny", "dlr", **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_learns_alpha_and_scale_then_folds_them_away(tmp_path):
+    """dlr-train with every scalar knob: alpha and the latent scale move, the fold is exact and leaves none."""
+    from hydra import compose, initialize_config_module
+    from safetensors.torch import load_file
+
+    import dlr.cli.train  # noqa: F401  (registers the run-dir resolver)
+    from dlr.train.loop import train
+
+    overrides = ["model=llama_tiny", "data=c4_sample", "steps=3", "global_batch=4", "micro_batch=4", "lr=0.05",
+                 "data.val_tokens=1000", "data.num_workers=0", "eval_every=3", "save_every=3", "log_every=1",
+                 "method=dlr", "activation=relu", "expand=random_reuse", "variance_correction=false",
+                 "trainable_alpha=true", "trainable_latent_scale=true", "bias=true", f"out_dir={tmp_path / 'run'}"]
+    with initialize_config_module("dlr.configs", version_base="1.3"):
+        summary = train(compose("train", overrides=overrides))
+    weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    alphas = [t for n, t in weights.items() if n.endswith(".dlr_alpha")]
+    scales = [t for n, t in weights.items() if n.endswith(".latent_scale_raw")]
+    assert len(alphas) == len(scales) == 14 and all(t.shape == () for t in alphas)
+    assert any(float(t) != 1.0 for t in alphas) and any(float(t) != 1.0 for t in scales)  # trained, not frozen
+    assert summary["fold_rel_ppl_diff"] < 1e-5
+    lowrank_bias = dlr.model_stats(dlr.build_model("llama_tiny", "lowrank", bias=True)).total_params
+    assert summary["deploy_params"] == lowrank_bias == summary["train_params"] - 28
+    cfg = read_config(tmp_path / "run" / "folded")
+    assert cfg.dlr_folded and cfg.dlr_trainable_alpha and cfg.dlr_bias and cfg.dlr_expand == "random_reuse"
+
+
+def test_bad_knob_on_the_command_line_is_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dlr.cli.train", "model=llama_tiny", "data=c4_sample",
+                           "trainable_alpha=yes", f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trainable_alpha='yes'" in proc.stderr and not (tmp_path / "run").exists()
