@@ -153,3 +153,19 @@ def test_study_runs_renders_bundles_and_skips_finished_runs(tmp_path):
     assert stamps == {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["studies"]["alpha"]["key"] == "alpha" and len(manifest["finished"]) == 3
+    # docs/ablations.md is rendered from these files, every number from by_alpha.csv.
+    sys.path.insert(0, str(REPO / "scripts"))
+    import render_ablations
+
+    text = render_ablations.render(out, tmp_path / "ablations.md", tmp_path / "ablations")
+    assert "Status:** run on CPU" in text and "| 0.5 | dlr | 1 |" in text and "*Not run yet.*" in text
+    assert (tmp_path / "ablations" / "alpha" / "by_alpha.png").is_file()
+
+
+def test_render_ablations_says_plainly_when_no_results_are_in(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import render_ablations
+
+    text = render_ablations.render(None, tmp_path / "ablations.md", tmp_path / "ablations")
+    assert "not in yet" in text and text.count("*Not run yet.*") == len(study.STUDIES)
+    assert not (tmp_path / "ablations").exists()
