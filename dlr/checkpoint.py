@@ -176,6 +176,14 @@ def _validate_dlr_fields(c: DlrLlamaConfig, where: Path) -> None:
         raise bad("dlr_scope", ", ".join(SCOPES))
     if not isinstance(c.dlr_alpha, (int, float)) or not math.isfinite(c.dlr_alpha) or c.dlr_alpha < 0:
         raise bad("dlr_alpha", "a finite number >= 0")
+    for flag in ("dlr_variance_correction", "dlr_trainable_alpha", "dlr_trainable_latent_scale", "dlr_bias"):
+        if not isinstance(getattr(c, flag), bool):
+            raise bad(flag, "true, false")
+    la = c.dlr_latent_alpha
+    if la is not None and (isinstance(la, bool) or not isinstance(la, (int, float)) or not math.isfinite(la) or la <= 0):
+        raise bad("dlr_latent_alpha", "null or a finite number > 0")
+    if la is not None and c.dlr_trainable_latent_scale:
+        raise bad("dlr_latent_alpha", "null when dlr_trainable_latent_scale is true")
     if c.dlr_method != "full":
         smallest = min(c.hidden_size, c.intermediate_size)
         if isinstance(c.dlr_rank, bool) or not isinstance(c.dlr_rank, int) or not 0 < c.dlr_rank < smallest:

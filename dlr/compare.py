@@ -23,14 +23,15 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .train.rundir import RUNTIME_DATA_KEYS, RUNTIME_KEYS
+from .train.rundir import RUNTIME_DATA_KEYS, RUNTIME_KEYS, upgrade_legacy_config
 
 # Beyond the runtime keys: what makes a run one sample of a group rather than another group.
 SAMPLE_KEYS = {"seed", "out_dir"}
 # Config keys a method does not read, so they must not split groups or block pairing.
+DLR_ONLY = {"alpha", "expand", "scope", "variance_correction", "trainable_alpha"}
 UNUSED_BY_METHOD = {
-    "full": {"rank", "alpha", "activation", "expand", "scope"},
-    "lowrank": {"alpha", "expand", "scope"},
+    "full": {"rank", "activation", "latent_alpha", "trainable_latent_scale"} | DLR_ONLY,
+    "lowrank": DLR_ONLY,
     "dlr": set(),
 }
 METHOD_ORDER = {"full": 0, "lowrank": 1, "dlr": 2}
@@ -130,7 +131,7 @@ def find_run_dirs(args: Sequence[str]) -> list[Path]:
 def load_run(path: Path) -> Run:
     path = Path(path)
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        config = upgrade_legacy_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
         summary = json.loads((path / "summary.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"{str(path)!r} has an unreadable config.yaml or summary.json: {err}") from None
@@ -425,4 +426,222 @@ def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bo
     if plots:
         for p in plot_curves(groups, out_dir):
             files[p.name] = p
+    return files
+
+
+# ---------------------------------------------------------------- sensitivity (--by KEY)
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with integer df (e.g. t_{0.975, 2} = 4.303), by bisection.
+
+    The CDF is the finite series of Abramowitz & Stegun 26.7.3-4, exact for integer df: the
+    intervals here are over seeds, so df is a small integer. (scipy is not a dependency.)
+    """
+    if df < 1 or not 0.5 <= p < 1:
+        raise ValueError(f"t_quantile needs df >= 1 and 0.5 <= p < 1, got df={df}, p={p}")
+
+    def two_sided(t: float) -> float:  # P(|T| <= t)
+        theta = math.atan(t / math.sqrt(df))
+        c2, s = math.cos(theta) ** 2, math.sin(theta)
+        if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+            term, total = 1.0, 1.0 if df > 1 else 0.0
+            for k in range(1, (df - 1) // 2):
+                term *= 2 * k / (2 * k + 1) * c2
+                total += term
+            return 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+        term, total = 1.0, 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        return s * total
+
+    target, lo, hi = 2 * p - 1, 0.0, 1.0
+    while two_sided(hi) < target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if two_sided(mid) < target else (lo, mid)
+        if hi - lo < 1e-12:
+            break
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
+    """(mean, half width of the two-sided `level` t-interval, n); the half width is nan for n < 2."""
+    st = stats(values)
+    if st.n < 2:
+        return st.mean, math.nan, st.n
+    return st.mean, t_quantile(0.5 + level / 2, st.n - 1) * st.std / math.sqrt(st.n), st.n
+
+
+def _paired(a: Group, b: Group, metric: str) -> Paired:
+    va = {r.seed: metric_value(r, metric) for r in a.runs}
+    vb = {r.seed: metric_value(r, metric) for r in b.runs}
+    seeds = tuple(s for s in sorted(set(va) & set(vb)) if va[s] is not None and vb[s] is not None)
+    diffs = tuple(vb[s] - va[s] for s in seeds)
+    st = stats(diffs)
+    return Paired(a, b, seeds, diffs, st.mean, st.std / math.sqrt(st.n) if st.n > 1 else math.nan)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One group of a sweep: its swept value, mean ± 95% t-interval, and the paired difference to lowrank."""
+
+    group: Group
+    value: Any  # the swept setting's value; None for a group that does not use it (a baseline)
+    series: str  # the group's other distinguishing settings ("" when there is one series)
+    mean: float
+    half: float
+    n: int
+    baseline: Paired | None  # metric of this group minus lowrank's, by seed
+    diff_half: float
+
+    @property
+    def verdict(self) -> str:
+        """Read honestly: a difference whose 95% interval contains 0 is no difference."""
+        if self.baseline is None or math.isnan(self.diff_half):
+            return "—"
+        if self.baseline.mean + self.diff_half < 0:
+            return "lower"
+        if self.baseline.mean - self.diff_half > 0:
+            return "higher"
+        return "no difference"
+
+
+def _sort_key(v: Any) -> tuple:
+    if isinstance(v, bool):
+        return (1, int(v), "")
+    if isinstance(v, (int, float)):
+        return (0, float(v), "")
+    return (2, 0.0, str(v))
+
+
+def sweep_points(groups: Sequence[Group], key: str, metric: str) -> list[SweepPoint]:
+    """Every group as a point of the sweep over `key` (a flattened config key, e.g. alpha, rank).
+
+    Groups that do not use `key` (lowrank for alpha) are baselines with value None. Each
+    non-lowrank group is paired by seed with the lowrank group it differs from in method only
+    (the keys lowrank does not read are ignored), so dlr at alpha=0.5 and at alpha=2 are both
+    compared with the same lowrank runs, and dlr at rank 16 with lowrank at rank 16.
+    """
+    if not any(key in g.settings for g in groups):
+        accepted = ", ".join(varying_keys(groups)) or "(no setting varies between these runs)"
+        raise ConfigError(f"--by {key!r} is a setting of none of the runs; accepted (settings that vary): {accepted}")
+    swept = [g for g in groups if key in g.settings]
+    series_keys = [k for k in varying_keys(swept) if k != key]
+    lowrank = [g for g in groups if g.method == "lowrank"]
+    points = []
+    for g in groups:
+        mean, half, n = t_interval([metric_value(r, metric) for r in g.runs])
+        base = next((lg for lg in lowrank if lg is not g and _pairable(lg, g)), None) if g.method != "lowrank" else None
+        paired = _paired(base, g, metric) if base is not None else None
+        diff_half = math.nan
+        if paired is not None and len(paired.diffs) > 1:
+            diff_half = t_interval(paired.diffs)[1]
+        value = g.settings.get(key) if key in g.settings else None
+        points.append(SweepPoint(g, value, label(g, series_keys), mean, half, n, paired, diff_half))
+    return sorted(points, key=lambda p: (p.value is not None, p.series, _sort_key(p.value)))
+
+
+def _pm(mean: float, half: float, digits: int = 2, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "—"
+    m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return m if math.isnan(half) else f"{m} ± {half:.{digits}f}"
+
+
+def sweep_markdown(points: Sequence[SweepPoint], key: str, metric: str) -> str:
+    head = [key, "group", "n", f"{metric} mean ± 95% CI", "minus lowrank, paired by seed (mean ± 95% CI)",
+            "per-seed differences", "reading"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        per_seed = ", ".join(f"s{s}: {d:+.2f}" for s, d in zip(p.baseline.seeds, p.baseline.diffs)) if p.baseline else "—"
+        diff = _pm(p.baseline.mean, p.diff_half, signed=True) if p.baseline else "—"
+        cells = ["(not used)" if p.value is None else str(p.value), p.series, str(p.n), _pm(p.mean, p.half), diff,
+                 per_seed, p.verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_csv(points: Sequence[SweepPoint], key: str, metric: str) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([key, "group", "method", "n", "seeds", f"{metric}_mean", f"{metric}_ci95",
+                     "diff_to_lowrank_mean", "diff_to_lowrank_ci95", "diff_n", "reading"])
+    nan = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
+    for p in points:
+        b = p.baseline
+        writer.writerow(["" if p.value is None else p.value, p.series, p.group.method, p.n,
+                         " ".join(map(str, p.group.seeds)), nan(p.mean), nan(p.half),
+                         nan(b.mean if b else None), nan(p.diff_half), len(b.seeds) if b else "", p.verdict])
+    return buf.getvalue()
+
+
+def plot_sweep(points: Sequence[SweepPoint], key: str, metric: str, path: Path) -> Path:
+    """metric vs the swept value: mean ± 95% t-interval per series, lowrank as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sorted({p.value for p in points if p.value is not None}, key=_sort_key)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    log_x = numeric and values and min(values) > 0 and max(values) / min(values) >= 8
+    pos = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    lo_x, hi_x = (min(pos.values()), max(pos.values())) if pos else (0.0, 1.0)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[str, str], list[SweepPoint]] = {}
+    for p in points:
+        series.setdefault((p.group.method, p.series), []).append(p)
+    n_swept = sum(1 for (m, _), ps in series.items() if m != "lowrank" and ps[0].value is not None)
+    i_swept = 0
+    for (method, name), ps in series.items():
+        text = f"{name} (n={max(p.n for p in ps)})"
+        if ps[0].value is None:  # does not use the key: a horizontal band over the whole range
+            for p in ps:
+                half = 0.0 if math.isnan(p.half) else p.half
+                line = ax.axhline(p.mean, ls="--", lw=1, color="grey" if method != "lowrank" else "black", label=f"{text}, mean ± 95% CI")
+                ax.axhspan(p.mean - half, p.mean + half, color=line.get_color(), alpha=0.15, lw=0)
+            continue
+        ps = sorted(ps, key=lambda p: _sort_key(p.value))
+        xs = [pos[p.value] for p in ps]
+        means = [p.mean for p in ps]
+        halves = [0.0 if math.isnan(p.half) else p.half for p in ps]
+        if method == "lowrank":  # a baseline that depends on the key (e.g. rank): a band along x
+            line, = ax.plot(xs, means, ls="--", color="black", lw=1, label=f"{text}, mean ± 95% CI")
+            ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
+                            color="black", alpha=0.12, lw=0)
+            continue
+        # A small horizontal offset per series keeps overlapping error bars readable.
+        shift = (i_swept - (n_swept - 1) / 2) * 0.06
+        i_swept += 1
+        xs_plot = [x * (2 ** shift) if log_x else x + shift * (1 if not numeric else (hi_x - lo_x or 1) / 4) for x in xs]
+        ax.errorbar(xs_plot, means, yerr=halves, marker="o", ms=4, capsize=3, label=f"{text}, mean ± 95% CI")
+    if log_x:
+        ax.set_xscale("log", base=2)
+    if pos:
+        ax.set_xticks(list(pos.values()), [str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"{metric} (mean ± 95% t-interval over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_sweep(groups: Sequence[Group], key: str, metric: str, out_dir: Path, plots: bool = True) -> dict[str, Path]:
+    """by_<key>.md, by_<key>.csv and by_<key>.png in out_dir."""
+    points = sweep_points(groups, key, metric)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "by_" + key.replace(".", "_").replace("/", "_")
+    files = {f"{stem}.md": out_dir / f"{stem}.md", f"{stem}.csv": out_dir / f"{stem}.csv"}
+    files[f"{stem}.md"].write_text(sweep_markdown(points, key, metric))
+    files[f"{stem}.csv"].write_text(sweep_csv(points, key, metric))
+    if plots:
+        files[f"{stem}.png"] = plot_sweep(points, key, metric, out_dir / f"{stem}.png")
     return files

@@ -59,7 +59,7 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
     state: dict[str, torch.Tensor] = {}
     lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     for name, t in model.state_dict().items():
-        if name.endswith((".A", ".B", ".dlr_index")):
+        if name.endswith((".A", ".B", ".dlr_index", ".dlr_alpha", ".latent_scale_raw")):
             continue
         state[name] = t
     for name, m in lowrank.items():

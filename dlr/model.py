@@ -21,6 +21,11 @@ def make_config(
     scope: str = "all",
     seed: int = 0,
     vocab_size: int = VOCAB_SIZE,
+    variance_correction: bool = True,
+    trainable_alpha: bool = False,
+    latent_alpha: float | None = None,
+    trainable_latent_scale: bool = False,
+    bias: bool = False,
 ) -> DlrLlamaConfig:
     """Validate every option and return the HF config; raises ConfigError on bad input."""
     spec = get_size(size) if isinstance(size, str) else size
@@ -34,6 +39,16 @@ def make_config(
         raise bad_value("scope", scope, SCOPES)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
         raise bad_value("alpha", alpha, "a finite number >= 0")
+    for name, flag in (("variance_correction", variance_correction), ("trainable_alpha", trainable_alpha),
+                       ("trainable_latent_scale", trainable_latent_scale), ("bias", bias)):
+        if not isinstance(flag, bool):
+            raise bad_value(name, flag, "true, false")
+    if latent_alpha is not None and (isinstance(latent_alpha, bool) or not isinstance(latent_alpha, (int, float))
+                                     or not math.isfinite(latent_alpha) or latent_alpha <= 0):
+        raise bad_value("latent_alpha", latent_alpha, "null (no latent scale) or a finite number > 0 (scale latent_alpha / rank)")
+    if latent_alpha is not None and trainable_latent_scale:
+        raise ConfigError(f"latent_alpha={latent_alpha!r} has no effect with trainable_latent_scale=true "
+                          "(the trainable scale is tanh(p), p starting at 1); accepted: one of the two")
     if rank is None:
         rank = spec.default_rank
     smallest = min(spec.hidden_size, spec.intermediate_size)
@@ -51,6 +66,8 @@ def make_config(
         max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=1e-6,
         hidden_act="silu",
+        attention_bias=bias,
+        mlp_bias=bias,
         tie_word_embeddings=False,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
@@ -64,7 +81,16 @@ def make_config(
         dlr_scope=scope,
         dlr_seed=int(seed),
         dlr_folded=False,
+        dlr_variance_correction=variance_correction,
+        dlr_trainable_alpha=trainable_alpha,
+        dlr_latent_alpha=None if latent_alpha is None else float(latent_alpha),
+        dlr_trainable_latent_scale=trainable_latent_scale,
+        dlr_bias=bias,
     )
+
+
+OPTIONS = ("activation", "expand", "scope", "seed", "vocab_size", "variance_correction", "trainable_alpha",
+           "latent_alpha", "trainable_latent_scale", "bias")
 
 
 def build_from_config(config: DlrLlamaConfig, device: str | torch.device | None = None) -> DlrLlamaForCausalLM:
@@ -86,10 +112,12 @@ def build_model(
 ) -> DlrLlamaForCausalLM:
     """`dlr.build_model("llama_60m", method="dlr", rank=128)`; device="meta" allocates nothing.
 
-    options: activation ("silu" | "identity"), expand ("uniform" | "random_reuse"),
-    scope ("all" | "attn" | "mlp"), seed (for random_reuse), vocab_size.
+    options: activation ("silu" | "identity" | "gelu" | "relu"), expand ("uniform" |
+    "random_reuse" | "permuted"), scope ("all" | "attn" | "mlp"), seed (random_reuse /
+    permuted), vocab_size, variance_correction (True), trainable_alpha (False),
+    latent_alpha (None), trainable_latent_scale (False), bias (False).
     """
-    unknown = set(options) - {"activation", "expand", "scope", "seed", "vocab_size"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)}; accepted: activation, expand, scope, seed, vocab_size")
+        raise ConfigError(f"unknown option(s) {sorted(unknown)}; accepted: {', '.join(OPTIONS)}")
     return build_from_config(make_config(model, method, rank, alpha, **options), device)

@@ -129,7 +129,7 @@ def test_eval_matches_the_trainer_path_and_folded_agrees(run, tmp_path, capsys, 
     model, tok = load_model_dir(run / "final")
     data = yaml.safe_load((Path(dlr.__file__).parent.parent / "configs/data/c4_sample.yaml").read_text())
     data["val_tokens"] = 2000
-    ref = evaluate(model, validation_batches(data_spec(data), tok, 8), "cpu")
+    ref = evaluate(model, validation_batches(data_spec(data), tok, 4), "cpu")  # batch_size=4, as EVAL
     assert ref["val_tokens"] == a["tokens"]
     assert a["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-9)
 

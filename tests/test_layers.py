@@ -14,7 +14,7 @@ def explicit_dlr(layer: LowRankLinear, x: torch.Tensor, index: torch.Tensor) -> 
 
 
 def make_layer(d_in, d_out, rank, mode="uniform", alpha=1.0, seed=0):
-    index = expand_index(d_out, rank, mode, seed, "0.q_proj")
+    index = expand_index(d_out, rank, mode, seed, "model.layers.0.self_attn.q_proj")
     scale = alpha / math.sqrt(expansion_factor(d_out, rank))
     layer = LowRankLinear(d_in, d_out, rank, "silu", scale, index)
     torch.nn.init.normal_(layer.A, std=cola_init_std(d_in, d_out, rank))
@@ -29,15 +29,29 @@ def test_uniform_index_is_contiguous_duplication_truncated():
     assert torch.equal(z.repeat_interleave(3)[:10], z[expand_index(10, 4, "uniform", 0, "x")])
 
 
-def test_random_reuse_index_is_seeded_and_balanced():
-    a = expand_index(176, 16, "random_reuse", 3, "1.up_proj")
-    assert torch.equal(a, expand_index(176, 16, "random_reuse", 3, "1.up_proj"))
-    assert not torch.equal(a, expand_index(176, 16, "random_reuse", 4, "1.up_proj"))
+def test_permuted_index_is_seeded_and_balanced():
+    a = expand_index(176, 16, "permuted", 3, "1.up_proj")
+    assert torch.equal(a, expand_index(176, 16, "permuted", 3, "1.up_proj"))
+    assert not torch.equal(a, expand_index(176, 16, "permuted", 4, "1.up_proj"))
     assert not torch.equal(a, expand_index(176, 16, "uniform", 3, "1.up_proj"))
     assert torch.equal(torch.bincount(a, minlength=16), torch.bincount(expand_index(176, 16, "uniform", 0, "x"), minlength=16))
 
 
-@pytest.mark.parametrize("mode", ["uniform", "random_reuse"])
+def test_random_reuse_draws_with_replacement_seeded_by_seed_and_module_name():
+    name = "model.layers.1.mlp.up_proj"
+    a = expand_index(64, 8, "random_reuse", 3, name)
+    assert a.dtype == torch.long and a.shape == (64,) and int(a.min()) >= 0 and int(a.max()) < 8
+    assert torch.equal(a, expand_index(64, 8, "random_reuse", 3, name))
+    assert not torch.equal(a, expand_index(64, 8, "random_reuse", 4, name))
+    assert not torch.equal(a, expand_index(64, 8, "random_reuse", 3, "model.layers.1.mlp.down_proj"))
+    # With replacement: multiplicities vary (the uniform ones are all K = 4),
+    # and some latent feeds no output somewhere (the reference's ablation, not a permutation).
+    counts = [torch.bincount(expand_index(64, 16, "random_reuse", s, name), minlength=16) for s in range(20)]
+    assert any(len(set(c.tolist())) > 1 for c in counts)
+    assert any(int(c.min()) == 0 for c in counts)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "random_reuse", "permuted"])
 @pytest.mark.parametrize("d_in,d_out,rank", [(64, 176, 16), (176, 64, 16), (64, 64, 24)])
 def test_effective_weight_matches_explicit_expansion(mode, d_in, d_out, rank):
     layer, index = make_layer(d_in, d_out, rank, mode, alpha=0.7)
@@ -80,7 +94,7 @@ def reference_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(layer.latent(x), layer.effective_B())
 
 
-@pytest.mark.parametrize("mode", ["uniform", "random_reuse"])
+@pytest.mark.parametrize("mode", ["uniform", "random_reuse", "permuted"])
 @pytest.mark.parametrize("d_in,d_out,rank", SHAPES)
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compile-path"])

@@ -64,7 +64,7 @@ def test_7b_on_meta_allocates_nothing():
     (dict(model="llama_tiny", alpha=float("inf")), "alpha=inf"),
     (dict(model="llama_tiny", expand="shuffle"), "expand='shuffle'"),
     (dict(model="llama_tiny", scope="ffn"), "scope='ffn'"),
-    (dict(model="llama_tiny", activation="relu"), "activation='relu'"),
+    (dict(model="llama_tiny", activation="tanh"), "activation='tanh'"),
 ])
 def test_bad_input_is_one_line_naming_value_and_accepted(kwargs, needle):
     with pytest.raises(dlr.ConfigError) as err:

@@ -98,6 +98,12 @@ def _validate(cfg) -> tuple[Path, int, int, float, torch.device]:
     return ckpt, n, bs, float(tol), torch.device(dev)
 
 
+def foldable(config) -> bool:
+    """A DLR residual or a latent scale that has not been folded yet."""
+    latent = config.dlr_latent_alpha is not None or config.dlr_trainable_latent_scale
+    return not config.dlr_folded and config.dlr_method != "full" and (config.dlr_method == "dlr" or latent)
+
+
 def fold_main(args: list[str]) -> int:
     cfg = compose("fold", args)
     ckpt, n, bs, tol, device = _validate(cfg)
@@ -109,7 +115,7 @@ def fold_main(args: list[str]) -> int:
         reason = dense_refusal(config)
         if reason:
             raise ConfigError(f"{str(ckpt)!r}: {reason}")
-    elif config.dlr_method != "dlr" or config.dlr_folded:
+    elif not foldable(config):
         why = "already folded" if config.dlr_folded else f"a {config.dlr_method} checkpoint, it has no DLR residual"
         print(f"{PROG}: nothing to fold: {str(ckpt)!r} is {why} ({describe(config)}); nothing written")
         return 0
@@ -141,7 +147,8 @@ def fold_main(args: list[str]) -> int:
     else:
         result = model
         ref_cfg = copy.deepcopy(config)
-        ref_cfg.dlr_method, ref_cfg.dlr_folded = "lowrank", False
+        # dlr_folded: no residual and no latent scale, the bias (if any) kept.
+        ref_cfg.dlr_method, ref_cfg.dlr_folded = "lowrank", True
         reference_kind = f"plain lowrank model of the same size and rank {config.dlr_rank}"
     new = logits_of(result, batches, device)
     max_abs, max_rel = compare(ref, new)
@@ -157,7 +164,9 @@ def fold_main(args: list[str]) -> int:
         "kind": "dense" if dense else "fold",
         "model": describe(config),
         "dlr": {k: getattr(config, k) for k in ("dlr_size", "dlr_method", "dlr_rank", "dlr_activation", "dlr_alpha",
-                                                 "dlr_expand", "dlr_scope", "dlr_seed")},
+                                                 "dlr_expand", "dlr_scope", "dlr_seed", "dlr_variance_correction",
+                                                 "dlr_trainable_alpha", "dlr_latent_alpha",
+                                                 "dlr_trainable_latent_scale", "dlr_bias")},
         "layers_folded": folded,
         "check": {"batches": len(batches), "batch_size": bs, "seq_len": seq_len, "tokens": tokens, "dtype": "fp32",
                   "device": str(device), "max_abs_diff": max_abs, "max_rel_diff": max_rel, "tolerance": tol},

@@ -16,10 +16,26 @@ How B + s R is built depends on what is cheap where (docs/benchmarks.md, "Traini
 - torch.compile: a pointwise `where` over an index comparison, which inductor can fuse with
   the cast.
 
+The reference layer's other knobs (nanguoyu/DLR `dlr/layers.py`) take one simpler path, the
+`where` form in eager mode too, so the measured paths above stay exactly as they are for the
+default layer:
+
+    y = c (B + s R) act(A x) + b,   s = alpha / sqrt(K) (variance correction) or alpha,
+                                    c = latent_alpha / r (fixed) or tanh(p) (trainable, p0 = 1)
+
+- a trainable alpha (one scalar Parameter per residual layer) makes s a tensor;
+- a latent scale c multiplies the up weight (the same as scaling z, and r x d_out rather
+  than tokens x r multiplies);
+- a bias b (zero-initialised, as LLaMA's optional projection biases).
+Variance correction off, gelu/relu and the expand modes only change s, act or the index,
+so they keep the measured paths. Folding writes c (B + s R) into B with the learned s and c
+and drops the index, the alpha and the latent scale: zero extra parameters afterwards.
+
 This file is copied into saved model directories (HF remote code): torch only.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 
@@ -31,8 +47,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 ATTN_PROJECTIONS = PROJECTIONS[:4]
 MLP_PROJECTIONS = PROJECTIONS[4:]
 METHODS = ("full", "lowrank", "dlr")
-ACTIVATIONS = ("silu", "identity")
-EXPAND_MODES = ("uniform", "random_reuse")
+ACTIVATIONS = ("silu", "identity", "gelu", "relu")
+EXPAND_MODES = ("uniform", "random_reuse", "permuted")
 SCOPES = ("all", "attn", "mlp")
 
 
@@ -40,15 +56,29 @@ def expansion_factor(d_out: int, rank: int) -> int:
     return math.ceil(d_out / rank)
 
 
-def expand_index(d_out: int, rank: int, mode: str, seed: int, name: str) -> torch.Tensor:
-    """Latent coordinate feeding each output: contiguous duplication, truncated to d_out.
+def layer_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed from (run seed, module name): the same in every process and reload."""
+    digest = hashlib.blake2b(f"{int(seed)}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    `random_reuse` keeps each latent's multiplicity but shuffles which outputs it feeds,
-    with a generator seeded from (seed, layer name) so every process and every reload
-    agrees. Always built on the CPU: it must exist even when the weights are on `meta`.
+
+def expand_index(d_out: int, rank: int, mode: str, seed: int, name: str) -> torch.Tensor:
+    """Latent coordinate feeding each output.
+
+    - `uniform`: contiguous duplication, truncated to d_out (output o reads latent o // K).
+    - `random_reuse` (the reference's ablation): each output draws its latent uniformly
+      with replacement, so multiplicities vary and a latent may feed no output; seeded from
+      (seed, module name), e.g. "model.layers.0.self_attn.q_proj".
+    - `permuted` (what `random_reuse` meant here before): the uniform index shuffled, so
+      every latent keeps its uniform multiplicity; seeded as it always was, from
+      (seed, "<layer>.<proj>"), so a rebuilt index equals the one saved with old weights.
+    Always built on the CPU: it must exist even when the weights are on `meta`.
     """
-    index = torch.arange(d_out, device="cpu") // expansion_factor(d_out, rank)
     if mode == "random_reuse":
+        gen = torch.Generator(device="cpu").manual_seed(layer_seed(seed, name))
+        return torch.randint(0, rank, (d_out,), generator=gen, device="cpu", dtype=torch.long)
+    index = torch.arange(d_out, device="cpu") // expansion_factor(d_out, rank)
+    if mode == "permuted":
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         index = index[torch.randperm(d_out, generator=gen, device="cpu")]
     return index
@@ -84,7 +114,16 @@ class _RebuiltResidualUp(torch.autograd.Function):
 
 
 class LowRankLinear(nn.Module):
-    """y = B act(A x) (+ s * Expand_K(act(A x)) while the DLR residual is unfolded)."""
+    """y = B act(A x) (+ s * Expand_K(act(A x)) while the DLR residual is unfolded).
+
+    Keyword-only knobs (the reference layer's; all off by default):
+    trainable_alpha_divisor: when set, alpha is a trainable scalar Parameter `dlr_alpha`
+        (initialised to dlr_scale * divisor) and s = dlr_alpha / divisor (sqrt(K), or 1
+        without variance correction).
+    latent_scale: a fixed multiplier c of the latent (latent_alpha / r).
+    trainable_latent_scale: c = tanh(latent_scale_raw), a Parameter initialised to 1.
+    bias: an output bias (zero-initialised).
+    """
 
     def __init__(
         self,
@@ -94,6 +133,11 @@ class LowRankLinear(nn.Module):
         activation: str = "silu",
         dlr_scale: float = 0.0,
         dlr_index: torch.Tensor | None = None,
+        *,
+        trainable_alpha_divisor: float | None = None,
+        latent_scale: float | None = None,
+        trainable_latent_scale: bool = False,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -108,13 +152,41 @@ class LowRankLinear(nn.Module):
             self.register_buffer("dlr_index", dlr_index.to(device=self.B.device, dtype=torch.long), persistent=True)
         else:
             self.dlr_index = None
+        self.alpha_divisor = None
+        if trainable_alpha_divisor is not None and dlr_index is not None:
+            self.alpha_divisor = float(trainable_alpha_divisor)
+            self.dlr_alpha = nn.Parameter(torch.tensor(self.dlr_scale * self.alpha_divisor, device=self.B.device))
+        if trainable_latent_scale and latent_scale is not None:
+            raise ValueError("latent_scale (fixed) and trainable_latent_scale exclude each other")
+        self.latent_scale = None if latent_scale is None else float(latent_scale)
+        if trainable_latent_scale:
+            self.latent_scale_raw = nn.Parameter(torch.ones((), device=self.B.device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=self.B.device)) if bias else None
         self._dlr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._update_plain()
+
+    def _update_plain(self) -> None:
+        # The default layer (fixed s, no latent scale, no bias) keeps the three measured paths.
+        # A plain Python bool, so torch.compile specialises on it instead of breaking the graph.
+        self._plain = self.alpha_divisor is None and self.latent_scale is None and not self.has_trainable_latent_scale \
+            and self.bias is None
+
+    @property
+    def has_trainable_latent_scale(self) -> bool:
+        return "latent_scale_raw" in self._parameters
+
+    @property
+    def has_latent_scale(self) -> bool:
+        return self.latent_scale is not None or self.has_trainable_latent_scale
 
     @property
     def has_residual(self) -> bool:
         return self.dlr_index is not None
 
     def effective_B(self) -> torch.Tensor:
+        """The up weight the layer multiplies z by: B + s R (times c with a latent scale)."""
+        if not self._plain:
+            return self.up_weight()
         if self.dlr_index is None:
             return self.B
         # Out of place, so autograd sees B + s R and B's gradient is exactly dL/dB_eff;
@@ -135,13 +207,40 @@ class LowRankLinear(nn.Module):
             cache = self._dlr_cache = (index, index.unsqueeze(1), scale)
         return cache[1], cache[2]
 
+    def residual_scale(self) -> torch.Tensor | float:
+        """s: alpha / sqrt(K) or alpha, a tensor (with a gradient) when alpha is trainable."""
+        return self.dlr_alpha / self.alpha_divisor if self.alpha_divisor is not None else self.dlr_scale
+
+    def latent_multiplier(self) -> torch.Tensor | float | None:
+        """c, or None: the reference's trainable form is tanh of a Parameter."""
+        if self.has_trainable_latent_scale:
+            return torch.tanh(self.latent_scale_raw)
+        return self.latent_scale
+
+    def up_weight(self) -> torch.Tensor:
+        """c (B + s R) with pointwise ops only: any s and c, eager or compiled, one graph."""
+        w = self.B
+        if self.dlr_index is not None:
+            cols = torch.arange(self.rank, device=w.device)
+            w = torch.where(cols == self.dlr_index.unsqueeze(1), w + self.residual_scale(), w)
+        c = self.latent_multiplier()
+        return w if c is None else w * c
+
     def latent(self, x: torch.Tensor) -> torch.Tensor:
-        """z = act(A x), the rank-r code that B (and the residual) map back up."""
+        """act(A x), the rank-r code that B (and the residual) map back up."""
         z = F.linear(x, self.A)
-        return F.silu(z) if self.activation == "silu" else z
+        if self.activation == "silu":
+            return F.silu(z)
+        if self.activation == "gelu":
+            return F.gelu(z)
+        if self.activation == "relu":
+            return F.relu(z)
+        return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.latent(x)
+        if not self._plain:
+            return F.linear(z, self.up_weight(), self.bias)
         if self.dlr_index is None:
             return F.linear(z, self.B)
         if torch.compiler.is_compiling():
@@ -155,18 +254,34 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def fold_(self) -> bool:
-        """B <- B + s R; the layer is then a plain low-rank layer. False if nothing to fold."""
-        if self.dlr_index is None:
+        """B <- c (B + s R) with the current (learned) s and c; the layer is then a plain
+        low-rank layer (bias kept) with no index, alpha or latent scale. False if nothing to fold.
+
+        The folded weight is computed by the very ops the forward uses, so the folded layer
+        gives bit-identical outputs.
+        """
+        if self.dlr_index is None and not self.has_latent_scale:
             return False
         self.B.copy_(self.effective_B())
-        del self._buffers["dlr_index"]
+        if self.dlr_index is not None:
+            del self._buffers["dlr_index"]
         self.dlr_index = None
         self.dlr_scale = 0.0
+        self._parameters.pop("dlr_alpha", None)
+        self._parameters.pop("latent_scale_raw", None)
+        self.alpha_divisor = self.latent_scale = None
         self._dlr_cache = None
+        self._update_plain()
         return True
 
     def extra_repr(self) -> str:
-        extra = f", dlr_scale={self.dlr_scale:.4g}" if self.has_residual else ""
+        extra = ""
+        if self.has_residual:
+            extra += ", dlr_alpha=trainable" if self.alpha_divisor is not None else f", dlr_scale={self.dlr_scale:.4g}"
+        if self.has_latent_scale:
+            extra += ", latent_scale=" + ("tanh(trainable)" if self.has_trainable_latent_scale else f"{self.latent_scale:.4g}")
+        if self.bias is not None:
+            extra += ", bias=True"
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, act={self.activation}{extra}"
 
 
@@ -178,24 +293,39 @@ def factorize_projections(model: nn.Module, config) -> int:
     """Replace the seven dense projections of every decoder layer; returns how many.
 
     The dense nn.Linear modules are swapped before any weight initialisation runs, and a
-    config with dlr_folded=True gets no residual: its layout is that of a lowrank model.
+    config with dlr_folded=True gets neither residual nor latent scale: its layout is that
+    of a plain lowrank model.
     """
     if config.dlr_method == "full":
         return 0
-    with_residual = config.dlr_method == "dlr" and not config.dlr_folded
+    unfolded = not config.dlr_folded
+    with_residual = config.dlr_method == "dlr" and unfolded
     residual_names = residual_projections(config.dlr_scope) if with_residual else ()
+    rank = config.dlr_rank
+    latent_alpha = config.dlr_latent_alpha if unfolded else None
     count = 0
     for layer_idx, layer in enumerate(model.model.layers):
-        for parent in (layer.self_attn, layer.mlp):
+        for part, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
             for proj in PROJECTIONS:
                 dense = getattr(parent, proj, None)
                 if dense is None:
                     continue
                 d_in, d_out = dense.in_features, dense.out_features
-                index, scale = None, 0.0
+                index, scale, divisor = None, 0.0, None
                 if proj in residual_names:
-                    index = expand_index(d_out, config.dlr_rank, config.dlr_expand, config.dlr_seed, f"{layer_idx}.{proj}")
-                    scale = config.dlr_alpha / math.sqrt(expansion_factor(d_out, config.dlr_rank))
-                setattr(parent, proj, LowRankLinear(d_in, d_out, config.dlr_rank, config.dlr_activation, scale, index))
+                    # permuted keeps the name it was always seeded with, so its index is unchanged.
+                    name = f"{layer_idx}.{proj}" if config.dlr_expand == "permuted" else f"model.layers.{layer_idx}.{part}.{proj}"
+                    index = expand_index(d_out, rank, config.dlr_expand, config.dlr_seed, name)
+                    k = expansion_factor(d_out, rank)
+                    scale = config.dlr_alpha / math.sqrt(k) if config.dlr_variance_correction else config.dlr_alpha
+                    if config.dlr_trainable_alpha:
+                        divisor = math.sqrt(k) if config.dlr_variance_correction else 1.0
+                setattr(parent, proj, LowRankLinear(
+                    d_in, d_out, rank, config.dlr_activation, scale, index,
+                    trainable_alpha_divisor=divisor,
+                    latent_scale=None if latent_alpha is None else latent_alpha / rank,
+                    trainable_latent_scale=unfolded and config.dlr_trainable_latent_scale,
+                    bias=config.dlr_bias,
+                ))
                 count += 1
     return count

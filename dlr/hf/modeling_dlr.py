@@ -48,6 +48,12 @@ class DlrLlamaForCausalLM(LlamaForCausalLM):
             std = cola_init_std(module.in_features, module.out_features, module.rank)
             init.normal_(module.A, mean=0.0, std=std)
             init.normal_(module.B, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if module.has_trainable_latent_scale:
+                init.ones_(module.latent_scale_raw)  # c = tanh(1) at the start, as the reference
+            if module.alpha_divisor is not None:
+                init.constant_(module.dlr_alpha, module.dlr_scale * module.alpha_divisor)
         else:
             super()._init_weights(module)
 

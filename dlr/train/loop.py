@@ -24,7 +24,7 @@ from ..loss import make_loss_fn, resolve_loss_impl
 from ..model import build_from_config, make_config
 from ..optim import build_optimizer
 from .plan import TrainPlan, make_plan, memory_estimate_gib
-from .rundir import MetricsLog, check_run_dir, write_config, write_summary
+from .rundir import KNOB_DEFAULTS, MetricsLog, check_run_dir, write_config, write_summary
 from .state import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .telemetry import peak_flops, peak_memory_gib
 
@@ -38,10 +38,15 @@ class TrainingDiverged(RuntimeError):
 def _model_config(cfg: DictConfig, tokenizer):
     config = make_config(cfg.model.name if "name" in cfg.model else cfg.model, cfg.method, cfg.rank, cfg.alpha,
                          activation=cfg.activation, expand=cfg.expand, scope=cfg.scope, seed=cfg.seed,
-                         vocab_size=tokenizer.vocab_size)
+                         vocab_size=tokenizer.vocab_size, **model_knobs(cfg))
     # The ids the data pipeline writes are the ids the model (and generate()) must use.
     config.pad_token_id, config.eos_token_id = tokenizer.pad_id, tokenizer.eos_id
     return config
+
+
+def model_knobs(cfg: DictConfig) -> dict:
+    """The reference layer's knobs (configs/train.yaml); absent keys (an older config) take the defaults."""
+    return {k: cfg.get(k, v) for k, v in KNOB_DEFAULTS.items()}
 
 
 def _precision(cfg: DictConfig) -> str:
@@ -95,8 +100,11 @@ def _fused_adamw(optimizer) -> torch.optim.Optimizer | None:
 def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
     """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
     train_model = build_from_config(config, device="meta")
+    knobs = model_knobs(cfg)
+    # A DLR model deploys folded: no residual, alpha or latent scale; the bias stays.
+    deploy_knobs = {"bias": knobs["bias"]} if cfg.method == "dlr" else knobs
     deploy_config = make_config(config.dlr_size, "lowrank" if cfg.method == "dlr" else cfg.method, cfg.rank,
-                                activation=cfg.activation, vocab_size=config.vocab_size)
+                                activation=cfg.activation, vocab_size=config.vocab_size, **deploy_knobs)
     train_stats = model_stats(train_model, plan.seq_len)
     deploy_stats = model_stats(build_from_config(deploy_config, device="meta"), plan.seq_len)
     memory = memory_estimate_gib(train_stats, plan, config.hidden_size, config.num_hidden_layers,

@@ -17,6 +17,24 @@ from ..errors import ConfigError
 RUNTIME_KEYS = {"resume", "dry_run", "plan_processes", "log_every", "eval_every", "save_every", "keep_last",
                 "logger", "wandb", "micro_batch", "compile", "loss", "gradient_checkpointing"}
 RUNTIME_DATA_KEYS = {"num_workers"}
+# The reference layer's knobs (configs/train.yaml) with their defaults: a config.yaml written
+# before they existed trained with exactly these.
+KNOB_DEFAULTS = {"variance_correction": True, "trainable_alpha": False, "latent_alpha": None,
+                 "trainable_latent_scale": False, "bias": False}
+
+
+def upgrade_legacy_config(cfg: dict) -> dict:
+    """A run config from before the knobs: their defaults, and its `random_reuse` is `permuted`.
+
+    (`random_reuse` was the balanced permutation then; it now draws with replacement.) So an
+    old run resumes with `expand=permuted` and dlr-compare groups it under the right name.
+    """
+    if not isinstance(cfg, dict) or "method" not in cfg or "variance_correction" in cfg:
+        return cfg
+    out = {**cfg, **KNOB_DEFAULTS}
+    if out.get("expand") == "random_reuse":
+        out["expand"] = "permuted"
+    return out
 
 
 def run_name(model: str, method: str, rank: int, alpha: float, seed: int, optimizer: str) -> str:
@@ -55,7 +73,7 @@ def check_run_dir(out_dir: Path, resolved: dict) -> None:
     saved = Path(out_dir) / "config.yaml"
     if not saved.exists():
         return
-    previous = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    previous = upgrade_legacy_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
     diff = _differences(_identity(previous), _identity(resolved))
     if diff:
         raise ConfigError(

@@ -1,0 +1,171 @@
+"""dlr-compare --by KEY (95% t-intervals, lowrank band, paired differences) and the named studies."""
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_compare import make_run
+
+from dlr import compare, study
+from dlr.cli import compare as compare_cli
+from dlr.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+LOW = {0: 20.0, 1: 22.0, 2: 21.0}
+# dlr at alpha 0.5: clearly lower than lowrank on every seed; alpha 2: a wobble around it.
+DLR = {0.5: {0: 19.0, 1: 21.1, 2: 20.0}, 2.0: {0: 20.5, 1: 22.2, 2: 20.9}}
+
+
+@pytest.fixture
+def alpha_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for s in range(3):
+        make_run(root, f"lowrank-s{s}", LOW[s], method="lowrank", seed=s, alpha=1.0)
+        for a, vals in DLR.items():
+            make_run(root, f"dlr-a{a}-s{s}", vals[s], method="dlr", seed=s, alpha=a)
+    return root
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (29, 2.0452)])
+def test_t_quantile_matches_the_tables(df, expected):
+    assert compare.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert compare.t_quantile(0.95, 1) == pytest.approx(6.3138, abs=1e-4)
+
+
+def test_sweep_points_have_t_intervals_and_paired_differences_to_lowrank(alpha_sweep):
+    groups = compare.group_runs(compare.load_runs([str(alpha_sweep)]))
+    points = compare.sweep_points(groups, "alpha", "val_ppl")
+    assert [(p.group.method, p.value) for p in points] == [("lowrank", None), ("dlr", 0.5), ("dlr", 2.0)]
+    low, half, two = points
+    assert low.mean == pytest.approx(21.0) and low.n == 3
+    assert low.half == pytest.approx(4.3027 * 1.0 / math.sqrt(3), rel=1e-4)  # sd of 20, 22, 21 is 1
+    diffs = [DLR[0.5][s] - LOW[s] for s in range(3)]
+    assert half.baseline.diffs == pytest.approx(tuple(diffs)) and half.baseline.a is low.group
+    assert half.diff_half == pytest.approx(4.3027 * statistics.stdev(diffs) / math.sqrt(3), rel=1e-4)
+    assert half.verdict == "lower"  # -0.97 ± 0.14
+    assert two.verdict == "no difference"  # +0.2 ± 0.4: the interval holds 0
+
+
+def test_cli_by_alpha_prints_and_writes_the_sweep(alpha_sweep, tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "dlr.cli.compare", str(alpha_sweep), "--by", "alpha", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "val_ppl by alpha" in proc.stdout and "no difference" in proc.stdout
+    rows = list(csv.DictReader((out / "by_alpha.csv").open()))
+    assert [(r["alpha"], r["method"], r["n"]) for r in rows] == [("", "lowrank", "3"), ("0.5", "dlr", "3"), ("2.0", "dlr", "3")]
+    assert float(rows[1]["diff_to_lowrank_mean"]) == pytest.approx(-0.9666667) and rows[1]["reading"] == "lower"
+    assert (out / "by_alpha.png").read_bytes()[:4] == b"\x89PNG" and (out / "by_alpha.md").stat().st_size > 0
+
+
+def test_by_rank_pairs_each_dlr_rank_with_lowrank_at_that_rank(tmp_path):
+    root = tmp_path / "ranks"
+    for s in range(2):
+        for r in (16, 32):
+            make_run(root, f"low-r{r}-s{s}", 30.0 - r / 4 + s, method="lowrank", rank=r, seed=s)
+            make_run(root, f"dlr-r{r}-s{s}", 29.0 - r / 4 + s * 1.1, method="dlr", rank=r, seed=s)
+    points = compare.sweep_points(compare.group_runs(compare.load_runs([str(root)])), "rank", "val_ppl")
+    dlr = [p for p in points if p.group.method == "dlr"]
+    assert [p.value for p in dlr] == [16, 32]
+    for p in dlr:
+        assert p.baseline.a.settings["rank"] == p.value
+        assert p.baseline.diffs == pytest.approx((-1.0, -0.9))
+
+
+def test_categorical_key_and_a_single_seed(tmp_path):
+    root = tmp_path / "expand"
+    # variance_correction present: a run config from after the knobs (an older one's random_reuse reads as permuted).
+    make_run(root, "low-s0", 20.0, method="lowrank", variance_correction=True)
+    for e, v in (("uniform", 19.0), ("random_reuse", 19.5), ("permuted", 19.2)):
+        make_run(root, f"dlr-{e}-s0", v, method="dlr", expand=e, variance_correction=True)
+    points = compare.sweep_points(compare.group_runs(compare.load_runs([str(root)])), "expand", "val_ppl")
+    assert [p.value for p in points] == [None, "permuted", "random_reuse", "uniform"]
+    assert all(math.isnan(p.half) and p.verdict == "—" for p in points)  # one seed: no interval, no reading
+    compare.plot_sweep(points, "expand", "val_ppl", tmp_path / "e.png")
+    assert (tmp_path / "e.png").stat().st_size > 0
+
+
+def test_unknown_by_key_is_refused_before_anything_is_written(alpha_sweep, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare_cli.main([str(alpha_sweep), "--by", "alfa", "--out", str(tmp_path / "cmp")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--by 'alfa'" in err[0] and "alpha" in err[0]
+    assert not (tmp_path / "cmp").exists()
+
+
+# ---------------------------------------------------------------- studies
+
+
+def test_the_issue_grid_is_45_distinct_runs_with_alpha_first():
+    planned = study.plan(list(study.ORDER), [0, 1, 2])
+    assert list(planned) == ["alpha", "variance_correction", "scope", "expand", "rank"]
+    assert {k: len(v) for k, v in planned.items()} == {"alpha": 18, "variance_correction": 9, "scope": 12,
+                                                        "expand": 12, "rank": 18}
+    unique = {r for runs in planned.values() for r in runs}
+    assert len(unique) == 45  # the base dlr run (alpha 1, rank 32, ...) and lowrank are shared
+    names = [r.name for r in planned["alpha"] if r.seed == 0]
+    assert names == ["lowrank-r32-s0", "dlr-r32-a0.25-vc1-all-uniform-s0", "dlr-r32-a0.5-vc1-all-uniform-s0",
+                     "dlr-r32-a1-vc1-all-uniform-s0", "dlr-r32-a2-vc1-all-uniform-s0", "dlr-r32-a4-vc1-all-uniform-s0"]
+    vc_off = [r for r in planned["variance_correction"] if dict(r.settings).get("variance_correction") is False][0]
+    assert "variance_correction=false" in vc_off.overrides()
+
+
+@pytest.mark.parametrize("studies,values,needle", [
+    (["alfa"], None, "study='alfa'"),
+    (["alpha", "scope"], "1", "one study"),
+    (["variance_correction"], "maybe", "'maybe'"),
+])
+def test_bad_study_arguments(studies, values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        study.plan(studies, [0], values)
+
+
+@pytest.mark.slow
+def test_study_runs_renders_bundles_and_skips_finished_runs(tmp_path):
+    """A real (tiny) alpha study: 1 seed, 2 values; the second call trains nothing."""
+    out = tmp_path / "st"
+    args = [sys.executable, str(REPO / "scripts" / "study.py"), "alpha", "--model", "llama_tiny", "--steps", "2",
+            "--global-batch", "4", "--eval-every", "2", "--seeds", "0", "--values", "0.5,2", "--val-tokens", "1000",
+            "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent.name for p in (out / "runs").glob("*/summary.json"))
+    assert runs == ["dlr-r16-a0.5-vc1-all-uniform-s0", "dlr-r16-a2-vc1-all-uniform-s0", "lowrank-r16-s0"]
+    rows = list(csv.DictReader((out / "studies" / "alpha" / "by_alpha.csv").open()))
+    assert [r["alpha"] for r in rows] == ["", "0.5", "2.0"]
+    import tarfile
+
+    with tarfile.open(out / "study_bundle.tar.gz") as tar:
+        names = tar.getnames()
+    assert "study/studies/alpha/by_alpha.png" in names and "study/manifest.json" in names
+    assert not any("/final/" in n or "/checkpoints/" in n for n in names)  # no weights
+    stamps = {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished before, skipped") == 3
+    assert stamps == {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["studies"]["alpha"]["key"] == "alpha" and len(manifest["finished"]) == 3
+    # docs/ablations.md is rendered from these files, every number from by_alpha.csv.
+    sys.path.insert(0, str(REPO / "scripts"))
+    import render_ablations
+
+    text = render_ablations.render(out, tmp_path / "ablations.md", tmp_path / "ablations")
+    assert "Status:** run on CPU" in text and "| 0.5 | dlr | 1 |" in text and "*Not run yet.*" in text
+    assert (tmp_path / "ablations" / "alpha" / "by_alpha.png").is_file()
+
+
+def test_render_ablations_says_plainly_when_no_results_are_in(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import render_ablations
+
+    text = render_ablations.render(None, tmp_path / "ablations.md", tmp_path / "ablations")
+    assert "not in yet" in text and text.count("*Not run yet.*") == len(study.STUDIES)
+    assert not (tmp_path / "ablations").exists()
