@@ -121,6 +121,10 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
             scale = 1.0 / (y != IGNORE_INDEX).sum().clamp_min(1).float()
         else:
             scale = 1.0 / torch.as_tensor(num_items, device=h.device).float()
+        if torch.compiler.is_compiling():
+            # Inside a whole-model graph: plain differentiable math, which inductor fuses itself
+            # (dynamo cannot capture the gradient buffers the autograd.Function fills in place).
+            return _chunk_loss(h, w, y) * scale
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             return _ChunkedLinearCrossEntropy.apply(h, w, y, scale, chunk_tokens, compiled)
         chunk_loss, _ = _kernels(compiled)

@@ -134,7 +134,9 @@ def train_command(args: argparse.Namespace, run: RunSpec) -> list[str]:
            f"eval_every={args.eval_every}",
            # A checkpoint at every eval: an interrupted run resumes instead of restarting.
            f"save_every={args.eval_every}", "keep_last=1", "log_every=1", f"precision={args.precision}",
-           f"data.num_workers={args.num_workers}", f"out_dir={args.out / 'runs' / run.name}"]
+           f"data.num_workers={args.num_workers}", f"out_dir={args.out / 'runs' / run.name}",
+           # Many small runs share one GPU: compiling each would cost more than it saves.
+           "compile=false"]
     if args.val_tokens is not None:
         cmd.append(f"data.val_tokens={args.val_tokens}")
     return cmd
