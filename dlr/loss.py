@@ -161,7 +161,7 @@ def liger_available() -> bool:
 
 
 def resolve_loss_impl(impl: str, device: torch.device) -> str:
-    """`auto`: Liger on CUDA when installed (faster on an H200, docs/benchmarks.md), else chunked."""
+    """`auto`: Liger on CUDA when installed (measured fastest on an H200, docs/benchmarks.md), else chunked."""
     if impl not in LOSS_IMPLS:
         from .errors import bad_value
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
-from dlr.train.loop import compile_layers, compile_model
+from dlr.train.loop import compile_decoder, compile_layers, compile_model
 from dlr.train.telemetry import peak_flops
 
 METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
@@ -73,8 +73,8 @@ class ScatterAddDLR(LowRankLinear):
 VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 
-COMPILE_SCOPE = {"layers": compile_layers, "model": compile_model}
-SCOPE = ["layers"]  # --compile-scope; a list so the memory child and build() share it
+COMPILE_SCOPE = {"decoder": compile_decoder, "layers": compile_layers, "model": compile_model}
+SCOPE = ["decoder"]  # --compile-scope; a list so the memory child and build() share it
 PROFILE: list[Path | None] = [None]  # --profile
 
 
@@ -280,8 +280,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="compile each decoder layer (as dlr-train compile=true / auto on CUDA)")
-    ap.add_argument("--compile-scope", default="layers", choices=tuple(COMPILE_SCOPE),
-                    help="layers: each decoder layer (dlr-train); model: the whole forward with its loss")
+    ap.add_argument("--compile-scope", default="decoder", choices=tuple(COMPILE_SCOPE),
+                    help="decoder: the decoder as one graph, loss outside (dlr-train); layers: each decoder layer; "
+                         "model: the whole forward with its loss (plain or chunked loss only)")
     ap.add_argument("--profile", type=Path, default=None, help="write the top CUDA kernels of one step per method here")
     ap.add_argument("--loss", default="auto", choices=LOSS_IMPLS, help="the LM loss (dlr-train loss=...); plain = HF logits")
     ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")

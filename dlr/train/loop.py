@@ -68,19 +68,24 @@ def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
-def compile_layers(model) -> None:
-    """Regional compilation: each decoder layer, in place (torchtitan's per-block compile).
-
-    The layers share one class and code, so dynamo compiles once and reuses the graph for
-    every layer: compile time is that of one layer, not of the whole model. In place, so
-    parameter names, state dicts, the fold and DDP/FSDP wrapping are those of the eager model.
+def compile_decoder(model) -> None:
+    """The trainer's compilation: the whole decoder (embedding, mask, every layer, final norm)
+    as one graph, in place; the loss stays outside (Liger's Triton kernels or the chunked loss's
+    own compiled chunk). Measured on an H200 (docs/benchmarks.md): per-layer graphs left the
+    GPU idle 40% of a llama_60m step on host overhead; Liger inside a whole-model graph crashed.
+    In place, so parameter names, state dicts, the fold and DDP wrapping are the eager model's.
     """
+    model.model.compile()
+
+
+def compile_layers(model) -> None:
+    """Regional compilation (each decoder layer; torchtitan's per-block compile), for comparison."""
     for layer in model.model.layers:
         layer.compile()
 
 
 def compile_model(model) -> None:
-    """Whole-model compilation, in place: one graph from the embedding to the loss."""
+    """Whole-model compilation, in place: one graph from the embedding to the loss, for comparison."""
     model.compile()
 
 
@@ -177,7 +182,7 @@ def train(cfg: DictConfig) -> dict:
     loss_impl = resolve_loss_impl(cfg.loss, accelerator.device)
     model.fused_loss = make_loss_fn(loss_impl, compiled=compiled)
     if compiled:
-        compile_layers(model)
+        compile_decoder(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
