@@ -70,16 +70,20 @@ def test_flash_attention_is_what_runs_on_cuda():
 
 @cuda
 def test_a_training_step_has_no_host_sync():
-    """The hot path of dlr.train.loop (fused loss, fused AdamW, found_inf) under CUDA's sync debug mode."""
+    """The hot path of dlr.train.loop under CUDA's sync debug mode: the compiled decoder (eager,
+    transformers' mask code calls .all() once per forward), the compiled chunked loss, fused AdamW
+    with found_inf."""
     from dlr.loss import make_loss_fn
+    from dlr.train.loop import compile_decoder
 
     model = build_model("llama_tiny", method="dlr", rank=16).cuda()
-    model.fused_loss = make_loss_fn("chunked")
+    compile_decoder(model)
+    model.fused_loss = make_loss_fn("chunked", compiled=True)
     opt = build_optimizer({"name": "adamw", "lr": 1e-3}, model, "dlr", fused=True)
     ids = torch.randint(2, 1000, (4, 256)).pin_memory().cuda(non_blocking=True)
     n = torch.tensor(4 * 255).pin_memory().cuda(non_blocking=True)
-    for i in range(2):
-        torch.cuda.set_sync_debug_mode("error" if i else "default")  # the first step may allocate/sync
+    for i in range(3):
+        torch.cuda.set_sync_debug_mode("error" if i == 2 else "default")  # compilation and warm-up may sync
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, num_items_in_batch=n).loss

@@ -70,9 +70,10 @@ def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
 
 def compile_decoder(model) -> None:
     """The trainer's compilation: the whole decoder (embedding, mask, every layer, final norm)
-    as one graph, in place; the loss stays outside (Liger's Triton kernels or the chunked loss's
-    own compiled chunk). Measured on an H200 (docs/benchmarks.md): per-layer graphs left the
-    GPU idle 40% of a llama_60m step on host overhead; Liger inside a whole-model graph crashed.
+    as one graph, in place; the loss stays outside (the chunked loss compiles its own chunk).
+    Measured on an H200 (docs/benchmarks.md): per-layer graphs left the GPU idle 40% of a
+    llama_60m step on host overhead, and transformers' mask code syncs with the host once per
+    eager forward (traced away here); the loss inside a whole-model graph keeps bf16 logits.
     In place, so parameter names, state dicts, the fold and DDP wrapping are the eager model's.
     """
     model.model.compile()
