@@ -314,7 +314,7 @@ def test_training_learns_alpha_and_scale_then_folds_them_away(tmp_path):
     weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     alphas = [t for n, t in weights.items() if n.endswith(".dlr_alpha")]
     scales = [t for n, t in weights.items() if n.endswith(".latent_scale_raw")]
-    assert len(alphas) == len(scales) == 14 and all(t.shape == () for t in alphas)
+    assert len(alphas) == len(scales) == 14 and all(t.shape == (1,) for t in alphas + scales)
     assert any(float(t) != 1.0 for t in alphas) and any(float(t) != 1.0 for t in scales)  # trained, not frozen
     assert summary["fold_rel_ppl_diff"] < 1e-5
     lowrank_bias = dlr.model_stats(dlr.build_model("llama_tiny", "lowrank", bias=True)).total_params
