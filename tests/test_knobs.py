@@ -185,6 +185,16 @@ def test_model_stats_count_the_scalars_and_the_fold_removes_them():
     assert full.model.layers[0].self_attn.q_proj.bias is not None and full.model.layers[0].mlp.down_proj.bias is not None
 
 
+def test_a_lowrank_latent_scale_folds_too():
+    model = dlr.build_model("llama_tiny", "lowrank", latent_alpha=8.0)
+    assert dlr.model_stats(model).total_params == dlr.model_stats(dlr.build_model("llama_tiny", "lowrank")).total_params
+    ids = torch.randint(2, 32000, (1, 8))
+    before = model(ids).logits
+    assert dlr.fold_model(model) == 14 and model.config.dlr_folded
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert dlr.fold_model(model) == 0
+
+
 def test_knobs_travel_in_the_model_dir_and_fold_exactly(tmp_path):
     torch.manual_seed(0)
     model = dlr.build_model("llama_tiny", "dlr", **KNOBS)
