@@ -162,6 +162,20 @@ def test_general_path_compiles_without_graph_breaks():
 
 # ---------------------------------------------------------------- whole models
 
+
+def test_whole_decoder_with_every_knob_is_one_graph():
+    """compile=auto compiles the decoder as one graph: the knobs must not break it."""
+    model = dlr.build_model("llama_tiny", "dlr", activation="gelu", expand="random_reuse", trainable_alpha=True,
+                            trainable_latent_scale=True, bias=True)
+
+    def hidden(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.model(input_ids=ids, use_cache=False).last_hidden_state.float().sum()
+
+    explained = torch._dynamo.explain(hidden)(torch.randint(2, 32000, (2, 16)))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
 KNOBS = dict(activation="gelu", expand="random_reuse", variance_correction=False, trainable_alpha=True,
              trainable_latent_scale=True, bias=True, seed=4)
 
