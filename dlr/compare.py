@@ -540,7 +540,9 @@ def sweep_points(groups: Sequence[Group], key: str, metric: str) -> list[SweepPo
             diff_half = t_interval(paired.diffs)[1]
         value = g.settings.get(key) if key in g.settings else None
         points.append(SweepPoint(g, value, label(g, series_keys), mean, half, n, paired, diff_half))
-    return sorted(points, key=lambda p: (p.value is not None, p.series, _sort_key(p.value)))
+    # Baselines first, then by value, lowrank before dlr at the same value (rank: 16 lowrank, 16 dlr, 32 ...).
+    return sorted(points, key=lambda p: (p.value is not None, _sort_key(p.value) if p.value is not None else (),
+                                         METHOD_ORDER.get(p.group.method, 9), p.series))
 
 
 def _pm(mean: float, half: float, digits: int = 2, signed: bool = False) -> str:

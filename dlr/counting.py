@@ -4,6 +4,8 @@ FLOPs follow the PaLM / MFU convention: forward = 2 * (matmul parameters, lm_hea
 included, input embedding excluded) + 4 * layers * seq_len * hidden for attention scores
 and values; training = 3 * forward. A DLR layer costs what its low-rank layer costs: the
 residual goes through the effective weight B + sR, and folds away for deployment.
+Biases and the trainable alpha / latent scale (one element per layer) count as parameters,
+not as matmul FLOPs; the fold removes alpha and the latent scale, so they never reach deployment.
 """
 from __future__ import annotations
 

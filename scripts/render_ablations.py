@@ -72,14 +72,14 @@ def reading(study_name: str, rows: list[dict]) -> str:
         if r["method"] == "dlr" and r["reading"] not in ("—", ""):
             by_verdict.setdefault(r["reading"], []).append(r[key])
     if not by_verdict:
-        return "No paired interval (fewer than 2 seeds per value)."
+        return "no paired interval (fewer than 2 seeds per value)."
     parts = []
     for verdict, text in (("lower", "dlr is lower than lowrank beyond its 95% interval"),
                           ("higher", "dlr is higher than lowrank beyond its 95% interval"),
                           ("no difference", "the interval of the difference contains 0 (no difference)")):
         if verdict in by_verdict:
             parts.append(f"{text} at {key} = {', '.join(by_verdict[verdict])}")
-    return "Reading, from the intervals: " + "; ".join(parts) + "."
+    return "; ".join(parts) + "."
 
 
 def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
@@ -93,16 +93,24 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
         args = manifest.get("args", {})
         where = manifest.get("gpu") or f"CPU ({manifest.get('cpu_count')} cores)"
         lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, commit "
-                     f"`{(manifest.get('git_commit') or 'unknown')[:10]}`, {len(manifest.get('finished', []))} finished runs, "
-                     f"{manifest.get('wall_s', 0) / 60:.0f} min wall; model {args.get('model')}, {args.get('steps')} steps x "
-                     f"{args.get('global_batch')} sequences, lr {args.get('lr')}, seeds {args.get('seeds')}. "
-                     f"The files behind this page are in [docs/ablations/](ablations/).\n")
+                     f"`{(manifest.get('git_commit') or 'unknown')[:10]}`, {len(manifest.get('finished', []))} finished runs "
+                     f"({args.get('jobs')} at a time; the last `study.py` call took {manifest.get('wall_s', 0) / 60:.1f} min "
+                     f"of wall time, runs finished by earlier calls not included); model {args.get('model')}, "
+                     f"{args.get('steps')} steps x {args.get('global_batch')} sequences, lr {args.get('lr')}, seeds "
+                     f"{args.get('seeds')}. The files behind this page are in [docs/ablations/](ablations/).\n")
     else:
         lines.append("> **Status: the GPU results are not in yet.** The study is defined and tested end to end "
                      "(tiny CPU runs in tests/test_study.py); the tables below fill in when "
                      "`python scripts/render_ablations.py <study dir>` is run on its results. Nothing on this "
                      "page is a measured number until then.\n")
     lines.append(f"Base setting: {', '.join(f'{k}={v}' for k, v in BASE.items())}, rank = the model's default_rank.\n")
+    summary = [(name, reading(name, _rows(study_dir / "studies" / name / f"by_{STUDIES[name].key}.csv")))
+               for name in ORDER if study_dir is not None and (study_dir / "studies" / name).is_dir()]
+    if summary:
+        lines.append("## Summary\n")
+        lines.append("Each study's reading, generated from its intervals (details and per-seed numbers below):\n")
+        lines += [f"- **{name}**: {text}" for name, text in summary]
+        lines.append("")
     for name in ORDER:
         st = STUDIES[name]
         lines.append(f"## {name}: {st.doc}\n")
@@ -122,7 +130,7 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
         if (src / f"by_{st.key}.png").is_file():
             lines.append(f"![{name}](ablations/{name}/by_{st.key}.png)\n")
         lines.append(md.read_text())
-        lines.append(reading(name, _rows(src / f"by_{st.key}.csv")) + "\n")
+        lines.append("Reading, from the intervals: " + reading(name, _rows(src / f"by_{st.key}.csv")) + "\n")
     if manifest:
         assets.mkdir(parents=True, exist_ok=True)
         (assets / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -7,6 +7,7 @@ FSDP on only for GPU jobs, so the model is sharded here directly and the Acceler
 it is an FSDP job, which is what selects the full-state-dict branch of dlr.train.state.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from dlr import build_model
 from dlr.train.state import load_checkpoint, save_checkpoint
 
 SIZE, LR, WD = "llama_tiny", 1e-3, 0.01
+# build_model options from the test (e.g. the trainable alpha / latent scale, 1-element parameters).
+OPTIONS = json.loads(os.environ.get("DLR_TEST_MODEL_OPTIONS", "{}"))
 
 
 def sharded(state: dict) -> torch.nn.Module:
-    model = build_model(SIZE, "dlr")
+    model = build_model(SIZE, "dlr", **OPTIONS)
     model.load_state_dict(state)
     for layer in model.model.layers:
         fully_shard(layer)
@@ -61,8 +64,8 @@ def main(out: Path) -> None:
     acc.state.distributed_type = DistributedType.FSDP
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(0)
-    init = build_model(SIZE, "dlr").state_dict()
-    ref = build_model(SIZE, "dlr")
+    init = build_model(SIZE, "dlr", **OPTIONS).state_dict()
+    ref = build_model(SIZE, "dlr", **OPTIONS)
     ref.load_state_dict(init)
     ref_opt = optimizer(ref)
     model = sharded(init)
@@ -83,7 +86,7 @@ def main(out: Path) -> None:
 
     save_checkpoint(acc, out, 2, model, opt, sched, data_state={"rank": rank}, trainer_state={"step": 2}, keep_last=2)
     torch.manual_seed(1)  # different weights, so that only the load can make them equal
-    restored = sharded(build_model(SIZE, "dlr").state_dict())
+    restored = sharded(build_model(SIZE, "dlr", **OPTIONS).state_dict())
     restored_opt = optimizer(restored)
     restored_sched = torch.optim.lr_scheduler.LambdaLR(restored_opt, lambda s: 1.0)
     _, data_state = load_checkpoint(acc, out / "checkpoints" / "step_2", restored, restored_opt, restored_sched)

@@ -11,8 +11,10 @@ WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
 @pytest.mark.slow
-def test_fsdp2_sharded_dlr_trains_like_unsharded_and_resumes_exactly(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize("options", [{}, {"trainable_alpha": True, "trainable_latent_scale": True, "bias": True,
+                                          "expand": "random_reuse"}], ids=["default", "knobs"])
+def test_fsdp2_sharded_dlr_trains_like_unsharded_and_resumes_exactly(tmp_path, options):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLR_TEST_MODEL_OPTIONS": json.dumps(options)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -162,6 +162,20 @@ def test_general_path_compiles_without_graph_breaks():
 
 # ---------------------------------------------------------------- whole models
 
+
+def test_whole_decoder_with_every_knob_is_one_graph():
+    """compile=auto compiles the decoder as one graph: the knobs must not break it."""
+    model = dlr.build_model("llama_tiny", "dlr", activation="gelu", expand="random_reuse", trainable_alpha=True,
+                            trainable_latent_scale=True, bias=True)
+
+    def hidden(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.model(input_ids=ids, use_cache=False).last_hidden_state.float().sum()
+
+    explained = torch._dynamo.explain(hidden)(torch.randint(2, 32000, (2, 16)))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
 KNOBS = dict(activation="gelu", expand="random_reuse", variance_correction=False, trainable_alpha=True,
              trainable_latent_scale=True, bias=True, seed=4)
 
@@ -183,6 +197,16 @@ def test_model_stats_count_the_scalars_and_the_fold_removes_them():
     # The dense LLaMA gets the same biases (attention_bias / mlp_bias).
     full = dlr.build_model("llama_tiny", "full", bias=True)
     assert full.model.layers[0].self_attn.q_proj.bias is not None and full.model.layers[0].mlp.down_proj.bias is not None
+
+
+def test_a_lowrank_latent_scale_folds_too():
+    model = dlr.build_model("llama_tiny", "lowrank", latent_alpha=8.0)
+    assert dlr.model_stats(model).total_params == dlr.model_stats(dlr.build_model("llama_tiny", "lowrank")).total_params
+    ids = torch.randint(2, 32000, (1, 8))
+    before = model(ids).logits
+    assert dlr.fold_model(model) == 14 and model.config.dlr_folded
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert dlr.fold_model(model) == 0
 
 
 def test_knobs_travel_in_the_model_dir_and_fold_exactly(tmp_path):
@@ -314,7 +338,7 @@ def test_training_learns_alpha_and_scale_then_folds_them_away(tmp_path):
     weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     alphas = [t for n, t in weights.items() if n.endswith(".dlr_alpha")]
     scales = [t for n, t in weights.items() if n.endswith(".latent_scale_raw")]
-    assert len(alphas) == len(scales) == 14 and all(t.shape == () for t in alphas)
+    assert len(alphas) == len(scales) == 14 and all(t.shape == (1,) for t in alphas + scales)
     assert any(float(t) != 1.0 for t in alphas) and any(float(t) != 1.0 for t in scales)  # trained, not frozen
     assert summary["fold_rel_ppl_diff"] < 1e-5
     lowrank_bias = dlr.model_stats(dlr.build_model("llama_tiny", "lowrank", bias=True)).total_params

@@ -117,7 +117,7 @@ class LowRankLinear(nn.Module):
     """y = B act(A x) (+ s * Expand_K(act(A x)) while the DLR residual is unfolded).
 
     Keyword-only knobs (the reference layer's; all off by default):
-    trainable_alpha_divisor: when set, alpha is a trainable scalar Parameter `dlr_alpha`
+    trainable_alpha_divisor: when set, alpha is a trainable scalar Parameter `dlr_alpha` (shape [1])
         (initialised to dlr_scale * divisor) and s = dlr_alpha / divisor (sqrt(K), or 1
         without variance correction).
     latent_scale: a fixed multiplier c of the latent (latent_alpha / r).
@@ -155,12 +155,13 @@ class LowRankLinear(nn.Module):
         self.alpha_divisor = None
         if trainable_alpha_divisor is not None and dlr_index is not None:
             self.alpha_divisor = float(trainable_alpha_divisor)
-            self.dlr_alpha = nn.Parameter(torch.tensor(self.dlr_scale * self.alpha_divisor, device=self.B.device))
+            # Shape [1], not a 0-d scalar: FSDP2's fully_shard refuses 0-d parameters.
+            self.dlr_alpha = nn.Parameter(torch.full((1,), self.dlr_scale * self.alpha_divisor, device=self.B.device))
         if trainable_latent_scale and latent_scale is not None:
             raise ValueError("latent_scale (fixed) and trainable_latent_scale exclude each other")
         self.latent_scale = None if latent_scale is None else float(latent_scale)
         if trainable_latent_scale:
-            self.latent_scale_raw = nn.Parameter(torch.ones((), device=self.B.device))
+            self.latent_scale_raw = nn.Parameter(torch.ones(1, device=self.B.device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=self.B.device)) if bias else None
         self._dlr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._update_plain()
