@@ -1,16 +1,18 @@
 """C4 (hub, local shards, bundled sample) and plain text -> token batches for pre-training.
 
 Public API: `data_spec`, `DataSpec`, `load_tokenizer`, `check_vocab`, `train_batches`
-(`TrainBatches`, resumable), `validation_batches` (the fixed validation set).
+(`TrainBatches`, resumable), `validation_batches` (the fixed validation set); `TokenBatches` when the data are
+`dlr-prepare` token shards (`data=tokens`, see `dlr.data.prepare`).
 """
 from dlr.data.batching import TrainBatches, paper_batch, train_batches
 from dlr.data.sources import resolve_files
 from dlr.data.spec import MODES, SOURCES, DataSpec, data_spec
 from dlr.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, bundled_t5_path, check_vocab, load_tokenizer
+from dlr.data.token_batches import TokenBatches
 from dlr.data.validation import validation_batches, validation_rows
 
 __all__ = [
-    "MODES", "SOURCES", "DataSpec", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "TrainBatches",
+    "MODES", "SOURCES", "DataSpec", "HFTokenizer", "SentencePieceTokenizer", "TokenBatches", "Tokenizer", "TrainBatches",
     "bundled_t5_path", "check_vocab", "data_spec", "load_tokenizer", "paper_batch", "resolve_files",
     "train_batches", "validation_batches", "validation_rows",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from dlr.data.spec import DataSpec
 from dlr.data.stream import DocStream, Position
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dlr.data.token_batches import TokenBatches
 
 STATE_VERSION = 2
 # Version 1 had no "split" in its fingerprint: it always split by documents.
@@ -213,6 +216,9 @@ class TrainBatches:
                 "workers": copy.deepcopy(self._worker_states)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") == "tokens":
+            raise ConfigError("cannot resume: the checkpoint's data state comes from token shards (data=tokens), this "
+                              "run streams its data; resume with the data config that wrote it")
         if state.get("version") not in _READABLE_VERSIONS:
             raise ConfigError(
                 f"data state version={state.get('version')!r} is not valid; accepted: {list(_READABLE_VERSIONS)}"
@@ -245,5 +251,12 @@ class TrainBatches:
             it._shutdown_workers()
 
 
-def train_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int, seed: int) -> TrainBatches:
+def train_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
+                  seed: int) -> "TrainBatches | TokenBatches":
+    """This process's endless training batches: streamed and tokenized on the fly, or (data=tokens)
+    read from `dlr-prepare` shards. Both have state_dict / load_state_dict / close."""
+    if spec.source == "tokens":
+        from dlr.data.token_batches import TokenBatches
+
+        return TokenBatches(spec, tokenizer, batch_size, rank, world_size, seed)
     return TrainBatches(spec, tokenizer, batch_size, rank, world_size, seed)

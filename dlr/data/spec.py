@@ -8,7 +8,7 @@ from typing import Any
 
 from dlr.errors import ConfigError, bad_value
 
-SOURCES = ("hub", "json", "text")
+SOURCES = ("hub", "json", "text", "tokens")
 MODES = ("paper", "packed")
 SAMPLE_BY = ("paragraph", "line")
 
@@ -16,7 +16,8 @@ SAMPLE_BY = ("paragraph", "line")
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "hub"
-    # Hub dataset id and config; only used when source == "hub".
+    # Hub dataset id and config (source == "hub"); for source == "tokens", the directory that
+    # dlr-prepare wrote (token shards + manifest.json).
     path: str = "allenai/c4"
     name: str | None = "en"
     # Per split: a path, a glob, or a list of them. For the hub, globs relative to the dataset
@@ -34,6 +35,9 @@ class DataSpec:
     num_workers: int = 2
     # Validation token budget; None = the whole validation split.
     val_tokens: int | None = 10_000_000
+    # source == "tokens" only: batches built ahead in a background thread (0 = built in the
+    # caller), so reading shards is never in the training step's critical path.
+    prefetch: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,8 +97,11 @@ def data_spec(cfg: Mapping[str, Any]) -> DataSpec:
     val_tokens = kw.get("val_tokens", 10_000_000)
     if val_tokens is not None:
         val_tokens = _int("data.val_tokens", val_tokens, 1)
+    prefetch = _int("data.prefetch", kw.get("prefetch", 4), 0)
     train_files = _files("data.train_files", kw.get("train_files"))
     validation_files = _files("data.validation_files", kw.get("validation_files"))
+    if source == "tokens":
+        return _tokens_spec(kw, extra, seq_len, mode, shuffle_buffer, val_tokens, prefetch)
     if source != "hub" and not train_files and not validation_files:
         raise ConfigError(
             f"data.source={source!r} needs data.train_files and/or data.validation_files (a path or glob)"
@@ -121,5 +128,27 @@ def data_spec(cfg: Mapping[str, Any]) -> DataSpec:
         shuffle_buffer=shuffle_buffer,
         num_workers=num_workers,
         val_tokens=val_tokens,
+        prefetch=prefetch,
         extra=extra,
     )
+
+
+def _tokens_spec(kw: dict[str, Any], extra: dict[str, Any], seq_len: int, mode: str, shuffle_buffer: int,
+                 val_tokens: int | None, prefetch: int) -> DataSpec:
+    """source=tokens: `path` is a dlr-prepare directory; `tokenizer` null = the one saved in it."""
+    import os
+
+    path = kw.get("path")
+    if not isinstance(path, str) or not path:
+        raise bad_value("data.path", path, "the directory written by dlr-prepare (data=tokens data.path=DIR)")
+    path = os.path.expanduser(path)
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        what = "does not exist" if not os.path.exists(path) else "holds no manifest.json (not a dlr-prepare output, or its prepare has not finished)"
+        raise ConfigError(f"data.path={path!r} {what}; write it with: dlr-prepare data=<data config> out={path}")
+    tokenizer = kw.get("tokenizer")
+    if tokenizer is None:
+        tokenizer = os.path.join(path, "tokenizer")
+    elif not isinstance(tokenizer, str) or not tokenizer:
+        raise bad_value("data.tokenizer", tokenizer, "null (the tokenizer saved with the shards), 't5', an HF name or a path")
+    return DataSpec(source="tokens", path=path, name=None, tokenizer=tokenizer, seq_len=seq_len, mode=mode,
+                    shuffle_buffer=shuffle_buffer, num_workers=0, val_tokens=val_tokens, prefetch=prefetch, extra=extra)

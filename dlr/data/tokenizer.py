@@ -124,3 +124,26 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
             f"model vocab_size={model_vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
             f"tokens ({tokenizer!r}); set the model's vocab_size >= {tokenizer.vocab_size}"
         )
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """sha256 of what decides the ids: the SentencePiece model file, or the HF tokenizer's full
+    serialization (tokenizer.json) / vocabulary, plus the special ids. Equal across save/reload."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        h.update(Path(tokenizer.model_file).read_bytes())
+    elif isinstance(tokenizer, HFTokenizer):
+        backend = getattr(tokenizer._tok, "backend_tokenizer", None)
+        if backend is not None:
+            # The parts that map text to ids (not padding/truncation settings, which a reload may change).
+            full = json.loads(backend.to_str())
+            h.update(json.dumps([full.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")],
+                                sort_keys=True).encode())
+        h.update(json.dumps(sorted(tokenizer._tok.get_vocab().items())).encode())
+    else:  # any other Tokenizer: its vocabulary as decoded pieces
+        h.update("\x00".join(tokenizer.decode([i]) for i in range(tokenizer.vocab_size)).encode())
+    h.update(f"|{tokenizer.vocab_size}|{tokenizer.eos_id}|{tokenizer.pad_id}".encode())
+    return h.hexdigest()

@@ -47,15 +47,49 @@ def _pad_rows(rows: list[list[int]], T: int, pad: int) -> tuple[torch.Tensor, to
 
 def validation_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) LongTensor[N, seq_len] of the whole fixed validation set."""
+    if spec.source == "tokens":
+        return _shard_rows(spec, tokenizer)
     files = resolve_files(spec, "validation")
     for f in files:
         check_local_file(spec, f)
+    ids, labels, used, docs = _rows(spec, tokenizer, _token_lists(spec, tokenizer, files), f"files: {', '.join(files[:3])}")
+    if spec.val_tokens is not None and used < spec.val_tokens:
+        log.warning("validation split holds only %d tokens (%d documents), below val_tokens=%d; using all of it",
+                    used, docs, spec.val_tokens)
+    return ids, labels
+
+
+def _shard_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same rows from the validation documents that dlr-prepare stored (same ids, same order)."""
+    from dlr.data.shards import SplitShards, read_manifest
+    from dlr.data.token_batches import check_tokenizer
+
+    manifest = read_manifest(spec.path)
+    check_tokenizer(manifest, tokenizer, spec.path)
+    shards = SplitShards(spec.path, "validation", manifest)
+    ids, labels, used, docs = _rows(spec, tokenizer, shards.iter_documents(), f"data.path={spec.path}")
+    short = spec.val_tokens is None or used < spec.val_tokens
+    if short and not shards.complete:
+        want = "the whole validation split (data.val_tokens=null)" if spec.val_tokens is None else f"data.val_tokens={spec.val_tokens}"
+        raise ConfigError(
+            f"data.path={spec.path!r} holds only the first {used} validation tokens for mode={spec.mode} "
+            f"seq_len={spec.seq_len}, but this run asks for {want}; set data.val_tokens<={used} or re-run dlr-prepare "
+            f"with a larger data.val_tokens"
+        )
+    if spec.val_tokens is not None and used < spec.val_tokens:
+        log.warning("validation split holds only %d tokens (%d documents), below val_tokens=%d; using all of it",
+                    used, docs, spec.val_tokens)
+    return ids, labels
+
+
+def _rows(spec: DataSpec, tokenizer: Tokenizer, token_lists, where: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Rows from documents' token lists, in order; also the label tokens used and documents read."""
     T, eos, pad = spec.seq_len, tokenizer.eos_id, tokenizer.pad_id
     budget = spec.val_tokens if spec.val_tokens is not None else float("inf")
     used, docs = 0, 0
     if spec.mode == "paper":
         rows: list[list[int]] = []
-        for seq in _token_lists(spec, tokenizer, files):
+        for seq in token_lists:
             docs += 1
             row = seq[: T - 1] + [eos]
             # Real (non-pad) tokens count against the budget; the last document is cut to fit.
@@ -65,18 +99,18 @@ def validation_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor,
             if used >= budget:
                 break
         if not rows:
-            raise ConfigError(f"the validation split has no documents (files: {', '.join(files[:3])})")
+            raise ConfigError(f"the validation split has no documents ({where})")
         ids, labels = _pad_rows(rows, T, pad)
     else:
         stream: list[int] = []
-        for seq in _token_lists(spec, tokenizer, files):
+        for seq in token_lists:
             docs += 1
             stream.extend(seq)
             stream.append(eos)
             if len(stream) >= budget:
                 break
         if not stream:
-            raise ConfigError(f"the validation split has no documents (files: {', '.join(files[:3])})")
+            raise ConfigError(f"the validation split has no documents ({where})")
         stream = stream[: int(min(len(stream), budget))]
         used = len(stream)
         n_rows = -(-len(stream) // T)
@@ -85,10 +119,7 @@ def validation_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor,
         lab = np.full(n_rows * T, -100, dtype=np.int64)
         lab[: len(stream)] = stream
         ids, labels = torch.from_numpy(flat).view(n_rows, T), torch.from_numpy(lab).view(n_rows, T)
-    if spec.val_tokens is not None and used < spec.val_tokens:
-        log.warning("validation split holds only %d tokens (%d documents), below val_tokens=%d; using all of it",
-                    used, docs, spec.val_tokens)
-    return ids, labels
+    return ids, labels, used, docs
 
 
 def validation_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int = 0,

@@ -1,0 +1,362 @@
+"""Tokenize a data config once into token shards (`dlr-prepare`); see dlr/data/shards.py for the format.
+
+One shard per input file, so `num_proc` processes tokenize files side by side and a shard is
+the unit of resume: each is written to temporary files, renamed, then recorded in its own
+`<stem>.json`; a re-run skips recorded shards and redoes the rest. Shards are taken in input
+file order and the limits (train: `tokens` or `documents`; validation: `val_tokens`) cut the
+split at the first document that reaches them, so the result does not depend on `num_proc`.
+`manifest.json` is written last; with it present a re-run with the same settings does nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlr.data.shards import (FORMAT, FORMAT_VERSION, IDX_DTYPE, MANIFEST, SPLITS, TOKENIZER_DIR, check_shard_files,
+                             dtype_for, shard_stem)
+from dlr.data.sources import check_local_file, iter_file, resolve_files
+from dlr.data.spec import DataSpec
+from dlr.data.tokenizer import load_tokenizer, tokenizer_hash
+from dlr.errors import ConfigError, bad_value
+
+log = logging.getLogger(__name__)
+PLAN = "prepare.json"
+PLAN_KEYS = ("source", "files", "tokenizer", "dtype", "limits")
+_CHUNK = 1000  # documents per encode_batch call
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Where a split is cut: after `documents` documents, after `tokens` tokens (whole documents), or
+    once the validation rows hold `val_tokens` label tokens in both batching modes at `seq_len`."""
+
+    documents: int | None = None
+    tokens: int | None = None
+    val_tokens: int | None = None
+    seq_len: int = 256
+
+    def keep(self, lengths: np.ndarray, before: np.ndarray) -> int | None:
+        """How many of these documents (lengths) to keep for the limit to be met, given the
+        counts `before` = [documents, tokens, packed tokens, paper tokens]; None = not met yet."""
+        n = len(lengths)
+        if self.documents is not None:
+            need = self.documents - int(before[0])
+            return max(need, 0) if need <= n else None
+        if self.tokens is not None:
+            i = int(np.searchsorted(np.cumsum(lengths) + before[1], self.tokens))
+            return i + 1 if i < n else None
+        if self.val_tokens is not None:
+            packed = np.cumsum(lengths + 1) + before[2]
+            paper = np.cumsum(np.minimum(lengths + 1, self.seq_len)) + before[3]
+            i = max(int(np.searchsorted(packed, self.val_tokens)), int(np.searchsorted(paper, self.val_tokens)))
+            return i + 1 if i < n else None
+        return None
+
+    def counts(self, lengths: np.ndarray) -> np.ndarray:
+        return np.array([len(lengths), lengths.sum(), (lengths + 1).sum(), np.minimum(lengths + 1, self.seq_len).sum()],
+                        dtype=np.int64)
+
+
+class _Report:
+    """What a worker calls with each chunk's token count: a queue in a pool, a callback in-process."""
+
+    def __init__(self, queue: Any = None, callback: Any = None) -> None:
+        self.queue, self.callback = queue, callback
+
+    def __call__(self, n: int) -> None:
+        if self.queue is not None:
+            self.queue.put(n)
+        elif self.callback is not None:
+            self.callback(n)
+
+
+def _write_shard(root: Path, stem: str, source: str, tokens: np.ndarray, offsets: np.ndarray, extra: dict | None = None) -> dict:
+    """.bin and .idx via temporary names, then the record: a shard with a record is complete."""
+    for ext, arr in ((".bin", tokens), (".idx", offsets)):
+        tmp = root / f"{stem}{ext}.tmp"
+        with open(tmp, "wb") as f:
+            arr.tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / f"{stem}{ext}")
+    record = {"name": stem, "file": source, "documents": int(len(offsets) - 1), "tokens": int(offsets[-1]), **(extra or {})}
+    _write_json(root / f"{stem}.json", record)
+    return record
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem: str, limit: Limit,
+                  report: _Report, threads: int) -> dict:
+    """Tokenize one input file into shard `stem` (stopping early once `limit` alone is met)."""
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = load_tokenizer(tokenizer_dir)
+    if hasattr(tok, "num_threads"):
+        tok.num_threads = threads
+    dtype = dtype_for(tok.vocab_size)
+    parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    counts = np.zeros(4, dtype=np.int64)
+    chunk: list[str] = []
+
+    def flush() -> bool:
+        nonlocal counts
+        ids = tok.encode_batch(chunk)
+        chunk.clear()
+        lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        keep = limit.keep(lens, counts)
+        if keep is not None:
+            ids, lens = ids[:keep], lens[:keep]
+        for x in ids:
+            parts.append(np.asarray(x, dtype=dtype))
+        lengths.extend(lens.tolist())
+        counts = counts + limit.counts(lens)
+        report(int(lens.sum()))
+        return keep is not None
+
+    done = False
+    for _, text in iter_file(spec, path):
+        chunk.append(text)
+        if len(chunk) == _CHUNK and flush():
+            done = True
+            break
+    if chunk and not done:
+        flush()
+    offsets = np.zeros(len(lengths) + 1, dtype=IDX_DTYPE)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    return _write_shard(Path(root), stem, path, tokens.astype(dtype, copy=False), offsets)
+
+
+def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
+    """Cut a finished shard to its first `keep` documents (where the split's limit falls)."""
+    stem = record["name"]
+    idx = np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE)[: keep + 1].copy()
+    tokens = np.fromfile(root / f"{stem}.bin", dtype=dtype, count=int(idx[-1]))
+    return _write_shard(root, stem, record["file"], tokens, idx, {"cut_from_documents": record["documents"]})
+
+
+def _done(root: Path, stem: str, dtype: np.dtype) -> dict | None:
+    try:
+        record = json.loads((root / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if check_shard_files(root, stem, record["documents"], record["tokens"], dtype) is not None:
+        return None  # damaged (e.g. a disk filled up): redo it
+    return record
+
+
+def _remove_shard(root: Path, stem: str) -> None:
+    for ext in (".json", ".bin", ".idx"):  # record first: without it the shard is not "done"
+        (root / f"{stem}{ext}").unlink(missing_ok=True)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, split: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=f"dlr-prepare {split}", unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], limit: Limit, num_proc: int,
+                   dtype: np.dtype, progress: bool) -> dict:
+    stems = [shard_stem(split, k) for k in range(len(files))]
+    bar = _Progress(progress, split)
+    before = np.zeros(4, dtype=np.int64)
+    shards: list[dict] = []
+    stopped_at: int | None = None
+    tok_dir = str(root / TOKENIZER_DIR)
+    pool: ProcessPoolExecutor | None = None
+    manager = queue = None
+    futures: dict[int, Future] = {}
+    next_submit = 0
+    threads = 1 if num_proc > 1 else -1  # in a pool the processes are the parallelism
+    try:
+        if num_proc > 1:
+            ctx = multiprocessing.get_context("spawn")  # no forked copies of tokenizer threads or locks
+            manager = ctx.Manager()
+            queue = manager.Queue()
+            pool = ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx)
+        for k, (path, stem) in enumerate(zip(files, stems)):
+            record = _done(root, stem, dtype)
+            if record is not None:
+                bar.update(record["tokens"])
+            elif pool is None:
+                record = tokenize_file(spec, tok_dir, path, str(root), stem, limit, _Report(callback=bar.update), threads)
+            else:
+                # Keep 2 files per process in flight, in file order, skipping the finished ones.
+                while len(futures) < 2 * num_proc and next_submit < len(files):
+                    j = next_submit
+                    next_submit += 1
+                    if j >= k and _done(root, stems[j], dtype) is None:
+                        futures[j] = pool.submit(tokenize_file, spec, tok_dir, files[j], str(root), stems[j], limit,
+                                                 _Report(queue=queue), threads)
+                while True:
+                    while not queue.empty():
+                        bar.update(queue.get())
+                    try:
+                        record = futures.pop(k).result(timeout=0.2) if k in futures else None
+                        break
+                    except FutureTimeout:
+                        continue
+                while not queue.empty():
+                    bar.update(queue.get())
+                if record is None:  # submitted before we knew it was done? (cannot happen) - do it here
+                    record = tokenize_file(spec, tok_dir, path, str(root), stem, limit, _Report(callback=bar.update), threads)
+            lengths = np.diff(np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE))
+            keep = limit.keep(lengths, before)
+            if keep is not None:
+                if keep < record["documents"]:
+                    record = _trim(root, record, keep, dtype)
+                    lengths = lengths[:keep]
+                stopped_at = k
+            before += limit.counts(lengths)
+            shards.append(record)
+            if stopped_at is not None:
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if manager is not None:
+            manager.shutdown()
+        bar.close()
+    if stopped_at is not None:
+        for k in range(stopped_at + 1, len(files)):  # speculative work past the limit, or an older run's
+            _remove_shard(root, stems[k])
+    complete = stopped_at is None or (stopped_at == len(files) - 1 and "cut_from_documents" not in shards[-1])
+    if before[0] == 0:
+        raise ConfigError(f"the {split} split has no documents (files: {', '.join(files[:3])})")
+    return {"documents": int(before[0]), "tokens": int(before[1]), "complete": bool(complete), "shards": shards}
+
+
+def _splits(spec: DataSpec) -> list[str]:
+    if spec.source == "hub":
+        return list(SPLITS)  # C4's layout gives both even without file globs
+    return [s for s in SPLITS if (spec.train_files if s == "train" else spec.validation_files)]
+
+
+def _dlr_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dlr")
+    except Exception:
+        return "unknown"
+
+
+def _check_plan(root: Path, plan: dict, have: dict, what: str) -> None:
+    diff = [k for k in PLAN_KEYS if have.get(k) != plan[k]]
+    if diff:
+        sub = []
+        for k in diff:  # name the innermost differing field when there is one
+            a, b = have.get(k), plan[k]
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub += [f"{k}.{f}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+            else:
+                sub.append(k)
+        raise ConfigError(f"out={str(root)!r} holds {what} of other settings (differs in: {', '.join(sub)}); "
+                          f"use another out, or delete it to start over")
+
+
+def prepare(spec: DataSpec, out: str | os.PathLike, tokens: int | None = None, documents: int | None = None,
+            num_proc: int = 1, progress: bool = True) -> dict:
+    """Tokenize `spec`'s splits into `out`; returns the manifest (also when it was already done)."""
+    if spec.source == "tokens":
+        raise ConfigError("data=tokens is already prepared; give dlr-prepare the data config it came from (c4, c4_local, c4_sample, text)")
+    for key, value in (("tokens", tokens), ("documents", documents)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise bad_value(key, value, "an integer >= 1, or null for the whole train split")
+    if tokens is not None and documents is not None:
+        raise ConfigError(f"tokens={tokens} and documents={documents} both set; accepted: one of them (or neither)")
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+        raise bad_value("num_proc", num_proc, "an integer >= 1")
+    root = Path(out).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"out={str(root)!r} is a file; give a directory")
+    if root.is_dir() and any(root.iterdir()) and not (root / PLAN).is_file():
+        raise ConfigError(f"out={str(root)!r} exists and is not a dlr-prepare directory; give a new or empty directory")
+
+    tokenizer = load_tokenizer(spec.tokenizer)
+    splits = _splits(spec)
+    files = {s: resolve_files(spec, s) for s in splits}
+    for s in splits:
+        for f in files[s]:
+            check_local_file(spec, f)
+    limits = {"train": Limit(documents=documents, tokens=tokens),
+              "validation": Limit(val_tokens=spec.val_tokens, seq_len=spec.seq_len)}
+    dtype = dtype_for(tokenizer.vocab_size)
+    plan = {
+        "source": {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
+                   "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
+                   "validation_files": list(spec.validation_files), "text_field": spec.text_field,
+                   "sample_by": spec.sample_by},
+        "files": files,
+        "tokenizer": {"name": spec.tokenizer, "class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "sha256": tokenizer_hash(tokenizer)},
+        "dtype": dtype.name,
+        "limits": {"tokens": tokens, "documents": documents, "val_tokens": spec.val_tokens, "val_seq_len": spec.seq_len},
+    }
+    if (root / MANIFEST).is_file():
+        manifest = json.loads((root / MANIFEST).read_text())
+        _check_plan(root, plan, manifest, "a finished prepare")
+        damaged = [sh["name"] for sp in manifest["splits"].values() for sh in sp["shards"]
+                   if check_shard_files(root, sh["name"], sh["documents"], sh["tokens"], dtype) is not None]
+        if not damaged:
+            log.info("%s is already prepared (%s); nothing to do", root, _summary(manifest))
+            return manifest
+        log.warning("%d damaged shard(s) in %s (%s); redoing them", len(damaged), root, ", ".join(damaged[:3]))
+        for stem in damaged:
+            _remove_shard(root, stem)
+        (root / MANIFEST).unlink()
+    elif (root / PLAN).is_file():
+        _check_plan(root, plan, json.loads((root / PLAN).read_text()), "an unfinished prepare")
+        log.info("resuming the unfinished prepare in %s", root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(root / PLAN, plan)
+    if not (root / TOKENIZER_DIR).is_dir():
+        tmp = root / (TOKENIZER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save(tmp)
+        os.replace(tmp, root / TOKENIZER_DIR)
+    saved = load_tokenizer(str(root / TOKENIZER_DIR))
+    if tokenizer_hash(saved) != plan["tokenizer"]["sha256"]:
+        raise ConfigError(f"the tokenizer saved in {str(root / TOKENIZER_DIR)!r} differs from data.tokenizer={spec.tokenizer!r}; delete out and start over")
+
+    t0 = time.perf_counter()
+    out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc, dtype, progress) for s in splits}
+    for tmp in root.glob("*.tmp"):
+        tmp.unlink()
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, **plan, "splits": out_splits,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dlr_version": _dlr_version(),
+                "num_proc": num_proc, "seconds": round(time.perf_counter() - t0, 2)}
+    _write_json(root / MANIFEST, manifest)
+    log.info("prepared %s: %s", root, _summary(manifest))
+    return manifest
+
+
+def _summary(manifest: dict) -> str:
+    return "; ".join(f"{s}: {v['documents']:,} documents, {v['tokens']:,} tokens{'' if v['complete'] else ' (cut)'}"
+                     for s, v in manifest["splits"].items())
