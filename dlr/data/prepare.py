@@ -51,6 +51,8 @@ class Limit:
         """How many of these documents (lengths) to keep for the limit to be met, given the
         counts `before` = [documents, tokens, packed tokens, paper tokens]; None = not met yet."""
         n = len(lengths)
+        if self.met(before):
+            return 0
         if self.documents is not None:
             need = self.documents - int(before[0])
             return max(need, 0) if need <= n else None
@@ -63,6 +65,15 @@ class Limit:
             i = max(int(np.searchsorted(packed, self.val_tokens)), int(np.searchsorted(paper, self.val_tokens)))
             return i + 1 if i < n else None
         return None
+
+    def met(self, counts: np.ndarray) -> bool:
+        if self.documents is not None:
+            return counts[0] >= self.documents
+        if self.tokens is not None:
+            return counts[1] >= self.tokens
+        if self.val_tokens is not None:
+            return counts[2] >= self.val_tokens and counts[3] >= self.val_tokens
+        return False
 
     def counts(self, lengths: np.ndarray) -> np.ndarray:
         return np.array([len(lengths), lengths.sum(), (lengths + 1).sum(), np.minimum(lengths + 1, self.seq_len).sum()],
@@ -117,11 +128,13 @@ def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem
     chunk: list[str] = []
 
     def flush() -> bool:
+        """Tokenize the chunk; True when the limit fell inside it (documents after it dropped)."""
         nonlocal counts
         ids = tok.encode_batch(chunk)
         chunk.clear()
         lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         keep = limit.keep(lens, counts)
+        n = len(ids)
         if keep is not None:
             ids, lens = ids[:keep], lens[:keep]
         for x in ids:
@@ -129,20 +142,24 @@ def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem
         lengths.extend(lens.tolist())
         counts = counts + limit.counts(lens)
         report(int(lens.sum()))
-        return keep is not None
+        return keep is not None and keep < n
 
-    done = False
-    for _, text in iter_file(spec, path):
+    records = iter_file(spec, path)
+    cut = False  # whether the limit stopped us before the end of the file
+    for _, text in records:
         chunk.append(text)
-        if len(chunk) == _CHUNK and flush():
-            done = True
-            break
-    if chunk and not done:
-        flush()
+        if len(chunk) == _CHUNK:
+            cut = flush()
+            if limit.met(counts):
+                cut = cut or next(records, None) is not None  # met exactly at a chunk's end?
+                break
+    else:
+        if chunk:
+            cut = flush()
     offsets = np.zeros(len(lengths) + 1, dtype=IDX_DTYPE)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return _write_shard(Path(root), stem, path, tokens.astype(dtype, copy=False), offsets)
+    return _write_shard(Path(root), stem, path, tokens.astype(dtype, copy=False), offsets, {"cut": cut})
 
 
 def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
@@ -150,7 +167,7 @@ def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
     stem = record["name"]
     idx = np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE)[: keep + 1].copy()
     tokens = np.fromfile(root / f"{stem}.bin", dtype=dtype, count=int(idx[-1]))
-    return _write_shard(root, stem, record["file"], tokens, idx, {"cut_from_documents": record["documents"]})
+    return _write_shard(root, stem, record["file"], tokens, idx, {"cut": True, "cut_from_documents": record["documents"]})
 
 
 def _done(root: Path, stem: str, dtype: np.dtype) -> dict | None:
@@ -201,30 +218,31 @@ def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], lim
             queue = manager.Queue()
             pool = ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx)
         for k, (path, stem) in enumerate(zip(files, stems)):
-            record = _done(root, stem, dtype)
-            if record is not None:
-                bar.update(record["tokens"])
-            elif pool is None:
-                record = tokenize_file(spec, tok_dir, path, str(root), stem, limit, _Report(callback=bar.update), threads)
-            else:
-                # Keep 2 files per process in flight, in file order, skipping the finished ones.
-                while len(futures) < 2 * num_proc and next_submit < len(files):
-                    j = next_submit
-                    next_submit += 1
-                    if j >= k and _done(root, stems[j], dtype) is None:
-                        futures[j] = pool.submit(tokenize_file, spec, tok_dir, files[j], str(root), stems[j], limit,
-                                                 _Report(queue=queue), threads)
+            # Keep 2 files per process in flight, in file order, skipping the finished ones; so
+            # shard k is either finished, in flight, or (no pool) made here.
+            while pool is not None and len(futures) < 2 * num_proc and next_submit < len(files):
+                j = next_submit
+                next_submit += 1
+                if _done(root, stems[j], dtype) is None:
+                    futures[j] = pool.submit(tokenize_file, spec, tok_dir, files[j], str(root), stems[j], limit,
+                                             _Report(queue=queue), threads)
+            future = futures.pop(k, None)
+            if future is not None:
                 while True:
                     while not queue.empty():
                         bar.update(queue.get())
                     try:
-                        record = futures.pop(k).result(timeout=0.2) if k in futures else None
+                        record = future.result(timeout=0.2)
                         break
                     except FutureTimeout:
                         continue
                 while not queue.empty():
                     bar.update(queue.get())
-                if record is None:  # submitted before we knew it was done? (cannot happen) - do it here
+            else:
+                record = _done(root, stem, dtype)
+                if record is not None:
+                    bar.update(record["tokens"])
+                else:
                     record = tokenize_file(spec, tok_dir, path, str(root), stem, limit, _Report(callback=bar.update), threads)
             lengths = np.diff(np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE))
             keep = limit.keep(lengths, before)
@@ -246,7 +264,7 @@ def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], lim
     if stopped_at is not None:
         for k in range(stopped_at + 1, len(files)):  # speculative work past the limit, or an older run's
             _remove_shard(root, stems[k])
-    complete = stopped_at is None or (stopped_at == len(files) - 1 and "cut_from_documents" not in shards[-1])
+    complete = stopped_at is None or (stopped_at == len(files) - 1 and not shards[-1].get("cut"))
     if before[0] == 0:
         raise ConfigError(f"the {split} split has no documents (files: {', '.join(files[:3])})")
     return {"documents": int(before[0]), "tokens": int(before[1]), "complete": bool(complete), "shards": shards}

@@ -1,0 +1,306 @@
+"""dlr-prepare token shards and data=tokens: contents, limits, num_proc, resume, order, validation, errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from test_data_helpers import doc_ids, roundtrip, write_docs  # noqa: E402  (sets HF offline env first)
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dlr.data import data_spec, load_tokenizer, train_batches, validation_rows
+from dlr.data.prepare import prepare
+from dlr.data.shards import IDX_DTYPE, SplitShards, dtype_for, read_manifest
+from dlr.data.token_batches import TokenBatches
+from dlr.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+N_DOCS = 60
+
+
+def sample_spec(**kw):
+    return dataclasses.replace(data_spec(OmegaConf.load(CONFIGS / "c4_sample.yaml")), **kw)
+
+
+def tokens_spec(path, **kw):
+    return data_spec({"source": "tokens", "path": str(path), "val_tokens": None, **kw})
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    """The bundled C4 sample, prepared (whole train and validation splits)."""
+    out = tmp_path_factory.mktemp("tok") / "c4_sample"
+    prepare(sample_spec(), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    """Five small C4-style files, 60 documents "doc<i>x ..." in all (as in test_data_resume)."""
+    d = tmp_path_factory.mktemp("c4")
+    start = 0
+    for k, n in enumerate((15, 10, 14, 11, 10)):
+        write_docs(d / f"c4-train.{k:05d}-of-00005.json.gz", n, start=start)
+        start += n
+    write_docs(d / "c4-validation.00000-of-00001.json.gz", 20, start=1000)
+    return d
+
+
+def docs_spec(d, **kw):
+    return data_spec({"source": "json", "train_files": str(d / "c4-train.*.json.gz"),
+                      "validation_files": str(d / "c4-validation.*.json.gz"), "seq_len": 16, "val_tokens": None, **kw})
+
+
+@pytest.fixture(scope="module")
+def small_dir(docs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "small"
+    prepare(docs_spec(docs), out, progress=False)
+    return out
+
+
+def shard_bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("*-*.bin")) + sorted(root.glob("*-*.idx"))}
+
+
+# --- the shards themselves -------------------------------------------------------------------
+
+def test_shards_hold_every_document_in_order_with_its_boundaries(tok, docs, small_dir):
+    m = read_manifest(small_dir)
+    assert m["dtype"] == "uint16" and m["tokenizer"]["vocab_size"] == 32000 and m["tokenizer"]["name"] == "t5"
+    assert [s["documents"] for s in m["splits"]["train"]["shards"]] == [15, 10, 14, 11, 10]
+    assert m["splits"]["train"]["complete"] and m["splits"]["validation"]["documents"] == 20
+    assert {"created", "dlr_version", "source", "files"} <= set(m)
+    shards = SplitShards(small_dir, "train")
+    texts = [f"doc{i}x " + " ".join(["the cat sat"] * (1 + (i * 7) % 11)) for i in range(N_DOCS)]
+    assert list(shards.iter_documents()) == tok.encode_batch(texts)
+    assert shards.num_tokens == m["splits"]["train"]["tokens"] == sum(len(x) for x in tok.encode_batch(texts))
+
+
+def test_limits_cut_at_whole_documents_and_num_proc_gives_the_same_bytes(tok, docs, tmp_path):
+    texts = [f"doc{i}x " + " ".join(["the cat sat"] * (1 + (i * 7) % 11)) for i in range(N_DOCS)]
+    lengths = np.array([len(x) for x in tok.encode_batch(texts)])
+    want = int(lengths[:31].sum()) - 1  # reached inside document 30 (the third file)
+    one = prepare(docs_spec(docs), tmp_path / "one", tokens=want, progress=False)
+    two = prepare(docs_spec(docs), tmp_path / "two", tokens=want, num_proc=2, progress=False)
+    train = one["splits"]["train"]
+    assert train["documents"] == 31 and train["tokens"] == int(lengths[:31].sum()) and not train["complete"]
+    assert [s["documents"] for s in train["shards"]] == [15, 10, 6]
+    assert not (tmp_path / "two" / "train-00003.bin").exists()  # speculative work past the limit is removed
+    assert two["splits"] == {k: v for k, v in one["splits"].items()}
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    docs_only = prepare(docs_spec(docs), tmp_path / "docs", documents=12, progress=False)
+    assert docs_only["splits"]["train"]["documents"] == 12
+
+
+def test_interrupted_prepare_resumes_and_a_finished_one_is_not_redone(docs, small_dir, tmp_path):
+    out = tmp_path / "p"
+    shutil.copytree(small_dir, out)
+    # What a kill leaves: no manifest, one shard without its record, one half-written temp file.
+    (out / "manifest.json").unlink()
+    (out / "train-00002.json").unlink()
+    (out / "train-00003.bin").write_bytes((out / "train-00003.bin").read_bytes()[:10])
+    (out / "train-00004.bin.tmp").write_bytes(b"partial")
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-0000[01].*")}
+    prepare(docs_spec(docs), out, progress=False)
+    assert shard_bytes(out) == shard_bytes(small_dir)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-0000[01].*")} == before  # kept, not redone
+    assert not list(out.glob("*.tmp"))
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    prepare(docs_spec(docs), out, progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match=r"other settings \(differs in: limits.documents\)"):
+        prepare(docs_spec(docs), out, documents=5, progress=False)
+
+
+def test_uint32_shards_round_trip(tmp_path):
+    """Vocabularies over 65,536 ids are stored as uint32 (written as prepare writes them)."""
+    from dlr.data.prepare import _write_shard
+
+    assert dtype_for(65_536) == np.uint16 and dtype_for(65_537) == np.uint32
+    ids = np.array([5, 70_000, 131_071, 9, 65_536], dtype="<u4")
+    offsets = np.array([0, 2, 5], dtype=IDX_DTYPE)
+    rec = _write_shard(tmp_path, "train-00000", "x", ids, offsets)
+    manifest = {"dtype": "uint32", "splits": {"train": {"documents": 2, "tokens": 5, "shards": [rec]}}}
+    s = SplitShards(tmp_path, "train", manifest)
+    assert list(s.iter_documents()) == [[5, 70_000], [131_071, 9, 65_536]]
+    assert s.gather(np.array([1, 4])).tolist() == [70_000, 65_536]
+
+
+# --- validation: the same rows as the streaming path -------------------------------------------
+
+@pytest.mark.parametrize("mode,val_tokens", [("paper", None), ("packed", None), ("paper", 20_000), ("packed", 20_000)])
+def test_validation_rows_equal_the_streaming_path_on_the_bundled_sample(tok, sample_dir, mode, val_tokens):
+    a = validation_rows(sample_spec(mode=mode, val_tokens=val_tokens), tok)
+    b = validation_rows(tokens_spec(sample_dir, mode=mode, val_tokens=val_tokens), tok)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_validation_perplexity_agrees_exactly(tok, sample_dir):
+    import dlr
+    from dlr.data import validation_batches
+    from dlr.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = dlr.build_model("llama_tiny", method="dlr", vocab_size=tok.vocab_size)
+    a = evaluate(model, validation_batches(sample_spec(val_tokens=5000), tok, 16), "cpu")
+    b = evaluate(model, validation_batches(tokens_spec(sample_dir, val_tokens=5000), tok, 16), "cpu")
+    assert a == b and 4900 < a["val_tokens"] < 5000  # 5000 label tokens less the first of each row
+
+
+def test_validation_beyond_what_was_prepared_is_refused(docs, tok, tmp_path):
+    prepare(docs_spec(docs, val_tokens=40), tmp_path / "v", progress=False)
+    spec = tokens_spec(tmp_path / "v", seq_len=16)
+    assert int((validation_rows(dataclasses.replace(spec, val_tokens=40), tok)[1] != -100).sum()) == 40
+    with pytest.raises(ConfigError, match="holds only the first .* validation tokens"):
+        validation_rows(dataclasses.replace(spec, val_tokens=100_000), tok)
+
+
+# --- training order, sharding over processes, resume -------------------------------------------
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_each_document_exactly_once_per_epoch(tok, small_dir, world_size):
+    B = 2
+    steps = N_DOCS // (world_size * B)
+    seen = Counter()
+    for rank in range(world_size):
+        it = train_batches(tokens_spec(small_dir, seq_len=16, shuffle_buffer=8), tok, B, rank, world_size, seed=5)
+        for _ in range(steps):
+            seen.update(doc_ids(next(it), tok))
+        it.close()
+    assert sorted(seen) == list(range(N_DOCS)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("mode", ["paper", "packed"])
+def test_a_global_step_does_not_depend_on_the_number_of_processes(tok, small_dir, mode):
+    """Rank r's row j is row j*W + r of one process with W times the batch, across epochs too."""
+    spec = tokens_spec(small_dir, seq_len=16, shuffle_buffer=8, mode=mode)
+    G, steps = 6, 25  # global batch 6; 150 rows: paper crosses two epoch boundaries
+    single = train_batches(spec, tok, G, 0, 1, seed=9)
+    want = torch.cat([next(single)["input_ids"] for _ in range(steps)])
+    single.close()
+    for W in (2, 3):
+        for r in range(W):
+            it = train_batches(spec, tok, G // W, r, W, seed=9)
+            got = torch.cat([next(it)["input_ids"] for _ in range(steps)])
+            it.close()
+            assert torch.equal(got, want[r::W]), (W, r)
+
+
+def test_seed_fixes_the_order(tok, small_dir):
+    spec = tokens_spec(small_dir, seq_len=16, shuffle_buffer=8)
+    a, b, c = (train_batches(spec, tok, 4, 0, 1, seed=s) for s in (1, 1, 2))
+    xa, xb, xc = (torch.cat([next(it)["input_ids"] for _ in range(5)]) for it in (a, b, c))
+    assert torch.equal(xa, xb) and not torch.equal(xa, xc)
+    unshuffled = train_batches(tokens_spec(small_dir, seq_len=16, shuffle_buffer=0), tok, 4, 0, 1, seed=1)
+    assert doc_ids(next(unshuffled), tok) == [0, 1, 2, 3]  # shuffle_buffer=0: prepare order
+    for it in (a, b, c, unshuffled):
+        it.close()
+
+
+@pytest.mark.parametrize("mode,prefetch,world_size", [("paper", 4, 1), ("packed", 4, 2), ("paper", 0, 2)])
+def test_resume_equals_uninterrupted(tok, small_dir, mode, prefetch, world_size):
+    spec = tokens_spec(small_dir, seq_len=16, shuffle_buffer=8, mode=mode, prefetch=prefetch)
+    B, before, after = 3, 7, 12  # crosses an epoch boundary
+    rank = world_size - 1
+    ref_it = train_batches(spec, tok, B, rank, world_size, seed=11)
+    ref = [next(ref_it) for _ in range(before + after)]
+    ref_it.close()
+    it = train_batches(spec, tok, B, rank, world_size, seed=11)
+    for i in range(before):
+        next(it)
+    state = roundtrip(it.state_dict())
+    next(it)  # the prefetch thread is ahead of the consumer; the state is not
+    it.close()
+    resumed = train_batches(spec, tok, B, rank, world_size, seed=11)
+    resumed.load_state_dict(state)
+    for i in range(before, before + after):
+        b = next(resumed)
+        assert torch.equal(b["input_ids"], ref[i]["input_ids"]) and torch.equal(b["labels"], ref[i]["labels"]), i
+    resumed.close()
+
+
+def test_paper_rows_match_the_streaming_batch_builder(tok, sample_dir):
+    """Same documents in, same rows out: truncation to T-1, EOS, padding, labels."""
+    from dlr.data import paper_batch
+
+    it = TokenBatches(tokens_spec(sample_dir, shuffle_buffer=0, prefetch=0), tok, 8, 0, 1, seed=0)
+    docs = list(SplitShards(sample_dir, "train").iter_documents())[:8]
+    want = paper_batch(docs, 256, tok.pad_id, tok.eos_id)
+    got = next(it)
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+
+
+def test_packed_windows_are_the_eos_joined_stream(tok, small_dir):
+    it = train_batches(tokens_spec(small_dir, seq_len=16, shuffle_buffer=0, mode="packed"), tok, 4, 0, 1, seed=0)
+    stream = [t for d in SplitShards(small_dir, "train").iter_documents() for t in d + [tok.eos_id]]
+    got = torch.cat([next(it)["input_ids"].flatten() for _ in range(3)]).tolist()
+    assert got == stream[: len(got)]
+    it.close()
+
+
+# --- bad input: one line ------------------------------------------------------------------------
+
+def test_truncated_shard_is_one_line(tok, small_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(small_dir, bad)
+    p = bad / "train-00001.bin"
+    p.write_bytes(p.read_bytes()[:-6])
+    with pytest.raises(ConfigError, match=r"train-00001.bin' is truncated or damaged: .*re-run the same dlr-prepare"):
+        train_batches(tokens_spec(bad), tok, 2, 0, 1, seed=0)
+
+
+def test_missing_split_and_missing_dir_are_one_line(tok, docs, tmp_path):
+    spec = data_spec({"source": "json", "validation_files": str(docs / "c4-validation.*.json.gz"), "val_tokens": None})
+    prepare(spec, tmp_path / "val_only", progress=False)
+    with pytest.raises(ConfigError, match="has no train split \\(it holds: validation\\)"):
+        train_batches(tokens_spec(tmp_path / "val_only"), tok, 2, 0, 1, seed=0)
+    with pytest.raises(ConfigError, match="does not exist; write it with: dlr-prepare"):
+        tokens_spec(tmp_path / "nowhere")
+
+
+def test_tokenizer_mismatch_is_one_line(small_dir, hf_tokenizer_dir):
+    other = load_tokenizer(str(hf_tokenizer_dir))
+    with pytest.raises(ConfigError, match="tokenizer mismatch: .* prepared with tokenizer 't5'"):
+        train_batches(tokens_spec(small_dir, tokenizer=str(hf_tokenizer_dir)), other, 2, 0, 1, seed=0)
+    with pytest.raises(ConfigError, match="tokenizer mismatch"):
+        validation_rows(tokens_spec(small_dir), other)
+
+
+def test_hf_tokenizer_prepares_and_reloads_with_the_same_hash(docs, hf_tokenizer_dir, tmp_path):
+    m = prepare(docs_spec(docs, tokenizer=str(hf_tokenizer_dir)), tmp_path / "hf", progress=False)
+    assert m["dtype"] == "uint16" and m["tokenizer"]["class"] == "HFTokenizer"
+    spec = tokens_spec(tmp_path / "hf", seq_len=16)  # tokenizer null: the copy saved with the shards
+    tok = load_tokenizer(spec.tokenizer)
+    assert next(train_batches(spec, tok, 2, 0, 1, seed=0))["input_ids"].shape == (2, 16)
+
+
+def test_streaming_state_is_refused_by_token_batches(tok, small_dir, docs):
+    stream = train_batches(docs_spec(docs), tok, 2, 0, 1, seed=0)
+    next(stream)
+    shards = train_batches(tokens_spec(small_dir, seq_len=16), tok, 2, 0, 1, seed=0)
+    with pytest.raises(ConfigError, match="comes from a streaming data config"):
+        shards.load_state_dict(stream.state_dict())
+    with pytest.raises(ConfigError, match="comes from token shards"):
+        stream.load_state_dict(shards.state_dict())
+
+
+from test_hf_tokenizer import hf_tokenizer_dir  # noqa: E402,F401  (the fixture)
+
+
+def test_limit_cuts_at_the_first_document_that_reaches_it():
+    from dlr.data.prepare import Limit
+
+    zero = np.zeros(4, dtype=np.int64)
+    lens = np.array([5, 5, 5])
+    assert Limit(tokens=10).keep(lens, zero) == 2 and Limit(tokens=11).keep(lens, zero) == 3
+    assert Limit(tokens=16).keep(lens, zero) is None
+    assert Limit(tokens=10).keep(lens, Limit(tokens=10).counts(lens[:2])) == 0  # already met: nothing more
+    assert Limit(documents=2).keep(lens, zero) == 2 and Limit().keep(lens, zero) is None
+    # Validation: label tokens in both modes at seq_len 4: packed 6 per document, paper 4.
+    assert Limit(val_tokens=12, seq_len=4).keep(lens, zero) == 3 and Limit(val_tokens=12, seq_len=8).keep(lens, zero) == 2
