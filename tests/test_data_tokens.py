@@ -304,3 +304,109 @@ def test_limit_cuts_at_the_first_document_that_reaches_it():
     assert Limit(documents=2).keep(lens, zero) == 2 and Limit().keep(lens, zero) is None
     # Validation: label tokens in both modes at seq_len 4: packed 6 per document, paper 4.
     assert Limit(val_tokens=12, seq_len=4).keep(lens, zero) == 3 and Limit(val_tokens=12, seq_len=8).keep(lens, zero) == 2
+
+
+# --- end to end: dlr-prepare, dlr-train, dlr-eval --------------------------------------------
+
+def _cli(module, *args, check=True, launcher=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*(launcher or (sys.executable, "-m")), module, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+TRAIN = ["model=llama_tiny", "data=tokens", "global_batch=8", "micro_batch=4", "log_every=1", "data.val_tokens=2000",
+         "eval_every=2", "save_every=1", "method=dlr", "steps=4"]
+
+
+def test_train_from_shards_resumes_bitwise_after_sigkill_and_evaluates_like_streaming(sample_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train import records
+
+    common = [*TRAIN, f"data.path={sample_dir}", "data.mode=packed"]
+    _cli("dlr.cli.train", *common, f"out_dir={tmp_path / 'straight'}")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dlr.cli.train", *common, f"out_dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_2").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    _cli("dlr.cli.train", *common, f"out_dir={killed}", "resume=auto")
+    assert records(killed) == records(tmp_path / "straight") and len(records(killed)) == 4
+    assert records(killed, "val_ppl") == records(tmp_path / "straight", "val_ppl")
+    # dlr-eval of the same model on the shards and on the streamed sample: the same number.
+    ppl = {}
+    for data in (["data=tokens", f"data.path={sample_dir}"], ["data=c4_sample"]):
+        out = tmp_path / f"{data[0].replace('=', '_')}.json"
+        _cli("dlr.cli.evaluate", f"ckpt={killed / 'final'}", *data, "eval_tokens=3000", "progress=false", f"out={out}")
+        ppl[data[0]] = json.loads(out.read_text())
+    assert ppl["data=tokens"]["val_ppl"] == ppl["data=c4_sample"]["val_ppl"]
+    assert ppl["data=tokens"]["tokens"] == ppl["data=c4_sample"]["tokens"] > 2900
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
+    import sys
+
+    from test_train import records
+
+    common = [*TRAIN, f"data.path={sample_dir}", "steps=3", "eval_every=3", "save_every=3", "keep_last=1"]
+    _cli("dlr.cli.train", *common, "micro_batch=4", f"out_dir={tmp_path / 'one'}")
+    _cli("dlr.cli.train", *common, "micro_batch=2", f"out_dir={tmp_path / 'two'}",
+         launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"))
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert list(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["data=c4_sample"], "out is required"),
+    (["data=c4_sample", "out=X", "tokens=5", "documents=5"], "tokens=5 and documents=5 both set"),
+    (["data=c4_sample", "out=X", "num_proc=0"], "num_proc=0 is not valid"),
+    (["data=tokens", "data.path=SAMPLE", "out=X"], "data=tokens is already prepared"),
+    (["data=c4_local", "data.train_files=/nonexistent/*.json.gz", "data.validation_files=/nonexistent/v.json", "out=X"],
+     "matches no files"),
+])
+def test_prepare_bad_input_is_one_line_and_writes_nothing(sample_dir, tmp_path, capsys, args, needle):
+    from dlr.cli.prepare import main
+
+    out = tmp_path / "out"
+    args = [a.replace("out=X", f"out={out}").replace("SAMPLE", str(sample_dir)) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("dlr-prepare: error:") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_prepare_cli_then_train_refuses_a_truncated_shard_in_one_line(docs, tmp_path):
+    out = tmp_path / "tok"
+    proc = _cli("dlr.cli.prepare", "data=c4_local", f"data.train_files={docs}/c4-train.*.json.gz",
+                f"data.validation_files={docs}/c4-validation.*.json.gz", f"out={out}", "num_proc=2", "progress=false")
+    assert "train: 60 documents" in proc.stdout and (out / "manifest.json").is_file()
+    again = _cli("dlr.cli.prepare", "data=c4_local", f"data.train_files={docs}/c4-train.*.json.gz",
+                 f"data.validation_files={docs}/c4-validation.*.json.gz", f"out={out}", "progress=false")
+    assert "already prepared" in again.stderr
+    p = out / "train-00002.bin"
+    p.write_bytes(p.read_bytes()[:-4])
+    run = tmp_path / "run"
+    proc = _cli("dlr.cli.train", *TRAIN, f"data.path={out}", f"out_dir={run}", check=False)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "train-00002.bin' is truncated" in err[0], proc.stderr[-2000:]
+    assert not run.exists()
