@@ -1,9 +1,17 @@
-"""Loader throughput on the bundled C4 sample: tokens/s in total and per worker.
+"""Loader throughput, streaming vs token shards, side by side in one run (bundled C4 sample).
 
-    python scripts/bench_loader.py [--workers 0 1 2] [--batch-size 64] [--batches 200] [--mode paper]
+    python scripts/bench_loader.py [--modes paper packed] [--workers 0 2] [--batch-size 64] [--batches 200]
+    python scripts/bench_loader.py --tokens-dir DIR       # shards already written by dlr-prepare
 
-Counts both positions delivered (B*T per batch, what the GPU consumes) and real (non-pad)
-tokens. The first batches (worker start-up, file open) are excluded from the timing.
+1. dlr-prepare of the sample (unless --tokens-dir): tokens/s of the one-time tokenization.
+2. Throughput: positions/s (B*T per batch, what the GPU consumes) and real (non-pad) tokens/s of
+   the streaming loader (`data=c4_sample`, for each --workers) and of the shard loader
+   (`data=tokens`, built in the caller: prefetch=0, i.e. its cost without the thread), all in one
+   process, one after the other, so the ratio is fair on a shared machine. The first batches
+   (worker start-up, file open, page cache) are excluded.
+3. Critical path: a simulated training step (`--step-ms` of torch matmuls, which release the GIL as
+   a real step does) after each next(); reports how long next() blocked, per step. With the
+   prefetch thread the shard loader should block ~0 (the loader is off the critical path).
 """
 from __future__ import annotations
 
@@ -11,12 +19,15 @@ import argparse
 import dataclasses
 import os
 import platform
+import statistics
 import subprocess
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from dlr.data import data_spec, load_tokenizer, train_batches  # noqa: E402
@@ -31,48 +42,120 @@ def _cpu() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--mode", choices=["paper", "packed"], default="paper")
-    ap.add_argument("--seq-len", type=int, default=256)
-    args = ap.parse_args()
-
+def _sample_spec():
     from importlib import resources
 
-    cfg_path = resources.files("dlr.configs").joinpath("data", "c4_sample.yaml") if _has_configs_pkg() else None
-    cfg = OmegaConf.load(str(cfg_path)) if cfg_path else OmegaConf.load(
-        os.path.join(os.path.dirname(__file__), "..", "configs", "data", "c4_sample.yaml"))
-    base = data_spec(cfg)
+    return data_spec(OmegaConf.load(str(resources.files("dlr.configs").joinpath("data", "c4_sample.yaml"))))
+
+
+def throughput(it, warmup: int, batches: int) -> tuple[float, float, float]:
+    """(positions/s, real tokens/s, positions per CPU second of this process) after `warmup` batches."""
+    for _ in range(warmup):
+        next(it)
+    t0, c0, pos, real = time.perf_counter(), time.process_time(), 0, 0
+    for _ in range(batches):
+        b = next(it)
+        pos += b["input_ids"].numel()
+        real += int((b["labels"] != -100).sum())
+    dt, ct = time.perf_counter() - t0, time.process_time() - c0
+    return pos / dt, real / dt, pos / ct
+
+
+def _busy(seconds: float, a: torch.Tensor) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+
+
+def stalls(it, step_s: float, steps: int, warmup: int = 5) -> tuple[float, float]:
+    """Median and max time next() blocked per step while a simulated step runs between calls."""
+    a = torch.randn(192, 192)
+    for _ in range(warmup):
+        next(it)
+        _busy(step_s, a)
+    waits = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        next(it)
+        waits.append(time.perf_counter() - t0)
+        _busy(step_s, a)
+    return statistics.median(waits), max(waits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", choices=["paper", "packed"], default=["paper", "packed"])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="streaming loader's DataLoader workers")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=200, help="timed batches of the streaming loader")
+    ap.add_argument("--token-batches", type=int, default=2000, help="timed batches of the shard loader")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--step-ms", type=float, default=20.0, help="simulated training step for the stall check")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tokens-dir", default=None, help="default: prepare the bundled sample into a temporary directory")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    base = _sample_spec()
     tok = load_tokenizer(base.tokenizer)
-    print(f"# {_cpu()}; mode={args.mode} seq_len={args.seq_len} batch={args.batch_size} batches={args.batches}")
-    print("| workers | positions/s (B*T) | real tokens/s | positions/s per worker |")
-    print("|---|---|---|---|")
-    for w in args.workers:
-        spec = dataclasses.replace(base, num_workers=w, mode=args.mode, seq_len=args.seq_len)
-        it = train_batches(spec, tok, args.batch_size, 0, 1, seed=0)
-        for _ in range(args.warmup):
-            next(it)
-        t0, pos, real = time.perf_counter(), 0, 0
-        for _ in range(args.batches):
-            b = next(it)
-            pos += b["input_ids"].numel()
-            real += int((b["labels"] != -100).sum())
+    print(f"# {_cpu()}; torch {torch.__version__}; seq_len={args.seq_len} batch={args.batch_size}; one process")
+    tmp = None
+    tokens_dir = args.tokens_dir
+    if tokens_dir is None:
+        from dlr.data.prepare import prepare
+
+        tmp = tempfile.TemporaryDirectory(prefix="dlr-bench-tokens-")
+        tokens_dir = os.path.join(tmp.name, "c4_sample")
+        t0 = time.perf_counter()
+        m = prepare(base, tokens_dir, progress=False)
         dt = time.perf_counter() - t0
+        n = sum(s["tokens"] for s in m["splits"].values())
+        print(f"\ndlr-prepare data=c4_sample (num_proc=1): {n:,} tokens in {dt:.2f} s = {n / dt:,.0f} tokens/s "
+              f"(includes reading, the tokenizer's own threads, writing)")
+
+    print("\n| mode | loader | setting | positions/s (B*T) | real tokens/s | positions per CPU-s | vs streaming (best) |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for mode in args.modes:
+        best = 0.0
+        for w in args.workers:
+            spec = dataclasses.replace(base, num_workers=w, mode=mode, seq_len=args.seq_len)
+            it = train_batches(spec, tok, args.batch_size, 0, 1, seed=0)
+            pos, real, cpu = throughput(it, args.warmup, args.batches)
+            it.close()
+            best = max(best, pos)
+            # With workers the CPU time is spent in other processes: only wall-clock rates count.
+            cpu_s = f"{cpu:,.0f}" if w == 0 else "n/a (workers)"
+            print(f"| {mode} | stream | num_workers={w} | {pos:,.0f} | {real:,.0f} | {cpu_s} | reference |", flush=True)
+        tspec = data_spec({"source": "tokens", "path": tokens_dir, "mode": mode, "seq_len": args.seq_len,
+                           "prefetch": 0, "val_tokens": None})
+        it = train_batches(tspec, tok, args.batch_size, 0, 1, seed=0)
+        pos, real, cpu = throughput(it, args.warmup, args.token_batches)
         it.close()
-        print(f"| {w} | {pos / dt:,.0f} | {real / dt:,.0f} | {pos / dt / max(w, 1):,.0f} |", flush=True)
+        results[mode] = (pos, best)
+        print(f"| {mode} | tokens | prefetch=0 | {pos:,.0f} | {real:,.0f} | {cpu:,.0f} | {pos / best:.1f}x |", flush=True)
 
-
-def _has_configs_pkg() -> bool:
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("dlr.configs") is not None
-    except ModuleNotFoundError:
-        return False
+    print(f"\nStall check: after each next(), a {args.step_ms:.0f} ms simulated step (torch matmuls); time next() "
+          f"blocked, over {args.steps} steps.\n")
+    print("| mode | loader | setting | median wait per step | max wait | median wait / step |")
+    print("|---|---|---|---|---|---|")
+    step_s = args.step_ms / 1000
+    for mode in args.modes:
+        cases = [("stream", f"num_workers={max(args.workers)}",
+                  lambda: train_batches(dataclasses.replace(base, num_workers=max(args.workers), mode=mode,
+                                                            seq_len=args.seq_len), tok, args.batch_size, 0, 1, seed=0))]
+        for pf in (0, 4):
+            cases.append(("tokens", f"prefetch={pf}", lambda pf=pf: train_batches(
+                data_spec({"source": "tokens", "path": tokens_dir, "mode": mode, "seq_len": args.seq_len,
+                           "prefetch": pf, "val_tokens": None}), tok, args.batch_size, 0, 1, seed=0)))
+        for loader, setting, make in cases:
+            it = make()
+            med, worst = stalls(it, step_s, args.steps)
+            it.close()
+            print(f"| {mode} | {loader} | {setting} | {med * 1e3:.2f} ms | {worst * 1e3:.2f} ms | {med / step_s:.1%} |", flush=True)
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@
     python scripts/run_results.py --device cuda --jobs 3           # one GPU, 3 trainings at a time
     python scripts/run_results.py --steps 3 --eval-every 3 --seeds 0 --out /tmp/smoke   # smoke test
 
-For each method and seed: `dlr-train model=llama_demo data=c4_sample` with the same steps,
-global batch, schedule and data order (the data order follows `seed`, identically for every
-method, so seed s of lowrank and seed s of dlr see the same batches in the same order and
-the per-seed paired difference is fair). Then `dlr-eval` on each deployable model (`folded/`
-for dlr, `final/` otherwise; dlr's unfolded `final/` too, as a check of the fold) on the
-held-out validation split, then `dlr-compare` over the runs.
+First `dlr-prepare data=c4_sample out=OUT/tokens`: the sample is tokenized once, not once per
+run (and per process). Then for each method and seed: `dlr-train model=llama_demo data=tokens
+data.path=OUT/tokens` with the same steps, global batch, schedule and data order (the data order
+follows `seed`, identically for every method, so seed s of lowrank and seed s of dlr see the same
+batches in the same order and the per-seed paired difference is fair). Then `dlr-eval` on each
+deployable model (`folded/` for dlr, `final/` otherwise; dlr's unfolded `final/` too, as a check
+of the fold) on the held-out validation split (from the shards: the same rows as streaming it),
+then `dlr-compare` over the runs. `--data stream` trains and evaluates on the streamed
+`data=c4_sample` instead, as the published table was made (same validation set, other order).
 
-Everything goes under --out (default results/): runs/<method>-s<seed>/ (run dirs, with
+Everything goes under --out (default results/): tokens/ (the shards), runs/<method>-s<seed>/ (run dirs, with
 weights), logs/, eval/<run>-<final|folded>.json, compare/ (table.md, table.csv, pairs.csv,
 plots), eval_table.md, manifest.json, and results_bundle.tar.gz holding every small file
 (no weights, no checkpoints) for copying back from a GPU machine. Finished runs (with a
@@ -53,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--val-tokens", type=int, default=None, help="default: the whole ~88k-token validation split")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="auto = bf16 on GPU, fp32 on CPU (the trainer's rule)")
-    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--data", default="tokens", choices=("tokens", "stream"),
+                    help="tokens: prepare once, train every run from the shards; stream: tokenize in every run")
+    ap.add_argument("--num-workers", type=int, default=2, help="--data stream only: DataLoader workers per run")
     ap.add_argument("--jobs", type=int, default=1, help="trainings run at the same time (GPU: 3 fits easily)")
     ap.add_argument("--bundle", type=Path, default=None, help="default: OUT/results_bundle.tar.gz")
     ap.add_argument("--skip-eval", action="store_true")
@@ -73,15 +78,34 @@ def env_for(args: argparse.Namespace) -> dict:
     return env
 
 
+def tokens_dir(args: argparse.Namespace) -> Path:
+    return args.out / "tokens"
+
+
+def data_args(args: argparse.Namespace) -> list[str]:
+    """The data overrides every training and evaluation of the sweep shares."""
+    if args.data == "tokens":
+        return ["data=tokens", f"data.path={tokens_dir(args)}"]
+    return ["data=c4_sample"]
+
+
+def prepare_command(args: argparse.Namespace) -> list[str]:
+    # val_tokens=null: the whole validation split, so any --val-tokens is within what was prepared.
+    return [sys.executable, "-m", "dlr.cli.prepare", "data=c4_sample", "data.val_tokens=null",
+            f"out={tokens_dir(args)}", "progress=false"]
+
+
 def train_command(args: argparse.Namespace, method: str, seed: int) -> list[str]:
     out = args.out / "runs" / run_name(method, seed)
     micro = args.micro_batch or args.global_batch
-    cmd = [sys.executable, "-m", "dlr.cli.train", f"model={args.model}", "data=c4_sample", f"method={method}",
+    cmd = [sys.executable, "-m", "dlr.cli.train", f"model={args.model}", *data_args(args), f"method={method}",
            f"seed={seed}", f"steps={args.steps}", f"global_batch={args.global_batch}", f"micro_batch={micro}",
            f"lr={args.lr_full if method == 'full' else args.lr}", f"eval_every={args.eval_every}",
            # Checkpoints at every eval: an interrupted run resumes instead of restarting.
            f"save_every={args.eval_every}", "keep_last=1", "log_every=1", f"precision={args.precision}",
-           f"data.num_workers={args.num_workers}", f"out_dir={out}"]
+           f"out_dir={out}"]
+    if args.data == "stream":
+        cmd.append(f"data.num_workers={args.num_workers}")
     if args.rank is not None:
         cmd.append(f"rank={args.rank}")
     if args.val_tokens is not None:
@@ -121,7 +145,7 @@ def eval_one(args: argparse.Namespace, method: str, seed: int) -> list[Path]:
     for kind in (("final", "folded") if method == "dlr" else ("final",)):
         out = args.out / "eval" / f"{name}-{kind}.json"
         if not out.exists():
-            cmd = [sys.executable, "-m", "dlr.cli.evaluate", f"ckpt={run_dir / kind}", "data=c4_sample",
+            cmd = [sys.executable, "-m", "dlr.cli.evaluate", f"ckpt={run_dir / kind}", *data_args(args),
                    f"device={device}", "dtype=fp32", "progress=false", f"out={out}"]
             if args.val_tokens is not None:
                 cmd.append(f"eval_tokens={args.val_tokens}")
@@ -168,12 +192,14 @@ def manifest(args: argparse.Namespace, wall: float) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else None
     return {"args": {k: str(v) for k, v in vars(args).items()}, "git_commit": commit, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "gpu": gpu, "wall_s": round(wall, 1),
+            "prepare_command": " ".join(prepare_command(args)) if args.data == "tokens" else None,
             "train_commands": [" ".join(train_command(args, m, s)) for m in args.methods.split(",")
                                for s in map(int, args.seeds.split(","))]}
 
 
 def bundle(out: Path, path: Path) -> Path:
-    """Every small file (tables, plots, eval JSONs, summaries, metrics, configs, logs); no weights."""
+    """Every small file (tables, plots, eval JSONs, summaries, metrics, configs, logs, the shards' manifest);
+    no weights, no token shards."""
     keep_names = {"summary.json", "metrics.jsonl", "config.yaml"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -185,6 +211,8 @@ def bundle(out: Path, path: Path) -> Path:
             in_run = rel.parts[0] == "runs"
             if in_run and (len(rel.parts) != 3 or p.name not in keep_names):
                 continue  # final/, folded/, checkpoints/: weights
+            if rel.parts[0] == "tokens" and p.name != "manifest.json":
+                continue  # the token shards and their tokenizer: data, not results
             tar.add(p, arcname=str(Path(out.name) / rel))
     tmp.replace(path)
     return path
@@ -199,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.data == "tokens":  # once for all runs; a finished prepare is not redone on a repeat
+        run_logged(prepare_command(args), args.out / "logs" / "prepare.log", env_for(args))
+        print(f"dlr-prepare: {tokens_dir(args)}", flush=True)
     jobs = [(m, s) for s in seeds for m in methods]  # seed-major: a cut-short run still has whole seeds
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for line in pool.map(lambda ms: train_one(args, *ms), jobs):
