@@ -18,15 +18,16 @@ files, so N processes read the data once between them.
 
 Batch n of a process is a pure function of n, so the data state is one integer: resume is exact.
 Batches are built in a background thread `prefetch` batches ahead, so reading the shards never sits
-in the training step's critical path: the thread builds while the step waits on the device (which
-releases the GIL). A step that keeps the interpreter busy the whole time (CPU training) still pays
-the build's ~0.5 ms of GIL time per 16k positions; a DataLoader worker process was measured slower
-still (2-10 ms per next() in IPC on 2 cores), see docs/data.md.
+in the training step's critical path: next() takes a ready batch (~0.05 ms, scripts/bench_loader.py).
+A thread, not a DataLoader worker process: the process was measured slower (2-10 ms per next() in
+IPC on 2 cores), and the thread's numpy work is short; it polls for room in the queue instead of
+being woken by get(), which would make it take the GIL just as next() returns to the step.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -43,6 +44,7 @@ STATE_VERSION = 1
 _NO_SHUFFLE_BLOCK = 1 << 16  # block size when shuffling is off (bounds the per-block arrays only)
 _BLOCK_ORDER, _IN_BLOCK = 1, 2  # stream ids for the seed sequence
 _BLOCK_CACHE = 8
+_POLL_S = 0.002  # how often a prefetch thread with a full queue looks for room
 
 
 def check_tokenizer(manifest: dict, tokenizer: Tokenizer, root: str) -> None:
@@ -236,15 +238,20 @@ class TokenBatches:
                 b = self.batch(n)
                 if self._pin:
                     b = {k: v.pin_memory() for k, v in b.items()}
-                while not stop.is_set():
-                    try:
-                        q.put((n, b), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                # Poll rather than block on the queue's condition: a blocked put() is woken by the
+                # consumer's get() and would grab the GIL at the very moment next() returns to the
+                # step, so next() would wait for a batch build after all.
+                while q.full() and not stop.is_set():
+                    time.sleep(_POLL_S)
+                if stop.is_set():
+                    return
+                q.put((n, b))
                 n += 1
         except BaseException as e:  # surfaced by next() in the consumer
-            q.put((n, e))
+            while q.full() and not stop.is_set():
+                time.sleep(_POLL_S)
+            if not stop.is_set():
+                q.put((n, e))
 
     def __iter__(self) -> "TokenBatches":
         return self
