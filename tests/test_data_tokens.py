@@ -395,14 +395,20 @@ def test_prepare_bad_input_is_one_line_and_writes_nothing(sample_dir, tmp_path, 
     assert not out.exists()
 
 
-def test_prepare_cli_then_train_refuses_a_truncated_shard_in_one_line(docs, tmp_path):
+def test_prepare_cli_then_train_refuses_a_truncated_shard_in_one_line(docs, tmp_path, capsys, caplog):
+    import logging
+
+    from dlr.cli.prepare import main
+
+    caplog.set_level(logging.INFO, logger="dlr.data.prepare")
     out = tmp_path / "tok"
-    proc = _cli("dlr.cli.prepare", "data=c4_local", f"data.train_files={docs}/c4-train.*.json.gz",
-                f"data.validation_files={docs}/c4-validation.*.json.gz", f"out={out}", "num_proc=2", "progress=false")
-    assert "train: 60 documents" in proc.stdout and (out / "manifest.json").is_file()
-    again = _cli("dlr.cli.prepare", "data=c4_local", f"data.train_files={docs}/c4-train.*.json.gz",
-                 f"data.validation_files={docs}/c4-validation.*.json.gz", f"out={out}", "progress=false")
-    assert "already prepared" in again.stderr
+    args = ["data=c4_local", f"data.train_files={docs}/c4-train.*.json.gz",
+            f"data.validation_files={docs}/c4-validation.*.json.gz", f"out={out}", "progress=false"]
+    for _ in range(2):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 0 and "train: 60 documents" in capsys.readouterr().out
+    assert "already prepared" in caplog.text
     p = out / "train-00002.bin"
     p.write_bytes(p.read_bytes()[:-4])
     run = tmp_path / "run"
