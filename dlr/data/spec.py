@@ -62,6 +62,10 @@ def _int(key: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _example(key: str) -> str:
+    return "<the directory dlr-prepare wrote>" if key == "path" else "<path or glob>"
+
+
 def data_spec(cfg: Mapping[str, Any]) -> DataSpec:
     """Validate a data config (dict or DictConfig) into a DataSpec; ConfigError on bad values."""
     try:  # DictConfig -> plain containers, resolving interpolations; `???` raises here.
@@ -70,14 +74,14 @@ def data_spec(cfg: Mapping[str, Any]) -> DataSpec:
         if isinstance(cfg, DictConfig):
             missing = [k for k in cfg if OmegaConf.is_missing(cfg, k)]
             if missing:
-                raise ConfigError(f"data.{missing[0]} is required (it is '???'); set data.{missing[0]}=<path or glob>")
+                raise ConfigError(f"data.{missing[0]} is required (it is '???'); set data.{missing[0]}={_example(missing[0])}")
             cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except ImportError:  # pragma: no cover - omegaconf ships with hydra, a dependency
         pass
     cfg = dict(cfg)
     for k, v in cfg.items():
         if v == "???":
-            raise ConfigError(f"data.{k} is required (it is '???'); set data.{k}=<path or glob>")
+            raise ConfigError(f"data.{k} is required (it is '???'); set data.{k}={_example(k)}")
     known = {f.name for f in dataclasses.fields(DataSpec)} - {"extra"}
     kw = {k: cfg[k] for k in known if k in cfg}
     extra = {k: v for k, v in cfg.items() if k not in known}
