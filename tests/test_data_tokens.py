@@ -290,6 +290,24 @@ def test_streaming_state_is_refused_by_token_batches(tok, small_dir, docs):
         stream.load_state_dict(shards.state_dict())
 
 
+def test_prepare_streams_from_the_hub_like_from_local_files(hub_mirror, tmp_path):
+    """data=c4 (hf:// globs and streaming, against test_data_hub's offline mirror) gives the same
+    shards as data=c4_local on the same files; the limits stop reading early."""
+    hub = data_spec({**OmegaConf.to_container(OmegaConf.load(CONFIGS / "c4.yaml")), "val_tokens": 5000})
+    local = data_spec({**OmegaConf.to_container(OmegaConf.load(CONFIGS / "c4_local.yaml")), "val_tokens": 5000,
+                       "train_files": f"{hub_mirror}/c4-train.*-of-01024.json.gz",
+                       "validation_files": f"{hub_mirror}/c4-validation.*-of-00008.json.gz"})
+    a = prepare(hub, tmp_path / "tok_hub", tokens=30_000, progress=False)
+    b = prepare(local, tmp_path / "tok_local", tokens=30_000, progress=False)
+    assert a["files"]["train"][0].startswith("hf://datasets/allenai/c4/en/c4-train.00000-of-01024")
+    counts = [{k: (v["documents"], v["tokens"], [(sh["documents"], sh["tokens"]) for sh in v["shards"]])
+               for k, v in m["splits"].items()} for m in (a, b)]
+    assert counts[0] == counts[1]
+    assert shard_bytes(tmp_path / "tok_hub") == shard_bytes(tmp_path / "tok_local")
+    assert a["splits"]["train"]["tokens"] >= 30_000 and not a["splits"]["train"]["complete"]
+
+
+from test_data_hub import hub_mirror  # noqa: E402,F401  (the fixture)
 from test_hf_tokenizer import hf_tokenizer_dir  # noqa: E402,F401  (the fixture)
 
 
