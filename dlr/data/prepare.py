@@ -93,13 +93,16 @@ class _Report:
             self.callback(n)
 
 
-def _write_shard(root: Path, stem: str, source: str, tokens: np.ndarray, offsets: np.ndarray, extra: dict | None = None) -> dict:
-    """.bin and .idx via temporary names, then the record: a shard with a record is complete."""
+def _write_shard(root: Path, stem: str, source: str, tokens: np.ndarray | None, offsets: np.ndarray,
+                 extra: dict | None = None) -> dict:
+    """.bin (unless already at `<stem>.bin.tmp`: tokens=None) and .idx via temporary names, then the
+    record: a shard with a record is complete."""
     for ext, arr in ((".bin", tokens), (".idx", offsets)):
         tmp = root / f"{stem}{ext}.tmp"
-        with open(tmp, "wb") as f:
-            arr.tofile(f)
-            f.flush()
+        if arr is not None:
+            with open(tmp, "wb") as f:
+                arr.tofile(f)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, root / f"{stem}{ext}")
     record = {"name": stem, "file": source, "documents": int(len(offsets) - 1), "tokens": int(offsets[-1]), **(extra or {})}
@@ -122,10 +125,11 @@ def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem
     if hasattr(tok, "num_threads"):
         tok.num_threads = threads
     dtype = dtype_for(tok.vocab_size)
-    parts: list[np.ndarray] = []
     lengths: list[int] = []
     counts = np.zeros(4, dtype=np.int64)
     chunk: list[str] = []
+    # Tokens go to disk chunk by chunk: a C4 file (~170M tokens) never sits in memory whole.
+    out = open(Path(root) / f"{stem}.bin.tmp", "wb")
 
     def flush() -> bool:
         """Tokenize the chunk; True when the limit fell inside it (documents after it dropped)."""
@@ -137,29 +141,29 @@ def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem
         n = len(ids)
         if keep is not None:
             ids, lens = ids[:keep], lens[:keep]
-        for x in ids:
-            parts.append(np.asarray(x, dtype=dtype))
+        if ids:
+            np.concatenate([np.asarray(x, dtype=dtype) for x in ids]).tofile(out)
         lengths.extend(lens.tolist())
         counts = counts + limit.counts(lens)
         report(int(lens.sum()))
         return keep is not None and keep < n
 
-    records = iter_file(spec, path)
-    cut = False  # whether the limit stopped us before the end of the file
-    for _, text in records:
-        chunk.append(text)
-        if len(chunk) == _CHUNK:
-            cut = flush()
-            if limit.met(counts):
-                cut = cut or next(records, None) is not None  # met exactly at a chunk's end?
-                break
-    else:
-        if chunk:
-            cut = flush()
+    with out:
+        records = iter_file(spec, path)
+        cut = False  # whether the limit stopped us before the end of the file
+        for _, text in records:
+            chunk.append(text)
+            if len(chunk) == _CHUNK:
+                cut = flush()
+                if limit.met(counts):
+                    cut = cut or next(records, None) is not None  # met exactly at a chunk's end?
+                    break
+        else:
+            if chunk:
+                cut = flush()
     offsets = np.zeros(len(lengths) + 1, dtype=IDX_DTYPE)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return _write_shard(Path(root), stem, path, tokens.astype(dtype, copy=False), offsets, {"cut": cut})
+    return _write_shard(Path(root), stem, path, None, offsets, {"cut": cut})
 
 
 def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
@@ -341,7 +345,7 @@ def prepare(spec: DataSpec, out: str | os.PathLike, tokens: int | None = None, d
         manifest = json.loads((root / MANIFEST).read_text())
         _check_plan(root, plan, manifest, "a finished prepare")
         damaged = [sh["name"] for sp in manifest["splits"].values() for sh in sp["shards"]
-                   if check_shard_files(root, sh["name"], sh["documents"], sh["tokens"], dtype) is not None]
+                   if check_shard_files(root, sh["name"], sh["documents"], sh["tokens"], dtype, full=False) is not None]
         if not damaged:
             log.info("%s is already prepared (%s); nothing to do", root, _summary(manifest))
             return manifest
