@@ -72,20 +72,28 @@ def save_model_dir(
         raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
     with atomic_dir(out_dir) as tmp:
         save_pretrained_quietly(model, tmp)
-        tokenizer.save(tmp)
-        for name, obj in (files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.endswith(".safetensors")}
-        meta = {
-            "format": "dlr-model-dir",
-            "format_version": FORMAT_VERSION,
-            "dlr_version": _dlr_version(),
-            # Sizes catch a truncated shard even when its header survived.
-            "weight_files": sizes,
-            "extra": extra or {},
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        finish_model_dir(tmp, tokenizer, extra, files)
     return Path(out_dir).expanduser().absolute()
+
+
+def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files: Mapping[str, Any] | None = None) -> None:
+    """Tokenizer, extra files and dlr_checkpoint.json beside weights already in `tmp`.
+
+    Shared with the FSDP2 writer (dlr.train.sharding), which streams the weights itself.
+    """
+    tokenizer.save(tmp)
+    for name, obj in (files or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.endswith(".safetensors")}
+    meta = {
+        "format": "dlr-model-dir",
+        "format_version": FORMAT_VERSION,
+        "dlr_version": _dlr_version(),
+        # Sizes catch a truncated shard even when its header survived.
+        "weight_files": sizes,
+        "extra": extra or {},
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager
@@ -113,14 +121,14 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def save_pretrained_quietly(model: Any, path: Path) -> None:
+def save_pretrained_quietly(model: Any, path: Path, **kwargs: Any) -> None:
     """save_pretrained in bounded shards, without HF's progress bar in our CLI output."""
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(path, max_shard_size=MAX_SHARD_SIZE)
+        model.save_pretrained(path, **{"max_shard_size": MAX_SHARD_SIZE, **kwargs})
     finally:
         if bar:
             hf_logging.enable_progress_bar()

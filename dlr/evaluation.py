@@ -15,9 +15,21 @@ import torch.nn.functional as F
 from .loss import chunked_linear_cross_entropy
 
 
+def _fsdp_sharded(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _summed_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled_loss: bool) -> torch.Tensor:
     """Summed token CE; from the hidden states in chunks when the model is a decoder + lm_head
     (every model dlr writes), so no fp32 [batch, seq, vocab] logits are built."""
+    if _fsdp_sharded(model):
+        # FSDP2 gathers the root's parameters (final norm, lm_head) in the root's forward only, so
+        # go through it; the model's loss divided by num_items_in_batch=1 is the summed CE.
+        return model(input_ids=x, labels=y, num_items_in_batch=torch.ones((), device=x.device)).loss
     decoder, head = getattr(model, "model", None), model.get_output_embeddings()
     if decoder is not None and head is not None:
         hidden = decoder(input_ids=x, use_cache=False).last_hidden_state

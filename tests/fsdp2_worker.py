@@ -1,10 +1,9 @@
 """Run by tests/test_fsdp2.py under torch.distributed.run: 2 CPU processes, gloo, FSDP2.
 
-A DLR model sharded with `fully_shard` (one unit per decoder layer, as configs/accelerate/
-fsdp2.yaml asks accelerate to do) must train like the same model unsharded on the whole
-batch, and our checkpoint code (dlr.train.state) must restore it exactly. accelerate turns
-FSDP on only for GPU jobs, so the model is sharded here directly and the Accelerator is told
-it is an FSDP job, which is what selects the full-state-dict branch of dlr.train.state.
+A DLR model sharded by dlr.train.sharding.shard_model (what parallelism=fsdp2 does) must train
+like the same model unsharded on the whole batch; our checkpoint code (dlr.train.training_state)
+must restore it exactly from the shards; the fold must work on the shards bit for bit; and a
+model directory streamed from the shards must be byte-identical to a single-process save.
 """
 import json
 import os
@@ -13,12 +12,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 from dlr import build_model
-from dlr.train.state import load_checkpoint, save_checkpoint
+from dlr.checkpoint import save_model_dir
+from dlr.data import load_tokenizer
+from dlr.fold import fold_model
+from dlr.train.sharding import save_model_dir_gathered, shard_model
+from dlr.train.training_state import load_checkpoint, save_checkpoint
 
 SIZE, LR, WD = "llama_tiny", 1e-3, 0.01
 # build_model options from the test (e.g. the trainable alpha / latent scale, 1-element parameters).
@@ -28,10 +29,7 @@ OPTIONS = json.loads(os.environ.get("DLR_TEST_MODEL_OPTIONS", "{}"))
 def sharded(state: dict) -> torch.nn.Module:
     model = build_model(SIZE, "dlr", **OPTIONS)
     model.load_state_dict(state)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
+    return shard_model(model, torch.device("cpu"), bf16=False)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -61,7 +59,6 @@ def max_diff(a: dict, b: dict) -> float:
 
 def main(out: Path) -> None:
     acc = Accelerator(cpu=True)
-    acc.state.distributed_type = DistributedType.FSDP
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(0)
     init = build_model(SIZE, "dlr", **OPTIONS).state_dict()
@@ -84,7 +81,8 @@ def main(out: Path) -> None:
     if rank == 0:
         report["param_diff_vs_unsharded"] = max_diff(trained, ref.state_dict())
 
-    save_checkpoint(acc, out, 2, model, opt, sched, data_state={"rank": rank}, trainer_state={"step": 2}, keep_last=2)
+    data_state = {"process": {"rank": rank}, "global": {"portable": False}}
+    save_checkpoint(acc, out, 2, model, opt, sched, data_state=data_state, trainer_state={"step": 2}, keep_last=2)
     torch.manual_seed(1)  # different weights, so that only the load can make them equal
     restored = sharded(build_model(SIZE, "dlr", **OPTIONS).state_dict())
     restored_opt = optimizer(restored)
@@ -98,8 +96,32 @@ def main(out: Path) -> None:
     if rank == 0:
         report["loaded_diff"] = max_diff(loaded, trained)
         report["after_resume_diff"] = max_diff(restored_after, after)
-        report["data_state_rank"] = data_state["rank"]
+        report["data_state_rank"] = data_state["process"]["rank"]
         report["scheduler_epoch"] = restored_sched.last_epoch
+
+    # Model directories streamed from the shards (small shards: the index path too) are
+    # byte-identical to save_model_dir of the same weights on one process, before and after the fold.
+    tok = load_tokenizer("t5")
+    plain, weights = build_model(SIZE, "dlr"), full(model)  # gathered on rank 0 only
+    if rank == 0:
+        plain.load_state_dict(weights)
+    for name in ("final", "folded"):
+        if name == "folded":
+            report["folded_layers"] = fold_model(model)
+            fold_model(plain)
+        save_model_dir_gathered(model, tok, out / f"sharded_{name}", rank == 0, max_shard_size="200KB")
+        if rank == 0:
+            from dlr import checkpoint as ck
+
+            ck.MAX_SHARD_SIZE, before = "200KB", ck.MAX_SHARD_SIZE
+            save_model_dir(plain, tok, out / f"plain_{name}")
+            ck.MAX_SHARD_SIZE = before
+            a, b = out / f"sharded_{name}", out / f"plain_{name}"
+            names = sorted(p.name for p in a.iterdir())
+            report[f"{name}_files"] = names
+            report[f"{name}_identical"] = names == sorted(p.name for p in b.iterdir()) and all(
+                (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    if rank == 0:
         (out / "report.json").write_text(json.dumps(report))
     acc.wait_for_everyone()
     acc.end_training()

@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) on 2 CPU processes: the DLR layer sharded, and checkpoint save/restore."""
+"""FSDP2 (fully_shard) on 2 CPU processes: training, checkpoint save/restore, sharded fold, streamed save."""
 import json
 import os
 import subprocess
@@ -22,8 +22,13 @@ def test_fsdp2_sharded_dlr_trains_like_unsharded_and_resumes_exactly(tmp_path, o
     # Sharded on 2 processes == unsharded on the whole batch (fp32, up to reduction order).
     assert report["losses"] == pytest.approx(report["ref_losses"], rel=1e-5)
     assert report["param_diff_vs_unsharded"] < 1e-5
-    # dlr.train.state's FSDP branch: full state dicts out, sharded state back in, exactly.
+    # dlr.train.training_state's FSDP branch: full state dicts out, sharded state back in, exactly.
     assert report["loaded_diff"] == 0.0
     assert report["restored_next_loss"] == report["next_loss"]
     assert report["after_resume_diff"] == 0.0
     assert (report["data_state_rank"], report["scheduler_epoch"]) == (0, 2)
+    # The fold on the shards, and model directories streamed from them, equal one process's bytes.
+    assert report["folded_layers"] == 14
+    for name in ("final", "folded"):
+        assert "model.safetensors.index.json" in report[f"{name}_files"], report[f"{name}_files"]
+        assert report[f"{name}_identical"], name

@@ -92,7 +92,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert records(tmp_path / "two", "val_ppl")[4] == pytest.approx(records(tmp_path / "one", "val_ppl")[4], rel=1e-5)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["processes"] == 2
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.pt")) == ["data_0.pt", "data_1.pt"]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.json")) == ["data_0.json", "data_1.json"]
 
 
 def test_resume_with_spectron_restores_its_state_exactly(tmp_path):

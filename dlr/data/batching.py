@@ -92,13 +92,14 @@ class _TrainIterable(torch.utils.data.IterableDataset):
         B, T, K = self.B, self.T, self.K
         pos = Position(**{k: start[k] for k in ("epoch", "block", "file", "rec", "g")}) if start else Position()
         local = start["local"] if start else 0
-        buf: list[int] = start["leftover"].tolist() if start else []
+        leftover = start["leftover"] if start else []
+        buf: list[int] = leftover.tolist() if isinstance(leftover, torch.Tensor) else list(leftover)
         eos, pad = self.tok.eos_id, self.tok.pad_id
         pending: list[str] = []
 
         def state() -> dict[str, Any]:
             return {"epoch": pos.epoch, "block": pos.block, "file": pos.file, "rec": pos.rec, "g": pos.g,
-                    "local": local, "leftover": torch.tensor(buf, dtype=torch.int32), "worker": w}
+                    "local": local, "leftover": list(buf), "worker": w}
 
         while True:
             fresh_epoch, seen, mine = pos.g == 0, 0, 0
@@ -211,7 +212,7 @@ class TrainBatches:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain python + tensors (torch.save-able with weights_only=True)."""
+        """This process's position, plain JSON-able python; `load_state_dict` needs the same processes."""
         return {"version": STATE_VERSION, "batches": self._n, "config": self._fingerprint(),
                 "workers": copy.deepcopy(self._worker_states)}
 
@@ -243,6 +244,79 @@ class TrainBatches:
         self.close()
         self._worker_states = copy.deepcopy(list(state["workers"]))
         self._n = int(state["batches"])
+
+    # ------------------------------------------------------------------ process-count-independent
+
+    def local_position(self) -> list[int]:
+        """[epoch, block, file, rec, g] just after the last batch handed out ([0]*5 before the first)."""
+        if self._n == 0 or self._worker_states[(self._n - 1) % self._K] is None:
+            return [0, 0, 0, 0, 0]
+        st = self._worker_states[(self._n - 1) % self._K]
+        return [int(st[k]) for k in ("epoch", "block", "file", "rec", "g")]
+
+    def _portable_fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in self._fingerprint().items()
+                if k not in ("rank", "world_size", "batch_size", "num_workers", "split")}
+
+    def global_state(self, positions: list[list[int]]) -> dict[str, Any]:
+        """The position of the whole run, from every process's `local_position` (rank order).
+
+        In paper mode with documents dealt out by index (g % world_size == rank), the
+        documents of a global step are a contiguous range of the global order whatever the
+        number of processes, so "the first G documents of epoch e are consumed" says where the
+        run is. Packed mode (per-process token buffers) and file shards (a per-process order)
+        have no such position: `portable` is then False and only the same number of processes
+        can resume.
+        """
+        W = self.world_size
+        portable = self.spec.mode == "paper" and (self.split == "documents" or W == 1)
+        epoch = max(p[0] for p in positions)
+        head = max((p for p in positions if p[0] == epoch), key=lambda p: p[4])
+        G = head[4]
+        # Every process's next document lies at or past G: nothing below G is still owed.
+        portable = portable and all(p[0] == epoch and p[4] - 1 + W >= G for p in positions)
+        return {"version": STATE_VERSION, "portable": portable, "processes": W,
+                "position": dict(zip(("epoch", "block", "file", "rec", "g"), head)),
+                "config": self._portable_fingerprint()}
+
+    def load_global_state(self, state: dict[str, Any]) -> None:
+        """Continue the global document sequence at `state` with this run's processes and workers."""
+        mine = self._portable_fingerprint()
+        for k, v in sorted(state.get("config", {}).items()):
+            if mine.get(k) != v:
+                raise ConfigError(
+                    f"cannot resume the data stream: {k}={mine.get(k)!r} now but {v!r} in the checkpoint; use the same value"
+                )
+        saved = state.get("processes")
+        if not state.get("portable"):
+            why = ("data.mode='packed' packs per process" if state.get("config", {}).get("mode") == "packed"
+                   else "its train files were split by file")
+            raise ConfigError(
+                f"the checkpoint's data position belongs to its {saved} processes ({why}); accepted: resume with "
+                f"{saved} processes (a run on another count needs data.mode=paper and a file count it does not divide)"
+            )
+        if self.spec.mode != "paper" or (self.split == "files" and self.world_size > 1):
+            raise ConfigError(
+                f"world_size={self.world_size} would split {len(self.stream.files)} train files by file, which cannot "
+                f"continue a run written by {saved} processes; accepted: a process count that does not divide "
+                f"the number of train files, or {saved} processes"
+            )
+        pos = state["position"]
+        self.close()
+        # Every worker starts at the global position; each process takes g % world_size == rank
+        # from there, so a global step is again the next global_batch documents.
+        self._worker_states = [{**{k: int(pos[k]) for k in ("epoch", "block", "file", "rec", "g")},
+                                "local": 0, "leftover": [], "worker": w} for w in range(self._K)]
+        self._n = 0
+
+    def restore(self, process_state: dict[str, Any] | None, global_state: dict[str, Any]) -> None:
+        """This process's own position when it still applies (exact, any mode); else the global one."""
+        if process_state is not None and process_state.get("config") == self._fingerprint():
+            self.load_state_dict(process_state)
+        elif process_state is not None and not global_state.get("portable"):
+            self.load_state_dict(process_state)  # raises the precise one-line mismatch
+        else:
+            self.load_global_state(global_state)
 
     def close(self) -> None:
         """Stop workers (a new iterator starts lazily on the next `next()`)."""

@@ -1,4 +1,4 @@
-"""The training loop: one code path for CPU, one GPU, many GPUs and nodes (accelerate)."""
+"""The training loop: one code path for CPU, one GPU, many GPUs and nodes, DDP or FSDP2."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -20,12 +20,13 @@ from ..data import check_vocab, data_spec, load_tokenizer, train_batches, valida
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..fold import fold_model
-from ..loss import make_loss_fn, resolve_loss_impl
+from ..loss import DEFAULT_CHUNK_TOKENS, make_loss_fn, resolve_loss_impl
 from ..model import build_from_config, make_config
 from ..optim import build_optimizer
 from .plan import TrainPlan, make_plan, memory_estimate_gib
 from .rundir import KNOB_DEFAULTS, MetricsLog, check_run_dir, write_config, write_summary
-from .state import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .sharding import check_parallelism, clip_grad_norm, equal_batch_count, no_sync, save_final, shard_model
+from .training_state import check_checkpoint, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .telemetry import peak_flops, peak_memory_gib
 
 log = logging.getLogger("dlr.train")
@@ -103,6 +104,16 @@ def _fused_adamw(optimizer) -> torch.optim.Optimizer | None:
     return inner if isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused") else None
 
 
+def _memory_estimate(cfg: DictConfig, plan: TrainPlan, config, stats, parallelism: str) -> dict:
+    # A plan for several processes is a GPU plan: bf16 there, unless fp32 is asked for.
+    bf16 = _precision(cfg) == "bf16" or (plan.processes > 1 and cfg.precision != "fp32")
+    memory = memory_estimate_gib(stats, plan, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                                 config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+                                 parallelism=parallelism, optimizer_bytes_per_param=8,
+                                 fused_loss=cfg.get("loss", "plain") != "plain", loss_chunk_tokens=DEFAULT_CHUNK_TOKENS)
+    return {k: round(v, 2) for k, v in memory.items()}
+
+
 def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
     """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
     train_model = build_from_config(config, device="meta")
@@ -113,9 +124,7 @@ def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
                                 activation=cfg.activation, vocab_size=config.vocab_size, **deploy_knobs)
     train_stats = model_stats(train_model, plan.seq_len)
     deploy_stats = model_stats(build_from_config(deploy_config, device="meta"), plan.seq_len)
-    memory = memory_estimate_gib(train_stats, plan, config.hidden_size, config.num_hidden_layers,
-                                 config.num_attention_heads, config.vocab_size, bf16=_precision(cfg) == "bf16" or plan.processes > 1,
-                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    memory = {p: _memory_estimate(cfg, plan, config, train_stats, p) for p in ("ddp", "fsdp2")}
     return {
         "model": config.dlr_size, "method": cfg.method, "rank": config.dlr_rank, "alpha": cfg.alpha,
         "train_params": train_stats.total_params, "train_non_embedding_params": train_stats.non_embedding_params,
@@ -124,7 +133,9 @@ def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
         "train_flops_per_token": train_stats.train_flops_per_token,
         "total_train_flops": train_stats.train_flops_per_token * plan.total_tokens,
         **plan.as_dict(),
-        "memory_estimate_per_process_gib": {k: round(v, 2) for k, v in memory.items()},
+        "parallelism": cfg.parallelism,
+        "memory_estimate_per_process_gib": memory[cfg.parallelism],
+        "memory_estimate_per_process_gib_by_parallelism": memory,
         "out_dir": cfg.out_dir,
     }
 
@@ -143,6 +154,27 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> Path | None:
     return path
 
 
+def _data_state(data, accelerator, device) -> dict:
+    """This process's data position, and the whole run's in process-count-independent terms
+    (where the loader has them: the token-shard loader resumes with the same processes only)."""
+    if not hasattr(data, "global_state"):
+        return {"process": data.state_dict(), "global": {"portable": False, "processes": accelerator.num_processes}}
+    mine = torch.tensor(data.local_position(), dtype=torch.long, device=device)
+    positions = accelerator.gather(mine).view(-1, mine.numel()).tolist()
+    return {"process": data.state_dict(), "global": data.global_state(positions)}
+
+
+def _restore_data(data, data_state: dict) -> None:
+    if hasattr(data, "restore"):
+        _restore_data(data, data_state)
+    elif data_state["process"] is not None:
+        data.load_state_dict(data_state["process"])
+    else:
+        saved = data_state["global"].get("processes")
+        raise ConfigError(f"this data source resumes only with the number of processes that wrote the checkpoint; "
+                          f"accepted: resume with {saved} processes")
+
+
 def train(cfg: DictConfig) -> dict:
     """Run (or dry-run) one training job described by the resolved Hydra config."""
     if cfg.logger not in ("none", "wandb"):
@@ -151,19 +183,26 @@ def train(cfg: DictConfig) -> dict:
     tokenizer = load_tokenizer(spec.tokenizer)
     config = _model_config(cfg, tokenizer)
     check_vocab(tokenizer, config.vocab_size)
+    parallelism = check_parallelism(cfg)
     if cfg.dry_run:
         processes = cfg.plan_processes or 1
         return describe_plan(cfg, make_plan(cfg, processes, spec.seq_len), config)
 
     mixed = _precision(cfg)
-    # cpu=True is what makes accelerate pick gloo for a torchrun-launched CPU job.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+    # cpu=True is what makes accelerate pick gloo for a torchrun-launched CPU job. Under FSDP2
+    # the sharding's MixedPrecisionPolicy casts for compute, so accelerate's autocast stays off.
+    accelerator = Accelerator(mixed_precision=mixed if parallelism == "ddp" else "no", cpu=not torch.cuda.is_available(),
                               log_with="wandb" if cfg.logger == "wandb" else None)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("accelerate's own FSDP (distributed_type: FSDP in the accelerate config) is not used by dlr-train; "
+                          "accepted: distributed_type MULTI_GPU with parallelism=fsdp2 (configs/accelerate/fsdp2.yaml)")
     plan = make_plan(cfg, accelerator.num_processes, spec.seq_len)
     out_dir = Path(cfg.out_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_run_dir(out_dir, resolved)
     resume_from = _resume_point(cfg, out_dir)
+    if resume_from is not None:
+        check_checkpoint(resume_from)  # a corrupt or old-format checkpoint: one line, before any work
 
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(config)
@@ -175,21 +214,29 @@ def train(cfg: DictConfig) -> dict:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = _compile_enabled(cfg, accelerator.device)
-    # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
-    # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.method, fused=accelerator.device.type == "cuda")
-    # Not passed to prepare(): accelerate would step it once per process per step.
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps, min_lr_rate=cfg.min_lr_ratio)
-    loss_impl = resolve_loss_impl(cfg.loss, accelerator.device)
+    device = accelerator.device
+    loss_impl = resolve_loss_impl(cfg.loss, device)
     model.fused_loss = make_loss_fn(loss_impl, compiled=compiled)
     if compiled:
-        compile_decoder(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    autocast_dtype = torch.bfloat16 if mixed == "bf16" else None
+        # FSDP2's units are the decoder layers: each is compiled in place before it is sharded
+        # (torchtitan's order); a whole-decoder graph would have to trace FSDP2's hooks.
+        compile_layers(model) if parallelism == "fsdp2" else compile_decoder(model)
+    if parallelism == "fsdp2":  # before the optimizer: it must hold the sharded parameters
+        model = shard_model(model, device, bf16=mixed == "bf16")
+    # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
+    # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.method, fused=device.type == "cuda")
+    # Not passed to prepare(): accelerate would step it once per process per step.
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps, min_lr_rate=cfg.min_lr_ratio)
+    if parallelism == "ddp":
+        model, optimizer = accelerator.prepare(model, optimizer)
+    # Under FSDP2 the MixedPrecisionPolicy computes in bf16; autocast stays off.
+    autocast_dtype = torch.bfloat16 if mixed == "bf16" and parallelism == "ddp" else None
 
     data = train_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes, cfg.seed)
     val = validation_batches(spec, tokenizer, plan.micro_batch, accelerator.process_index, accelerator.num_processes)
+    if parallelism == "fsdp2":
+        val = equal_batch_count(val, device)
     # Written only now: bad input found while building the model, optimizer or data above
     # must leave no run directory behind (it would then refuse the corrected config).
     accelerator.wait_for_everyone()
@@ -198,7 +245,7 @@ def train(cfg: DictConfig) -> dict:
     step, wall_before, wandb_id = 0, 0.0, None
     if resume_from is not None:
         trainer_state, data_state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        data.load_state_dict(data_state)
+        _restore_data(data, data_state)
         step, wall_before, wandb_id = trainer_state["step"], trainer_state["wall_s"], trainer_state.get("wandb_id")
         log.info("resumed from %s at step %d", resume_from, step)
     if cfg.logger == "wandb":
@@ -224,7 +271,7 @@ def train(cfg: DictConfig) -> dict:
         return result
 
     def checkpoint(at_step: int, wall: float) -> None:
-        save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler, data.state_dict(),
+        save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler, _data_state(data, accelerator, device),
                         {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall, "wandb_id": wandb_id},
                         cfg.keep_last)
 
@@ -252,14 +299,14 @@ def train(cfg: DictConfig) -> dict:
         n_tokens = accelerator.reduce(_to_device(torch.tensor(local_tokens, dtype=torch.long), device), "sum")
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            sync = no_sync(accelerator, model, skip=i < len(micro) - 1)
             with sync, accelerator.autocast():
                 out = model(input_ids=_to_device(batch["input_ids"], device), labels=_to_device(batch["labels"], device),
                             num_items_in_batch=n_tokens)
                 # DDP averages gradients over processes; undo that, the count is global.
                 accelerator.backward(out.loss * accelerator.num_processes)
             loss_sum += out.loss.detach().float()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = clip_grad_norm(accelerator, model, cfg.grad_clip)
         step += 1
         # A non-finite loss anywhere makes every process's gradient (all-reduced) non-finite.
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
@@ -304,7 +351,8 @@ def train(cfg: DictConfig) -> dict:
     if last_eval is None:  # resumed from the final checkpoint: evaluate what we have
         last_eval = run_eval(step)
     return _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval,
-                   wall_before + time.perf_counter() - t_start, speed, loss_impl, compiled)
+                   wall_before + time.perf_counter() - t_start, speed, loss_impl, compiled,
+                   memory_estimate=_memory_estimate(cfg, plan, config, stats, parallelism))
 
 
 def _diverged_message(out_dir: Path, bad_step: int, at_step: int, lr: float) -> str:
@@ -372,15 +420,17 @@ class _Throughput:
         return self.timed_steps * self.tokens_per_step / self.timed_s if self.timed_s > 0 else None
 
 
-def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval, wall, speed, loss_impl, compiled) -> dict:
-    """Write final/ (and folded/ for dlr, with its perplexity) and summary.json."""
-    from ..checkpoint import save_model_dir
+def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval, wall, speed, loss_impl, compiled,
+            memory_estimate: dict | None = None) -> dict:
+    """Write final/ (and folded/ for dlr, with its perplexity) and summary.json.
 
+    Under FSDP2 the model stays sharded throughout: evaluation runs sharded, the fold works on
+    each process's rows of B, and final/ and folded/ are streamed from the shards.
+    """
     out_dir = Path(cfg.out_dir)
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    if accelerator.is_main_process:
-        save_model_dir(unwrapped, tokenizer, out_dir / "final")
+    save_final(unwrapped, tokenizer, out_dir / "final", accelerator.is_main_process)
     summary = {
         "model": unwrapped.config.dlr_size, "method": cfg.method, "rank": unwrapped.config.dlr_rank,
         "alpha": cfg.alpha, "seed": cfg.seed, "optimizer": cfg.optimizer.name, "steps": plan.steps,
@@ -390,6 +440,7 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
         "deploy_params": stats.total_params, "train_flops_per_token": stats.train_flops_per_token,
         "wall_s": wall, "mean_tokens_per_s": speed.mean_tokens_per_s(), "first_step_s": speed.first_step_s,
         "compile": compiled, "loss_impl": loss_impl, "peak_mem_gib": peak_memory_gib(device),
+        "parallelism": cfg.parallelism, "memory_estimate_per_process_gib": memory_estimate,
     }
     accelerator.wait_for_everyone()
     if cfg.method == "dlr":
@@ -400,8 +451,7 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
                         "folded_val_ppl": folded_eval["val_ppl"], "deploy_params": deploy.total_params,
                         "deploy_non_embedding_params": deploy.non_embedding_params,
                         "fold_rel_ppl_diff": abs(folded_eval["val_ppl"] - last_eval["val_ppl"]) / last_eval["val_ppl"]})
-        if accelerator.is_main_process:
-            save_model_dir(unwrapped, tokenizer, out_dir / "folded")
+        save_final(unwrapped, tokenizer, out_dir / "folded", accelerator.is_main_process)
     if accelerator.is_main_process:
         write_summary(out_dir, summary)
     accelerator.wait_for_everyone()

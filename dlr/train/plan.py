@@ -62,23 +62,48 @@ def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
 
 
 def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers: int, heads: int, vocab: int,
-                        bf16: bool, gradient_checkpointing: bool, optimizer_bytes_per_param: int = 8) -> dict:
-    """Rough per-process peak: fp32 weights + grads + optimizer state, plus activations.
+                        bf16: bool, gradient_checkpointing: bool, optimizer_bytes_per_param: int = 8,
+                        parallelism: str = "ddp", fused_loss: bool = False, loss_chunk_tokens: int = 8192) -> dict:
+    """Rough per-process peak: weights + grads + optimizer state, FSDP2's gathered units, activations.
+
+    States: fp32 weights and grads plus the optimizer's state (AdamW: 8 bytes per parameter);
+    DDP keeps all of it on every process, FSDP2 a 1/processes shard. DDP under bf16 autocast
+    also caches a bf16 copy of the weights for the step. FSDP2 holds, besides its shard, the
+    unsharded parameters of two decoder layers (the one computing and the prefetched next,
+    bf16 on bf16 runs), one layer's unsharded gradient (compute dtype, plus fp32 for the
+    reduce-scatter), and lm_head unsharded from its forward to its backward.
 
     Activations follow Korthikanti et al. (2022) for a transformer layer with flash/SDPA
     attention, 34 * s * b * h bytes in half precision (x2 in fp32), and the logits
-    (b * s * V, fp32 for the loss, plus their gradient). With checkpointing only each
-    layer's input (2 * s * b * h bytes) is kept. An estimate, not a measurement.
+    (b * s * V, fp32 for the loss, plus their gradient; with a fused loss, dlr.loss, one chunk
+    of fp32 logits, lm_head's fp32 gradient and the hidden states' gradient). With checkpointing only each
+    layer's input (2 * s * b * h bytes) is kept. An estimate, not a measurement: compare it
+    with `peak_mem_gib` in summary.json (docs/training.md, "Memory").
     """
-    s, b = plan.seq_len, plan.micro_batch
-    states = stats.total_params * (4 + 4 + optimizer_bytes_per_param)
+    if parallelism not in ("ddp", "fsdp2"):
+        raise bad_value("parallelism", parallelism, ("ddp", "fsdp2"))
+    s, b, n = plan.seq_len, plan.micro_batch, stats.total_params
+    compute_bytes = 2 if bf16 else 4
+    per_state = 4 + 4 + optimizer_bytes_per_param
+    if parallelism == "ddp":
+        states = n * per_state
+        gathered = n * 2 if bf16 else 0  # autocast's weight cache
+    else:
+        states = n * per_state / plan.processes
+        layer = stats.non_embedding_params / max(layers, 1)
+        lm_head = stats.embedding_params / 2
+        gathered = 2 * layer * compute_bytes + layer * (compute_bytes + 4) + lm_head * compute_bytes
     per_layer = (2 * s * b * hidden) if gradient_checkpointing else 34 * s * b * hidden
     activations = per_layer * layers * (1 if bf16 else 2)
-    logits = b * s * vocab * 4 * 2
+    if fused_loss:
+        logits = min(b * s, loss_chunk_tokens) * vocab * 4 + vocab * hidden * 4 + b * s * hidden * 4
+    else:
+        logits = b * s * vocab * 4 * 2
     gib = 1024**3
     return {
         "weights_grads_optimizer_gib": states / gib,
+        "gathered_params_gib": gathered / gib,
         "activations_gib": activations / gib,
         "logits_gib": logits / gib,
-        "total_gib": (states + activations + logits) / gib,
+        "total_gib": (states + gathered + activations + logits) / gib,
     }

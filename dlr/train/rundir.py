@@ -15,7 +15,7 @@ from ..errors import ConfigError
 
 # Keys that may change between a run and its resumption without making it another run.
 RUNTIME_KEYS = {"resume", "dry_run", "plan_processes", "log_every", "eval_every", "save_every", "keep_last",
-                "logger", "wandb", "micro_batch", "compile", "loss", "gradient_checkpointing"}
+                "logger", "wandb", "micro_batch", "compile", "loss", "gradient_checkpointing", "parallelism"}
 RUNTIME_DATA_KEYS = {"num_workers"}
 # The reference layer's knobs (configs/train.yaml) with their defaults: a config.yaml written
 # before they existed trained with exactly these.

@@ -1,0 +1,337 @@
+"""Training-state checkpoints: sharded, resharded on load, pickle-free, written atomically.
+
+Layout of checkpoints/step_<N>/:
+
+    state/shard-0000r-model-00001-of-00001.safetensors   model + optimizer tensors, one file per
+                                                          process (its shards, with their offsets)
+    optimizer.json      param_groups and non-tensor optimizer state (names, not pickles)
+    scheduler.json      the LR scheduler's state_dict
+    data.json           the data position: per process, and in process-count-independent terms
+    rng_<rank>.safetensors  torch/cuda/numpy/python RNG state of each process
+    trainer_state.json  step, tokens, wall time, wandb id, processes (written last)
+
+Why torch.distributed.checkpoint with its Hugging Face safetensors storage: every process
+writes only the shards it holds (host memory stays bounded for 7B under FSDP2), the files
+carry their offsets in the safetensors header, and the reader reslices them for whatever
+layout the loading run has, so a checkpoint of 2 processes loads into 1 or 4. DCP's default
+FileSystemReader would unpickle its `.metadata`; the Hugging Face reader builds the metadata
+from the safetensors headers instead, so nothing in a checkpoint is ever unpickled.
+
+A directory named step_<N> is complete by construction: it is assembled under
+`.tmp_step_<N>` and renamed by the main process after every process has written its part.
+A failed write (a full disk) removes the temporary directory on every process and leaves the
+previous checkpoints as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+FORMAT_VERSION = 2
+STATE_DIR = "state"
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def plain_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module the optimizer's parameters belong to: no DDP wrapper, no torch.compile."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    kind, mt, _ = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "python": torch.tensor(mt, dtype=torch.int64),
+               "numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors, {"python_version": str(kind), "numpy_pos": str(int(np_state[2]))}
+
+
+def _set_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    random.setstate((int(meta["python_version"]), tuple(int(x) for x in tensors["python"].tolist()), None))
+    np.random.set_state(("MT19937", tensors["numpy"].numpy().astype(np.uint32), int(meta["numpy_pos"]), 0, 0.0))
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+# --------------------------------------------------------------------------- model + optimizer
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state keyed by parameter names; DTensor shards stay sharded."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(plain_module(model), optimizer)
+
+
+def _split_optimizer(optim_sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (to safetensors) and everything else (to JSON) of a name-keyed optimizer state."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    for fqn, entry in optim_sd["state"].items():
+        layout[fqn] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{fqn}.{key}"] = value
+                layout[fqn][key] = {"tensor": f"optim.{fqn}.{key}"}
+            else:
+                layout[fqn][key] = {"value": value}
+    return tensors, {"state": layout, "param_groups": optim_sd["param_groups"]}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default))
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_ok(ok: bool) -> bool:
+    if not _distributed():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """err, what it wraps (DCP's CheckpointException holds one exception per process), and causes."""
+    seen, todo, out = set(), [err], []
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo += [w[0] for w in getattr(e, "failures", {}).values()]  # (exception, traceback) per process
+        todo += [e.__cause__, e.__context__]
+    return out
+
+
+def _describe_write_error(err: BaseException) -> str:
+    for e in _causes(err):  # the OSError says what happened (no space, permission, ...)
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.strerror or errno.errorcode.get(e.errno, str(e.errno))
+    return _one_line(err)
+
+
+def _one_line(err: BaseException) -> str:
+    causes = _causes(err)
+    first = causes[1] if getattr(err, "failures", None) and len(causes) > 1 else err  # a process's own error
+    text = str(first).strip()
+    return (text.splitlines()[-1] if text else type(first).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes" a single process when there is no process group; we mean it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, scheduler,
+                    data_state: dict, trainer_state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step_<step> from every process; ConfigError (one line) if it cannot."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    root = Path(out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    optim_tensors, optim_json = _split_optimizer(optim_sd)
+    tensors = {**{f"model.{k}": v for k, v in model_sd.items()}, **optim_tensors}
+    error: BaseException | None = None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = e
+    if _all_ok(error is None):
+        try:
+            # Every process writes its own shards (replicated tensors once, spread over processes);
+            # DCP gathers a failure on any process into an exception on all of them.
+            with _quiet_single_process():
+                dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
+                         no_dist=not _distributed())
+            rng, rng_meta = _rng_tensors()
+            save_file(rng, tmp / f"rng_{rank}.safetensors", metadata=rng_meta)
+            _write_json(tmp / f"data_{rank}.json", data_state["process"])
+            if main:
+                _write_json(tmp / "optimizer.json", optim_json)
+                _write_json(tmp / "scheduler.json", scheduler.state_dict())
+                _write_json(tmp / "data.json", data_state["global"])
+                _write_json(tmp / "trainer_state.json", {**trainer_state, "processes": accelerator.num_processes,
+                                                         "format_version": FORMAT_VERSION})
+        # Any failure: clean up on every process, then one line. (DCP's CheckpointException is a
+        # BaseException, not an Exception.)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            error = e
+    if not _all_ok(error is None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dirs(out_dir)
+        reason = _describe_write_error(error) if error is not None else "another process failed to write its part"
+        raise ConfigError(
+            f"could not write checkpoint step_{step} in {str(root)!r}: {reason}; the partial write was removed and "
+            f"the previous checkpoint is kept ({kept[-1].name if kept else 'none'}); free space there and resume=auto"
+        ) from error
+    accelerator.wait_for_everyone()
+    if main:
+        stale = root / f".old_step_{step}"
+        if final.exists():  # a re-run of the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)  # moved aside, not deleted, until the new one is in place
+        tmp.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+        for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"checkpoint file {str(path)!r} is missing or corrupt ({type(e).__name__}); "
+                          "accepted: a complete checkpoints/step_<N> directory written by dlr-train") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    state = _read_json(Path(ckpt) / "trainer_state.json")
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"checkpoint {str(ckpt)!r} has format_version={state.get('format_version') if isinstance(state, dict) else None!r}; "
+            f"accepted: {FORMAT_VERSION} (written by this dlr-train)"
+        )
+    return state
+
+
+def check_checkpoint(ckpt: Path) -> dict:
+    """Read every JSON file and safetensors header of a checkpoint (cheap: no tensor data);
+    returns the trainer state. Called before any work, so damage is one line up front."""
+    ckpt = Path(ckpt)
+    state = read_trainer_state(ckpt)
+    for name in ("optimizer.json", "scheduler.json", "data.json"):
+        _read_json(ckpt / name)
+    files = sorted((ckpt / STATE_DIR).glob("*.safetensors")) if (ckpt / STATE_DIR).is_dir() else []
+    files += sorted(ckpt.glob("rng_*.safetensors"))
+    if not any(f.parent.name == STATE_DIR for f in files):
+        raise ConfigError(f"checkpoint {str(ckpt)!r} has no {STATE_DIR}/*.safetensors; it is incomplete or corrupt")
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"checkpoint {str(ckpt)!r} is corrupt: {f.name}: {_one_line(e)}") from None
+    return state
+
+
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restore model/optimizer/scheduler/RNG in place, resharded to this run's processes.
+
+    Returns (trainer_state, data_state) where data_state has "process" (this rank's own
+    position, or None when the number of processes changed) and "global".
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    ckpt = Path(ckpt)
+    trainer_state = check_checkpoint(ckpt)
+    optim_json = _read_json(ckpt / "optimizer.json")
+    scheduler_state = _read_json(ckpt / "scheduler.json")
+    data_global = _read_json(ckpt / "data.json")
+    rank, same_world = accelerator.process_index, trainer_state["processes"] == accelerator.num_processes
+    data_process = _read_json(ckpt / f"data_{rank}.json") if same_world else None
+
+    model_sd, optim_sd = _state_dicts(model, optimizer)  # this run's layout, to be filled in place
+    targets = {f"model.{k}": v for k, v in model_sd.items()}
+    try:
+        for fqn, entry in optim_json["state"].items():
+            for key, spec in entry.items():
+                if "tensor" in spec:
+                    targets[spec["tensor"]] = optim_sd["state"][fqn][key]
+                else:
+                    optim_sd["state"][fqn][key] = spec["value"]
+        if set(optim_json["state"]) != set(optim_sd["state"]):
+            raise KeyError(sorted(set(optim_json["state"]) ^ set(optim_sd["state"]))[0])
+        optim_sd["param_groups"] = optim_json["param_groups"]
+        with _quiet_single_process():
+            dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / STATE_DIR)), no_dist=not _distributed())
+        set_state_dict(plain_module(model), optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        scheduler.load_state_dict(scheduler_state)
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError, SafetensorError, AssertionError,
+            CheckpointException) as e:
+        detail = _one_line(e)
+        raise ConfigError(
+            f"checkpoint {str(ckpt)!r} is corrupt or does not match this model and optimizer ({detail}); "
+            "accepted: a complete checkpoint of the same model, method, rank and optimizer"
+        ) from None
+    rng_file = ckpt / f"rng_{rank}.safetensors"
+    if rng_file.exists():  # a process that did not exist in the saved run keeps its seeded RNG
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(rng_file), framework="pt") as f:
+                meta = f.metadata()
+            _set_rng(load_file(rng_file), meta)
+        except (SafetensorError, KeyError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"checkpoint file {str(rng_file)!r} is corrupt ({type(e).__name__})") from None
+    return trainer_state, {"process": data_process, "global": data_global}
