@@ -62,6 +62,8 @@ def test_fsdp2_trains_folds_and_resumes_2_to_1_to_2_processes(tmp_path):
     cli(*common, "micro_batch=2", "parallelism=fsdp2", f"out_dir={resumed}", launcher=TORCHRUN2)
     got, want = records(resumed), records(straight)
     assert list(got) == [1, 2, 3, 4, 5, 6]
+    print(f"max relative loss difference: fsdp2 x2 vs ddp x1 {_max_rel(records(straight), records(one)):.2e}, "
+          f"resumed 2->1->2 vs uninterrupted {_max_rel(got, want):.2e}")
     assert _max_rel(got, want) < REL
     assert records(resumed, "lr") == records(straight, "lr")
     final = json.loads((resumed / "summary.json").read_text())
