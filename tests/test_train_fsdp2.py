@@ -6,7 +6,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from test_train import TINY, cli, records
+from test_train import cli, records
 
 TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dlr.cli.train")
 # fp32 on CPU: a sharded run sums gradients and losses in another order than one process does.
