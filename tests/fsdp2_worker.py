@@ -102,10 +102,14 @@ def main(out: Path) -> None:
     # Model directories streamed from the shards (small shards: the index path too) are
     # byte-identical to save_model_dir of the same weights on one process, before and after the fold.
     tok = load_tokenizer("t5")
-    plain, weights = build_model(SIZE, "dlr"), full(model)  # gathered on rank 0 only
+    plain, weights = build_model(SIZE, "dlr", **OPTIONS), full(model)  # gathered on rank 0 only
     if rank == 0:
         plain.load_state_dict(weights)
-    for name in ("final", "folded"):
+    # The fold of trainable alpha / latent scale removes parameters, which FSDP2 would register
+    # again: dlr-train refuses those knobs with parallelism=fsdp2 (dlr.train.sharding), so only
+    # final/ is checked with them.
+    trainable = OPTIONS.get("trainable_alpha") or OPTIONS.get("trainable_latent_scale")
+    for name in ("final",) if trainable else ("final", "folded"):
         if name == "folded":
             report["folded_layers"] = fold_model(model)
             fold_model(plain)

@@ -166,7 +166,7 @@ def _data_state(data, accelerator, device) -> dict:
 
 def _restore_data(data, data_state: dict) -> None:
     if hasattr(data, "restore"):
-        _restore_data(data, data_state)
+        data.restore(data_state["process"], data_state["global"])
     elif data_state["process"] is not None:
         data.load_state_dict(data_state["process"])
     else:
