@@ -36,9 +36,10 @@ def check_parallelism(cfg) -> str:
     if value == "fsdp2":
         for key in ("trainable_alpha", "trainable_latent_scale"):
             if cfg.get(key):
-                # One scalar Parameter per layer: FSDP2 shards along dim 0, which a scalar has not.
-                raise ConfigError(f"{key}=true is not supported with parallelism='fsdp2' (a per-layer scalar parameter "
-                                  f"cannot be sharded); accepted: {key}=false with fsdp2, or parallelism=ddp")
+                # Folding it removes a per-layer Parameter that FSDP2 keeps in its group and would
+                # register again (and apply again) at the next gather, e.g. the folded evaluation.
+                raise ConfigError(f"{key}=true is not supported with parallelism='fsdp2' (its fold removes a parameter "
+                                  f"FSDP2 manages); accepted: {key}=false with fsdp2, or parallelism=ddp")
     return value
 
 
