@@ -1,5 +1,7 @@
 """Saved directories load with plain transformers (remote code, dlr never imported) and
-give dlr's logits; identity checkpoints export to a dense LlamaForCausalLM."""
+give dlr's logits; identity checkpoints export to a dense LlamaForCausalLM. Every kind of
+directory (final/, folded/, dense export) also works with AutoTokenizer and
+pipeline("text-generation"), with the tokenizer giving the ids dlr trained on."""
 import subprocess
 import sys
 import textwrap
@@ -26,13 +28,17 @@ def tiny(**kw) -> dlr.DlrLlamaForCausalLM:
     return model.eval()
 
 
+PROMPT = "The weather in Missoula today is"
+
+
 def run_plain_transformers(dirs: list, out, trust_remote_code: bool) -> None:
-    """Load each dir with AutoModelForCausalLM in a fresh interpreter that never imports dlr."""
+    """Load each dir with AutoModelForCausalLM, AutoTokenizer and pipeline("text-generation")
+    in a fresh interpreter that never imports dlr."""
     save_file({"x": X}, str(out / "x.safetensors"))
     code = textwrap.dedent(f"""
         import sys, torch
         from safetensors.torch import load_file, save_file
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
         x = load_file({str(out / 'x.safetensors')!r})["x"]
         res = {{}}
         for i, d in enumerate({[str(d) for d in dirs]!r}):
@@ -42,6 +48,17 @@ def run_plain_transformers(dirs: list, out, trust_remote_code: bool) -> None:
             g = m.generate(x[:, :5], max_new_tokens=4, do_sample=False)
             assert g.shape == (2, 9), g.shape
             res[f"cls{{i}}"] = torch.tensor([ord(c) for c in type(m).__name__])
+            tok = AutoTokenizer.from_pretrained(d, trust_remote_code={trust_remote_code})
+            res[f"ids{{i}}"] = torch.tensor(tok({PROMPT!r})["input_ids"])
+            res[f"vocab{{i}}"] = torch.tensor([len(tok), tok.eos_token_id, tok.pad_token_id])
+            gen = pipeline("text-generation", model=d, trust_remote_code={trust_remote_code}, device="cpu")
+            text = gen({PROMPT!r}, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+            assert text.startswith({PROMPT!r}) and len(text) > len({PROMPT!r}), text
+            # The pipeline generates what generate() does from the same ids (transformers 5
+            # decodes the new tokens alone, so a SentencePiece word's leading space is dropped).
+            ids = tok({PROMPT!r}, return_tensors="pt")["input_ids"]
+            new = m.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+            assert text == {PROMPT!r} + tok.decode(new, skip_special_tokens=True), text
         assert not any(k == "dlr" or k.startswith("dlr.") for k in sys.modules), "dlr was imported"
         save_file(res, {str(out / 'res.safetensors')!r})
     """)
@@ -65,6 +82,15 @@ def test_unfolded_and_folded_dirs_load_with_trust_remote_code(tmp_path):
     assert torch.equal(res["logits0"], own_final)
     assert torch.equal(res["logits1"], own_folded)
     assert (own_final - own_folded).abs().max() <= 1e-5 * own_final.abs().max()
+    check_tokenizer(res, 2)
+
+
+def check_tokenizer(res: dict, n: int) -> None:
+    """AutoTokenizer gives SentencePiece's ids (no EOS appended) and the model's vocab/specials."""
+    want = load_tokenizer("t5").encode_batch([PROMPT])[0]
+    for i in range(n):
+        assert res[f"ids{i}"].tolist() == want
+        assert res[f"vocab{i}"].tolist() == [32000, 1, 0]
 
 
 def test_identity_exports_to_a_plain_dense_llama(tmp_path):
@@ -80,6 +106,7 @@ def test_identity_exports_to_a_plain_dense_llama(tmp_path):
     with torch.no_grad():
         ref = model(X).logits
     assert (res["logits0"] - ref).abs().max() <= 1e-4 * ref.abs().max()
+    check_tokenizer(res, 1)
 
 
 def test_silu_dense_export_is_refused_with_the_reason():

@@ -1,6 +1,8 @@
 """Tokenizers: the bundled T5 SentencePiece model (what the anchors use) or any HF tokenizer."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from importlib import resources
@@ -9,8 +11,20 @@ from typing import Protocol
 
 from dlr.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 T5_NAME = "t5"
 SPIECE = "spiece.model"
+HF_CONFIG = "tokenizer_config.json"
+# Written into the tokenizer_config.json that `SentencePieceTokenizer.save` writes next to
+# spiece.model, so `load_tokenizer` knows the HF files are a derived copy of that model.
+DERIVED_MARK = "dlr_sentencepiece"
+# Checked on every conversion: the HF copy must give the ids SentencePiece gives.
+_PROBES = (
+    "Beginners BBQ Class Taking Place in Missoula!",
+    "  Two  spaces, tabs\tand\nnewlines; digits 3.14159 and €, ü, 日本語.",
+    "<b>markup</b> & URLs: https://example.com/a?b=c#d -- done.",
+)
 
 
 def bundled_t5_path() -> Path:
@@ -55,8 +69,69 @@ class SentencePieceTokenizer:
         return self._sp.decode(list(ids))
 
     def save(self, directory: str | os.PathLike) -> None:
+        """spiece.model, plus tokenizer.json + tokenizer_config.json for `AutoTokenizer`.
+
+        transformers 5 no longer reads a bare spiece.model through `AutoTokenizer` ("Couldn't
+        instantiate the backend tokenizer"): it needs a class name, and its `T5Tokenizer`
+        would add 100 sentinel ids (vocab 32100 instead of the model's 32000) and append
+        `</s>` to every prompt, wrong for a causal LM. So we convert the model once to a
+        `tokenizers` Unigram (same pieces, same normalizer) without sentinels and without
+        the EOS post-processor, check it gives SentencePiece's ids, and save it as a plain
+        `PreTrainedTokenizerFast`, a class every transformers >= 4 loads.
+        """
         os.makedirs(directory, exist_ok=True)
         shutil.copyfile(self.model_file, os.path.join(directory, SPIECE))
+        hf = self.hf_tokenizer()
+        if hf is None:
+            return
+        hf.save_pretrained(str(directory))
+        cfg_path = os.path.join(directory, HF_CONFIG)
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        # transformers 5 writes its own backend class name, which 4.x cannot resolve.
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("is_local", "local_files_only", "name_or_path"):  # leaked loading kwargs
+            cfg.pop(key, None)
+        cfg[DERIVED_MARK] = SPIECE
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    def hf_tokenizer(self):
+        """The same tokenizer as a `transformers` fast tokenizer (cached), or None with a warning
+        when this SentencePiece model has no exact `tokenizers` equivalent (not T5's layout)."""
+        if not hasattr(self, "_hf"):
+            self._hf = self._convert()
+        return self._hf
+
+    def _convert(self):
+        import tempfile
+
+        from transformers import PreTrainedTokenizerFast, T5Tokenizer
+
+        sp = self._sp
+        layout = (sp.pad_id(), sp.eos_id(), sp.unk_id())
+        if layout != (0, 1, 2) or sp.bos_id() >= 0:
+            log.warning("%s: no tokenizer.json written (SentencePiece layout pad/eos/unk=%s, bos=%d is not T5's); "
+                        "load it with sentencepiece or dlr.data.load_tokenizer", self.model_file, layout, sp.bos_id())
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copyfile(self.model_file, os.path.join(tmp, SPIECE))
+            t5 = T5Tokenizer.from_pretrained(tmp, extra_ids=0)
+        backend = t5.backend_tokenizer
+        backend.post_processor = None  # no `</s>` after every text: prompts of a causal LM end open
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=sp.id_to_piece(sp.eos_id()),
+                                     pad_token=sp.id_to_piece(sp.pad_id()), unk_token=sp.id_to_piece(sp.unk_id()))
+        for text in _PROBES:
+            want, got = self._sp.encode(text), hf(text, add_special_tokens=True)["input_ids"]
+            if want != got:
+                log.warning("%s: no tokenizer.json written (the converted tokenizer gives %s for %r, SentencePiece %s)",
+                            self.model_file, got[:8], text[:20], want[:8])
+                return None
+        if len(hf) != self.vocab_size:
+            log.warning("%s: no tokenizer.json written (converted vocab %d != %d)", self.model_file, len(hf), self.vocab_size)
+            return None
+        return hf
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.model_file!r}, vocab_size={self.vocab_size})"
@@ -108,13 +183,21 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     if p.is_file() and p.suffix == ".model":
         return SentencePieceTokenizer(p)
     if p.is_dir():
-        # An HF save has tokenizer_config.json; prefer the plain SentencePiece reload otherwise.
-        if (p / SPIECE).is_file() and not (p / "tokenizer_config.json").is_file():
+        # An HF save has tokenizer_config.json; prefer the plain SentencePiece reload when
+        # there is none, or when it is the copy `SentencePieceTokenizer.save` derived.
+        if (p / SPIECE).is_file() and (not (p / HF_CONFIG).is_file() or _derived(p / HF_CONFIG)):
             return SentencePieceTokenizer(p / SPIECE)
         return HFTokenizer(str(p))
     if p.suffix == ".model" or name_or_path.startswith((".", "/", "~")):
         raise ConfigError(f"tokenizer path {name_or_path!r} does not exist")
     return HFTokenizer(name_or_path)
+
+
+def _derived(config_file: Path) -> bool:
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get(DERIVED_MARK) == SPIECE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
