@@ -55,6 +55,11 @@ def test_run_dir_contract_and_exact_fold(tmp_path):
     assert abs(on_disk["folded_val_ppl"] - on_disk["val_ppl"]) / on_disk["val_ppl"] < 1e-5
     assert on_disk["deploy_params"] == on_disk["train_params"]  # the residual has no parameters
     assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    # The model directories say where in training they were written (docs/checkpoints.md).
+    for name in ("final", "folded"):
+        extra = json.loads((out / name / "dlr_checkpoint.json").read_text())["extra"]
+        assert (extra["step"], extra["tokens"]) == (4, on_disk["tokens"]) and on_disk["tokens"] == 4 * 8 * 256
+    assert extra["folded_from"] == str(out / "final")
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

@@ -430,7 +430,10 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
     out_dir = Path(cfg.out_dir)
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    save_final(unwrapped, tokenizer, out_dir / "final", accelerator.is_main_process)
+    # What docs/checkpoints.md promises in dlr_checkpoint.json: where in training this model is.
+    extra = {"step": plan.steps, "tokens": plan.total_tokens, "val_loss": last_eval["val_loss"],
+             "val_tokens": last_eval["val_tokens"]}
+    save_final(unwrapped, tokenizer, out_dir / "final", accelerator.is_main_process, extra=extra)
     summary = {
         "model": unwrapped.config.dlr_size, "method": cfg.method, "rank": unwrapped.config.dlr_rank,
         "alpha": cfg.alpha, "seed": cfg.seed, "optimizer": cfg.optimizer.name, "steps": plan.steps,
@@ -451,7 +454,8 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
                         "folded_val_ppl": folded_eval["val_ppl"], "deploy_params": deploy.total_params,
                         "deploy_non_embedding_params": deploy.non_embedding_params,
                         "fold_rel_ppl_diff": abs(folded_eval["val_ppl"] - last_eval["val_ppl"]) / last_eval["val_ppl"]})
-        save_final(unwrapped, tokenizer, out_dir / "folded", accelerator.is_main_process)
+        save_final(unwrapped, tokenizer, out_dir / "folded", accelerator.is_main_process,
+                   extra={**extra, "val_loss": folded_eval["val_loss"], "folded_from": str(out_dir / "final")})
     if accelerator.is_main_process:
         write_summary(out_dir, summary)
     accelerator.wait_for_everyone()

@@ -184,11 +184,12 @@ def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_mai
     return Path(out_dir).expanduser().absolute()
 
 
-def save_final(model, tokenizer, out_dir: str | os.PathLike, is_main: bool) -> None:
-    """final/ and folded/: streamed from the shards under FSDP2, from the main process under DDP."""
+def save_final(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, extra: dict | None = None) -> None:
+    """final/ and folded/: streamed from the shards under FSDP2, from the main process under DDP.
+    `extra` goes into dlr_checkpoint.json (the trainer's step, tokens, val loss)."""
     from ..checkpoint import save_model_dir
 
     if is_sharded(model):
-        save_model_dir_gathered(model, tokenizer, out_dir, is_main)
+        save_model_dir_gathered(model, tokenizer, out_dir, is_main, extra=extra)
     elif is_main:
-        save_model_dir(model, tokenizer, out_dir)
+        save_model_dir(model, tokenizer, out_dir, extra=extra)
