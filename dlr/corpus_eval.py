@@ -1,0 +1,196 @@
+"""Corpus perplexity done right: a sliding-window evaluation over the whole concatenated corpus.
+
+The fixed validation set (`dlr.data.validation_batches`) is the pre-training protocol: the first
+`val_tokens` tokens of C4 validation, one document per row cut at `seq_len` (paper mode). On a
+corpus such as WikiText that protocol measures almost nothing: a file whose blank lines hold a
+space is one "paragraph", cut to 256 tokens. The standard protocol for corpus perplexity (the
+one of the transformers perplexity guide and of GPT-2's WikiText numbers) is used here instead:
+
+- the corpus is one token stream: `EOS doc_1 EOS doc_2 ...` (a text file is one document; for
+  JSON sources each record is). The leading EOS is the document-boundary context the models
+  were trained with (no BOS), so the very first token is scored too;
+- windows of `window` tokens start every `stride` tokens; each scores only the tokens the
+  previous window did not, so every token is scored exactly once, with at least
+  `window - stride` tokens of context (fewer only inside the first window);
+- the loss is summed over tokens (`dlr.evaluation.evaluate`, token-weighted, all-reduced),
+  so token perplexity = exp(sum NLL / tokens), word perplexity = exp(sum NLL / words) and
+  bits per byte = sum NLL / (ln 2 * UTF-8 bytes), the last two tokenizer-independent.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dlr.data.sources import _open_text, check_local_file, iter_file, resolve_files
+from dlr.data.spec import DataSpec
+from dlr.data.tokenizer import Tokenizer
+from dlr.errors import ConfigError
+
+_CHUNK_CHARS = 1 << 20  # a big file is tokenized in ~1 MB pieces cut at line ends
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The token stream of a corpus, `EOS doc_1 EOS doc_2 ...`, possibly cut to a budget."""
+
+    ids: torch.Tensor  # 1-D int64; ids[0] is the leading EOS (context, never scored)
+    corpus_tokens: int  # tokens of the whole corpus (documents + separating EOS), before any budget
+    words: int  # whitespace-separated words of the whole corpus
+    bytes: int  # UTF-8 bytes of the whole corpus
+    documents: int
+    files: tuple[str, ...]
+    complete: bool  # False when a hub/JSON source was read only up to the budget
+
+    @property
+    def scored_tokens(self) -> int:
+        return int(self.ids.numel()) - 1
+
+
+def _read_text_file(path: str) -> Iterator[str]:
+    """A whole text file, in pieces cut after a newline (SentencePiece starts a word after
+    whitespace anyway, so the ids equal those of the file tokenized in one piece)."""
+    with _open_text(path) as f:
+        buf = io.StringIO()
+        size = 0
+        for line in f:
+            buf.write(line)
+            size += len(line)
+            if size >= _CHUNK_CHARS:
+                yield buf.getvalue()
+                buf, size = io.StringIO(), 0
+        if size:
+            yield buf.getvalue()
+
+
+def _documents(spec: DataSpec, files: list[str]) -> Iterator[list[str]]:
+    """Each document as a list of text pieces: a whole text file, or one JSON record."""
+    for f in files:
+        if spec.source == "text":
+            pieces = [p for p in _read_text_file(f)]
+            if any(p.strip() for p in pieces):
+                yield pieces
+        else:
+            for _, text in iter_file(spec, f):
+                yield [text]
+
+
+def load_corpus(spec: DataSpec, tokenizer: Tokenizer, budget: int | None = None) -> Corpus:
+    """Tokenize the validation split of `spec` into one stream (see module doc).
+
+    `budget` caps the scored tokens. A text corpus is always read to its end, so the share
+    that the budget leaves out is known; a hub/JSON split stops at the budget.
+    """
+    files = resolve_files(spec, "validation")
+    for f in files:
+        check_local_file(spec, f)
+    eos = tokenizer.eos_id
+    stream: list[int] = [eos]
+    total = words = nbytes = docs = 0
+    read_all = spec.source == "text"
+    complete = True
+    for pieces in _documents(spec, files):
+        if docs:
+            doc_ids = [eos]  # the separator is a real token the model must predict
+        else:
+            doc_ids = []
+        for ids in tokenizer.encode_batch(pieces):
+            doc_ids.extend(ids)
+        docs += 1
+        total += len(doc_ids)
+        words += sum(len(p.split()) for p in pieces)
+        nbytes += sum(len(p.encode("utf-8")) for p in pieces) + (1 if docs > 1 else 0)
+        if budget is None or len(stream) - 1 < budget:
+            stream.extend(doc_ids)
+        if budget is not None and total >= budget and not read_all:
+            complete = False
+            break
+    if docs == 0:
+        raise ConfigError(f"the validation split has no text (files: {', '.join(files[:3])})")
+    if budget is not None:
+        stream = stream[: budget + 1]
+    return Corpus(ids=torch.tensor(stream, dtype=torch.int64), corpus_tokens=total, words=words, bytes=nbytes,
+                  documents=docs, files=tuple(files), complete=complete)
+
+
+def check_window(window: int, stride: int) -> None:
+    for key, v in (("window", window), ("stride", stride)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key}={v!r} is not valid; accepted: an integer >= 1")
+    if window < 2:
+        raise ConfigError(f"window={window} is not valid; accepted: an integer >= 2")
+    if stride > window:
+        raise ConfigError(f"stride={stride} is not valid; accepted: 1 <= stride <= window ({window}), "
+                          "or tokens would be skipped")
+
+
+def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a stream of `n` ids whose
+    positions 1..n-1 are scored: every one exactly once, by the first window that reaches it."""
+    check_window(window, stride)
+    spans: list[tuple[int, int, int]] = []
+    prev_end = 1  # position 0 (the leading EOS) is context only
+    begin = 0
+    while prev_end < n:
+        end = min(begin + window, n)
+        if end > prev_end:
+            spans.append((begin, end, prev_end))
+            prev_end = end
+        begin += stride
+    return spans
+
+
+def sliding_batches(ids: torch.Tensor, window: int, stride: int, batch_size: int, pad_id: int,
+                    rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's windows (every world_size-th), as {"input_ids", "labels"} rows of `window`
+    (right-padded, -100 on context and padding), for `dlr.evaluation.evaluate`."""
+    spans = window_spans(int(ids.numel()), window, stride)[rank::world_size]
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i: i + batch_size]
+        x = torch.full((len(chunk), window), pad_id, dtype=torch.int64)
+        y = torch.full((len(chunk), window), -100, dtype=torch.int64)
+        for r, (b, e, first) in enumerate(chunk):
+            x[r, : e - b] = ids[b:e]
+            y[r, first - b: e - b] = ids[first:e]  # evaluate() scores labels[:, 1:]: first - b >= 1
+        yield {"input_ids": x, "labels": y}
+
+
+def corpus_metrics(loss: float, scored: int, corpus: Corpus) -> dict:
+    """Token perplexity; word perplexity and bits per byte when the whole corpus was scored."""
+    out: dict = {"token_ppl": math.exp(loss) if loss < 700 else float("inf"), "scored_tokens": scored,
+                 "corpus_tokens": corpus.corpus_tokens if corpus.complete else None,
+                 "documents": corpus.documents}
+    whole = corpus.complete and scored == corpus.corpus_tokens
+    nll = loss * scored
+    out["words"] = corpus.words if whole else None
+    out["word_ppl"] = (math.exp(nll / corpus.words) if nll / corpus.words < 700 else float("inf")) \
+        if whole and corpus.words else None
+    out["bytes"] = corpus.bytes if whole else None
+    out["bits_per_byte"] = nll / (math.log(2) * corpus.bytes) if whole and corpus.bytes else None
+    return out
+
+
+def split_tokens(spec: DataSpec, tokenizer: Tokenizer) -> int:
+    """Tokens of the validation split as the row protocol sees it: every document + its EOS."""
+    files = resolve_files(spec, "validation")
+    n = 0
+    for f in files:
+        texts = [t for _, t in iter_file(spec, f)]
+        for i in range(0, len(texts), 256):
+            n += sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts[i: i + 256]))
+    return n
+
+
+def check_coverage(scored: int, total: int, min_coverage: float, how: str, fix: str) -> None:
+    """An evaluation that scores too little of the corpus is an error, not a warning."""
+    if total <= 0:
+        return
+    share = scored / total
+    if share < min_coverage:
+        raise ConfigError(
+            f"{how} would score {scored:,} of the corpus's {total:,} tokens ({share:.1%}), below "
+            f"min_coverage={min_coverage}; {fix}, or lower min_coverage if a partial measurement is really meant"
+        )
