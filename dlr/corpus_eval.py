@@ -9,7 +9,7 @@ one of the transformers perplexity guide and of GPT-2's WikiText numbers) is use
 - the corpus is one token stream: `EOS doc_1 EOS doc_2 ...` (a text file is one document; for
   JSON sources each record is). The leading EOS is the document-boundary context the models
   were trained with (no BOS), so the very first token is scored too;
-- windows of `window` tokens start every `stride` tokens; each scores only the tokens the
+- windows of `window` tokens move by `stride` tokens; each scores only the tokens the
   previous window did not, so every token is scored exactly once, with at least
   `window - stride` tokens of context (fewer only inside the first window);
 - the loss is summed over tokens (`dlr.evaluation.evaluate`, token-weighted, all-reduced),
@@ -122,24 +122,24 @@ def check_window(window: int, stride: int) -> None:
             raise ConfigError(f"{key}={v!r} is not valid; accepted: an integer >= 1")
     if window < 2:
         raise ConfigError(f"window={window} is not valid; accepted: an integer >= 2")
-    if stride > window:
-        raise ConfigError(f"stride={stride} is not valid; accepted: 1 <= stride <= window ({window}), "
-                          "or tokens would be skipped")
+    if stride >= window:
+        raise ConfigError(f"stride={stride} is not valid; accepted: 1 <= stride < window ({window}): a window "
+                          "needs at least one token of context before the tokens it scores")
 
 
 def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over a stream of `n` ids whose
-    positions 1..n-1 are scored: every one exactly once, by the first window that reaches it."""
+    positions 1..n-1 are scored: every one exactly once. The first window scores its
+    `window - 1` tokens; each later one scores the next `stride` tokens after
+    `window - stride` tokens of context (the last one may score fewer)."""
     check_window(window, stride)
-    spans: list[tuple[int, int, int]] = []
-    prev_end = 1  # position 0 (the leading EOS) is context only
-    begin = 0
-    while prev_end < n:
-        end = min(begin + window, n)
-        if end > prev_end:
-            spans.append((begin, end, prev_end))
-            prev_end = end
-        begin += stride
+    if n < 2:
+        return []
+    end = min(window, n)
+    spans = [(0, end, 1)]
+    while end < n:
+        first, end = end, min(end + stride, n)
+        spans.append((max(0, end - window), end, first))
     return spans
 
 

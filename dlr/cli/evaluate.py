@@ -102,6 +102,10 @@ def eval_main(args: list[str]) -> int:
     protocol = str(cfg.protocol)
     if protocol == "auto" and spec is not None:
         protocol = "sliding" if spec.source == "text" else "rows"
+    if protocol == "sliding" and spec is not None:
+        from dlr.corpus_eval import check_window
+
+        check_window(spec.seq_len, _stride(cfg, spec))
 
     started_pg = False
     if world > 1 and not torch.distributed.is_initialized():
@@ -165,9 +169,12 @@ def _data_description(spec, files: list[str] | tuple[str, ...]) -> dict:
     return d
 
 
+def _stride(cfg, spec) -> int:
+    return int(cfg.stride) if cfg.stride is not None else max(1, spec.seq_len // 2)
+
+
 def _perplexity(cfg, spec, protocol: str, model, tokenizer, device, dtype, rank: int, world: int) -> dict:
-    from dlr.corpus_eval import (check_coverage, check_window, corpus_metrics, load_corpus, sliding_batches,
-                                 split_tokens)
+    from dlr.corpus_eval import check_coverage, corpus_metrics, load_corpus, sliding_batches, split_tokens
     from dlr.data import resolve_files, validation_batches
     from dlr.evaluation import evaluate
 
@@ -175,9 +182,7 @@ def _perplexity(cfg, spec, protocol: str, model, tokenizer, device, dtype, rank:
     min_cov = float(cfg.min_coverage)
     corpus_check = spec.source == "text"  # a fixed C4 budget is the pre-training protocol, not a corpus
     if protocol == "sliding":
-        window = spec.seq_len
-        stride = int(cfg.stride) if cfg.stride is not None else max(1, window // 2)
-        check_window(window, stride)
+        window, stride = spec.seq_len, _stride(cfg, spec)
         corpus = load_corpus(spec, tokenizer, budget=spec.val_tokens)
         if corpus_check:
             check_coverage(corpus.scored_tokens, corpus.corpus_tokens, min_cov,
