@@ -12,7 +12,7 @@ import difflib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ class TaskRequest:
     num_fewshot: int | None
     limit: int | None
     include_path: str | None
+    manager: Any = field(default=None, compare=False, repr=False)  # lm_eval's TaskManager, built once
 
 
 def split_task_override(args: list[str]) -> list[str]:
@@ -48,7 +49,7 @@ def split_task_override(args: list[str]) -> list[str]:
 
 
 def parse_tasks(tasks: Any, num_fewshot: Any, limit: Any, include_path: Any) -> TaskRequest:
-    """Validate the task options (names are checked against lm_eval's registry later, once loaded)."""
+    """Validate the task options and names (against lm_eval's registry), before any weights are read."""
     if isinstance(tasks, str):
         names = [t.strip() for t in tasks.split(",")]
     else:
@@ -63,8 +64,11 @@ def parse_tasks(tasks: Any, num_fewshot: Any, limit: Any, include_path: Any) -> 
             raise bad_value(key, v, f"an integer >= {0 if key == 'num_fewshot' else 1}, or null")
     if include_path is not None and not Path(str(include_path)).expanduser().is_dir():
         raise ConfigError(f"include_path={str(include_path)!r} is not a directory of lm-evaluation-harness task YAMLs")
-    return TaskRequest(tuple(dict.fromkeys(names)), num_fewshot, limit,
-                       str(Path(str(include_path)).expanduser()) if include_path is not None else None)
+    include = str(Path(str(include_path)).expanduser()) if include_path is not None else None
+    names = tuple(dict.fromkeys(names))
+    tm = task_manager(include)
+    _check_names(tm, names)
+    return TaskRequest(names, num_fewshot, limit, include, tm)
 
 
 def task_manager(include_path: str | None = None):
@@ -81,7 +85,7 @@ def _check_names(tm, names: tuple[str, ...]) -> None:
             near = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f"did you mean {', '.join(near)}? " if near else ""
             raise ConfigError(f"tasks: unknown lm-evaluation-harness task {name!r}; {hint}bundled (offline): "
-                              f"{', '.join(BUNDLED_TASKS)}; any task of `lm_eval ls tasks` otherwise")
+                              f"{', '.join(BUNDLED_TASKS)}; any task `lm-eval ls tasks` lists otherwise")
 
 
 def _metrics(raw: dict) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def run_tasks(model: torch.nn.Module, ckpt: str | os.PathLike, req: TaskRequest,
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
-    tm = task_manager(req.include_path)
+    tm = req.manager or task_manager(req.include_path)
     _check_names(tm, req.names)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
