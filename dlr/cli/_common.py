@@ -27,8 +27,10 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose `configs/<config_name>.yaml` with key=value overrides; ConfigError on misuse."""
+def compose(config_name: str, overrides: list[str], groups: tuple[str, ...] = ("data",)) -> DictConfig:
+    """Compose `configs/<config_name>.yaml` with key=value overrides; ConfigError on misuse.
+
+    `groups`: the config groups this config uses, whose choices are checked up front."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -39,7 +41,7 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"argument {o!r} is not a key=value override; e.g. ckpt=runs/x/final")
         key, value = o.split("=", 1)
         group = key.lstrip("+~")
-        if group in ("data",) and value not in group_options(group):
+        if group in groups and value not in group_options(group):
             raise ConfigError(f"unknown data config {value!r}; accepted: {', '.join(group_options(group))}")
     GlobalHydra.instance().clear()
     try:

@@ -1,0 +1,264 @@
+"""Supervised fine-tuning of a model directory with TRL's SFTTrainer (loss on the responses only).
+
+Data flows as in pre-training: config -> (model directory, prompt/response data) -> trainer ->
+model directory. The model is the `DlrLlamaForCausalLM` that `load_model_dir` built and
+checked, trained in place: its projections stay `LowRankLinear` factors, so the result has
+exactly the parameter count of the input (checked before writing). With `lora=true`, peft
+puts LoRA adapters on the factors themselves (`target_parameters`: `*.A`, `*.B`; dense
+`nn.Linear` projections of a `full` model through `target_modules`) and merges them back at
+the end, so the output is again a plain model directory of the same shape.
+
+The run directory mirrors the trainer's: `config.yaml`, `checkpoints/checkpoint-<N>/` (the HF
+Trainer's resumable state), `metrics.jsonl`, `final/` (a model directory) and `summary.json`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dlr.errors import ConfigError, bad_value
+
+log = logging.getLogger("dlr.finetune")
+LOCAL_DATA = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+# Keys that may change between a run and its resumption.
+RUNTIME_KEYS = {"resume", "progress", "log_every", "save_every", "keep_last", "logger", "device"}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every cheap check, before a weight or a record is read."""
+    ints = {"steps": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "seed": 0, "save_every": 1,
+            "keep_last": 1, "lora_rank": 1, "log_every": 1}
+    for key, minimum in ints.items():
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise bad_value(key, v, f"an integer >= {minimum}")
+    for key, lo, hi in (("lr", 0.0, math.inf), ("warmup_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
+                        ("lora_alpha", 0.0, math.inf), ("lora_dropout", 0.0, 1.0)):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or (key == "lr" and v == 0):
+            raise bad_value(key, v, f"a number in [{lo}, {hi}]" + (" above 0" if key == "lr" else ""))
+    for key in ("lora", "progress"):
+        if not isinstance(cfg[key], bool):
+            raise bad_value(key, cfg[key], "true, false")
+    for key, accepted in (("resume", ("auto", "never")), ("precision", ("auto", "fp32", "bf16")),
+                          ("logger", ("none", "wandb")), ("device", ("auto", "cpu", "cuda"))):
+        if cfg[key] not in accepted:
+            raise bad_value(key, cfg[key], accepted)
+    for key in ("train_data", "prompt_field", "response_field", "train_split", "eval_split"):
+        if not isinstance(cfg[key], str) or not cfg[key]:
+            raise bad_value(key, cfg[key], "a non-empty string")
+    if cfg.prompt_field == cfg.response_field:
+        raise ConfigError(f"prompt_field and response_field are both {cfg.prompt_field!r}; they must name two fields")
+
+
+def out_dir_of(cfg: DictConfig, ckpt: Path) -> Path:
+    out = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else ckpt.parent / f"{ckpt.name}-sft"
+    ck, o = ckpt.resolve(), out.resolve()
+    if o == ck or ck in o.parents or o in ck.parents:
+        raise ConfigError(f"out_dir={str(out)!r} overlaps ckpt={str(ckpt)!r}; accepted: a separate directory")
+    return out
+
+
+def _is_local(spec: str) -> bool:
+    return spec.endswith(LOCAL_DATA) or spec.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(spec))
+
+
+def load_pairs(spec: str, split: str, prompt_field: str, response_field: str, key: str = "data"):
+    """`key` names the setting in error messages (data= on the command line, or eval_data=)."""
+    # A `datasets.Dataset` with exactly the columns TRL's prompt-completion format wants.
+    import datasets
+
+    if _is_local(spec):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{key}={spec!r} does not exist; accepted: a .jsonl/.json file of "
+                              f"{{{prompt_field}, {response_field}}} records, or a hub dataset id")
+        try:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        except Exception as e:
+            raise ConfigError(f"{key}={spec!r} is not JSON lines ({str(e).splitlines()[0][:120]})") from None
+    else:
+        try:
+            ds = datasets.load_dataset(spec, split=split)
+        except Exception as e:
+            raise ConfigError(f"{key}={spec!r}: cannot load split {split!r} from the hub "
+                              f"({str(e).splitlines()[0][:160]}); offline, give a local .jsonl file") from None
+    missing = [f for f in (prompt_field, response_field) if f not in ds.column_names]
+    if missing:
+        raise ConfigError(f"{key}={spec!r}: records lack field(s) {', '.join(map(repr, missing))} (they have "
+                          f"{', '.join(ds.column_names[:8])}); set prompt_field=/response_field=")
+    if len(ds) == 0:
+        raise ConfigError(f"{key}={spec!r} holds no records")
+    for i, rec in enumerate(ds.select(range(min(len(ds), 1000)))):
+        p, r = rec[prompt_field], rec[response_field]
+        if not isinstance(p, str) or not isinstance(r, str) or not r.strip():
+            raise ConfigError(f"{key}={spec!r}: record {i} has a non-string prompt or an empty response")
+    ds = ds.select_columns([prompt_field, response_field])
+    return ds.rename_columns({prompt_field: "prompt", response_field: "completion"}) \
+        if (prompt_field, response_field) != ("prompt", "completion") else ds
+
+
+def lora_config(model: torch.nn.Module, cfg: DictConfig):
+    """Adapters on every projection: the factors A and B of a LowRankLinear, or a dense Linear."""
+    from peft import LoraConfig
+
+    from dlr.hf.lowrank import PROJECTIONS, LowRankLinear
+
+    params, modules = set(), set()
+    for name, m in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if short not in PROJECTIONS:
+            continue
+        if isinstance(m, LowRankLinear):
+            params |= {f"{short}.A", f"{short}.B"}
+        elif isinstance(m, torch.nn.Linear):
+            modules.add(short)
+    return LoraConfig(r=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
+                      target_parameters=sorted(params) or None, target_modules=sorted(modules) or None,
+                      task_type="CAUSAL_LM")
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    d = out_dir / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _check_out_dir(out_dir: Path, cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from (None = start), after refusing a different config."""
+    saved = out_dir / "config.yaml"
+    resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RUNTIME_KEYS}
+    if saved.is_file():
+        before = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved), resolve=True).items()
+                  if k not in RUNTIME_KEYS}
+        diff = sorted(k for k in set(before) | set(resolved) if before.get(k) != resolved.get(k))
+        if diff:
+            raise ConfigError(f"out_dir={str(out_dir)!r} holds a fine-tuning run with a different config (differs in: "
+                              f"{', '.join(diff[:8])}); accepted: the same config (to resume) or another out_dir")
+    found = _checkpoints(out_dir)
+    if found and cfg.resume == "never":
+        raise ConfigError(f"resume='never' but out_dir={str(out_dir)!r} has checkpoints; accepted: resume=auto or another out_dir")
+    return found[-1] if found else None
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
+    """Run (or resume) one fine-tuning job; returns the summary that is also written to disk.
+    `callbacks`: extra transformers TrainerCallbacks (e.g. early stopping, custom logging)."""
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from dlr.checkpoint import describe, load_model_dir, read_config, save_model_dir
+    from dlr.cli.evaluate import pick_device
+
+    validate(cfg)
+    ckpt = Path(str(cfg.ckpt)).expanduser()
+    config = read_config(ckpt)
+    out_dir = out_dir_of(cfg, ckpt)
+    resume_from = _check_out_dir(out_dir, cfg)
+    train_ds = load_pairs(str(cfg.train_data), str(cfg.train_split), str(cfg.prompt_field), str(cfg.response_field))
+    eval_ds = None
+    if cfg.eval_data is not None:
+        eval_ds = load_pairs(str(cfg.eval_data), str(cfg.eval_split), str(cfg.prompt_field), str(cfg.response_field),
+                             key="eval_data")
+    device = pick_device(str(cfg.device), 0)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if bf16 and device.type == "cpu" and cfg.precision == "bf16":
+        log.warning("precision=bf16 on the CPU: autocast bf16 is slow there")
+
+    model, tokenizer = load_model_dir(ckpt, device=device)
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(str(ckpt))
+    except Exception as e:
+        raise ConfigError(f"{str(ckpt)!r}: AutoTokenizer cannot load its tokenizer ({str(e).splitlines()[0][:160]}); "
+                          "re-save it with dlr-fold or dlr.data.load_tokenizer(dir).save(dir)") from None
+    n_params = _param_count(model)
+    model.train()
+    trained = model
+    if cfg.lora:
+        from peft import get_peft_model
+
+        torch.manual_seed(int(cfg.seed))
+        trained = get_peft_model(model, lora_config(model, cfg))
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume_from is None and metrics_path.exists():
+        metrics_path.unlink()
+
+    class _Metrics(TrainerCallback):
+        """The Trainer's log records as JSON lines, like the pre-training run's metrics.jsonl."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and state.is_world_process_zero:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"), max_steps=int(cfg.steps), learning_rate=float(cfg.lr),
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(float(cfg.warmup_ratio) * int(cfg.steps)),
+        weight_decay=float(cfg.weight_decay), per_device_train_batch_size=int(cfg.batch_size),
+        per_device_eval_batch_size=int(cfg.batch_size), gradient_accumulation_steps=int(cfg.grad_accum),
+        max_length=int(cfg.max_length), completion_only_loss=True, packing=False, seed=int(cfg.seed),
+        data_seed=int(cfg.seed), save_strategy="steps", save_steps=int(cfg.save_every),
+        save_total_limit=int(cfg.keep_last), logging_steps=int(cfg.log_every), bf16=bf16,
+        use_cpu=device.type == "cpu", report_to=["wandb"] if cfg.logger == "wandb" else [],
+        disable_tqdm=not cfg.progress, dataloader_num_workers=0, eval_strategy="no",
+    )
+    trainer = SFTTrainer(model=trained, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=hf_tok, callbacks=[_Metrics(), *callbacks])
+    summary: dict[str, Any] = {"ckpt": str(ckpt.resolve()), "model": describe(config), "data": str(cfg.train_data),
+                               "examples": len(train_ds), "steps": int(cfg.steps), "lora": bool(cfg.lora),
+                               "params": n_params, "trainable_params": trainable}
+    if eval_ds is not None:
+        previous = _read_summary(out_dir)
+        summary["eval_loss_before"] = previous.get("eval_loss_before") if resume_from is not None \
+            else trainer.evaluate()["eval_loss"]
+        _write_summary(out_dir, {**summary, "finished": False})  # a resumed run reports the same "before"
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    summary["train_loss"] = float(result.training_loss)
+    if eval_ds is not None:
+        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+
+    final_model = trained.merge_and_unload() if cfg.lora else trained
+    final_model.eval()
+    if _param_count(final_model) != n_params or type(final_model) is not type(model):
+        raise RuntimeError(f"fine-tuning changed the model: {type(final_model).__name__} with "
+                           f"{_param_count(final_model)} parameters, expected {n_params}")  # a bug, not bad input
+    meta = json.loads((ckpt / "dlr_checkpoint.json").read_text()).get("extra", {}) \
+        if (ckpt / "dlr_checkpoint.json").is_file() else {}
+    extra = {**{k: v for k, v in meta.items() if k in ("step", "tokens")}, "finetuned_from": str(ckpt.resolve()),
+             "finetune": {"data": str(cfg.train_data), "steps": int(cfg.steps), "lora": bool(cfg.lora),
+                          "train_loss": summary["train_loss"]}}
+    save_model_dir(final_model, tokenizer, out_dir / "final", extra=extra)
+    summary["final"] = str((out_dir / "final").resolve())
+    summary["finished"] = True
+    _write_summary(out_dir, summary)
+    return summary
+
+
+def _write_summary(out_dir: Path, summary: dict) -> None:
+    tmp = out_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(out_dir / "summary.json")
+
+
+def _read_summary(out_dir: Path) -> dict:
+    try:
+        return json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
