@@ -80,7 +80,9 @@ class SentencePieceTokenizer:
         `PreTrainedTokenizerFast`, a class every transformers >= 4 loads.
         """
         os.makedirs(directory, exist_ok=True)
-        shutil.copyfile(self.model_file, os.path.join(directory, SPIECE))
+        target = os.path.join(directory, SPIECE)
+        if not (os.path.exists(target) and os.path.samefile(self.model_file, target)):  # re-saving in place
+            shutil.copyfile(self.model_file, target)
         hf = self.hf_tokenizer()
         if hf is None:
             return
