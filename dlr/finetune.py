@@ -75,6 +75,19 @@ def load_pairs(spec: str, split: str, prompt_field: str, response_field: str, ke
     # A `datasets.Dataset` with exactly the columns TRL's prompt-completion format wants.
     import datasets
 
+    # Our one-line errors must stay one line: no "Generating train split" bars on stderr.
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_pairs(spec, split, prompt_field, response_field, key)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _load_pairs(spec: str, split: str, prompt_field: str, response_field: str, key: str):
+    import datasets
+
     if _is_local(spec):
         path = Path(spec).expanduser()
         if not path.is_file():

@@ -156,6 +156,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(folded, data, tmp_path):
     (["out_dir=CKPT/inside"], r"overlaps ckpt="),
     (["ckpt=/nonexistent/model"], r"checkpoint '/nonexistent/model' does not exist"),
     (["stepz=3"], r"bad command-line override"),
+    (["data=someone/sft_pairs"], r"data='someone/sft_pairs': cannot load split 'train' from the hub .*give a local .jsonl"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(folded, data, tmp_path, capsys, args, needle):
     args = [a.replace("CKPT", str(folded)) for a in args]
@@ -174,3 +175,26 @@ def test_another_config_in_out_dir_is_refused(folded, data, tmp_path, capsys):
     code, _, err = call(finetune_cli, [f"ckpt={folded}", f"data={data[0]}", f"out_dir={out}", *BASE], capsys)
     assert code == 2 and "holds a fine-tuning run with a different config" in err
     assert (out / "config.yaml").read_text() == "ckpt: elsewhere\n"
+
+
+@pytest.mark.parametrize("method", ["full", "lowrank"])
+def test_lora_targets_dense_projections_as_modules_and_factors_as_parameters(method):
+    from peft import get_peft_model
+
+    from dlr.finetune import lora_config
+
+    model = dlr.build_model("llama_tiny", method=method)
+    n = sum(p.numel() for p in model.parameters())
+    lc = lora_config(model, compose("finetune", ["ckpt=x", "train_data=y", "lora_rank=2"], groups=()))
+    if method == "full":
+        assert set(lc.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        assert not lc.target_parameters
+    else:
+        assert not lc.target_modules
+        assert set(lc.target_parameters) == {f"{p}.{f}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                   "up_proj", "down_proj") for f in "AB"}
+    peft_model = get_peft_model(model, lc)
+    x = torch.randint(0, 32000, (1, 8))
+    peft_model(input_ids=x, labels=x).loss.backward()
+    merged = peft_model.merge_and_unload()
+    assert type(merged).__name__ == "DlrLlamaForCausalLM" and sum(p.numel() for p in merged.parameters()) == n
