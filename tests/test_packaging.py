@@ -27,13 +27,15 @@ def test_non_editable_install_finds_configs_and_assets(tmp_path):
         "initialize_config_module('dlr.configs', version_base='1.3').__enter__(); "
         "c = compose('train', overrides=['model=llama_130m', 'data=c4_sample']); "
         "print(json.dumps({'file': dlr.__file__, 'sizes': dlr.size_names(), 'hidden': c.model.hidden_size, "
-        "'sample': resources.files('dlr.assets').joinpath('c4_sample').is_dir()}))"
+        "'sample': resources.files('dlr.assets').joinpath('c4_sample').is_dir(), "
+        "'task': sorted(p.name for p in resources.files('dlr.assets').joinpath('tasks', 'c4_cloze').iterdir())}))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["file"].startswith(str(site))  # the installed copy, not the source tree
     assert "llama_7b" in info["sizes"] and info["hidden"] == 768 and info["sample"]
+    assert {"c4_cloze.jsonl", "c4_cloze.yaml", "utils.py"} <= set(info["task"])  # the offline lm-eval task
     plan = subprocess.run([sys.executable, "-m", "dlr.cli.train", "model=llama_60m", "data=c4_sample", "dry_run=true"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr[-2000:]
