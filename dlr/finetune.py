@@ -198,6 +198,7 @@ def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
         raise ConfigError(f"{str(ckpt)!r}: AutoTokenizer cannot load its tokenizer ({str(e).splitlines()[0][:160]}); "
                           "re-save it with dlr-fold or dlr.data.load_tokenizer(dir).save(dir)") from None
     n_params = _param_count(model)
+    use_cache = model.config.use_cache  # the Trainer turns the KV cache off for training
     model.train()
     trained = model
     if cfg.lora:
@@ -249,6 +250,7 @@ def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
 
     final_model = trained.merge_and_unload() if cfg.lora else trained
     final_model.eval()
+    final_model.config.use_cache = use_cache
     if _param_count(final_model) != n_params or type(final_model) is not type(model):
         raise RuntimeError(f"fine-tuning changed the model: {type(final_model).__name__} with "
                            f"{_param_count(final_model)} parameters, expected {n_params}")  # a bug, not bad input

@@ -100,6 +100,8 @@ def test_finetune_learns_the_responses_keeps_the_factors_and_loads_anywhere(fold
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
     assert summary["params"] == summary["trainable_params"] == sum(v.numel() for v in after.values())
     assert not torch.equal(before["model.layers.0.mlp.up_proj.B"], after["model.layers.0.mlp.up_proj.B"])
+    # The same config.json: nothing the trainer toggled for training (use_cache) leaks into it.
+    assert json.loads((folded / "config.json").read_text()) == json.loads((out / "final" / "config.json").read_text())
     c0, c1 = read_config(folded), read_config(out / "final")
     assert (c1.dlr_method, c1.dlr_rank, c1.dlr_folded) == (c0.dlr_method, c0.dlr_rank, True)
     extra = json.loads((out / "final" / "dlr_checkpoint.json").read_text())["extra"]
