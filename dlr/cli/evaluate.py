@@ -105,6 +105,9 @@ def eval_main(args: list[str]) -> int:
     if protocol == "sliding" and spec is not None:
         from dlr.corpus_eval import check_window
 
+        if spec.source not in ("hub", "json", "text"):
+            raise ConfigError(f"protocol=sliding reads documents; data.source={spec.source!r} holds prepared token "
+                              "shards; accepted there: protocol=rows (or auto)")
         check_window(spec.seq_len, _stride(cfg, spec))
 
     started_pg = False
@@ -165,6 +168,8 @@ def _data_description(spec, files: list[str] | tuple[str, ...]) -> dict:
         d.update({"path": spec.path, "name": spec.name})
     if spec.source == "text":
         d["sample_by"] = spec.sample_by
+    if spec.source == "tokens":  # a dlr-prepare directory of token shards
+        d["path"] = spec.path
     d["validation_files"] = list(files)
     return d
 
@@ -195,7 +200,8 @@ def _perplexity(cfg, spec, protocol: str, model, tokenizer, device, dtype, rank:
         out.update(corpus_metrics(res["val_loss"], res["val_tokens"], corpus))
         out["data"] = _data_description(spec, corpus.files)
         return out
-    files = resolve_files(spec, "validation")
+    # The files read (the hub's are listed by validation_batches itself; token shards have none).
+    files = resolve_files(spec, "validation") if spec.source in ("json", "text") else spec.validation_files
     batches = validation_batches(spec, tokenizer, cfg.batch_size, rank=rank, world_size=world)
     if corpus_check:
         total = split_tokens(spec, tokenizer)
