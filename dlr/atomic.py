@@ -93,7 +93,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-def _normalize_modes(root: Path) -> None:
+def normalize_modes(root: Path) -> None:
     fm, dm = file_mode(), dir_mode()
     for dirpath, dirnames, filenames in os.walk(root):
         os.chmod(dirpath, dm)
@@ -117,7 +117,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        _normalize_modes(tmp)
+        normalize_modes(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ..atomic import normalize_modes
 from ..counting import model_stats
 from ..data import check_vocab, data_spec, load_tokenizer, train_batches, validation_batches
 from ..errors import ConfigError, TrainingDiverged
@@ -301,9 +302,12 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
             raise TrainingDiverged(
                 f"non-finite weights or optimizer state at step {at_step} ({len(bad)} tensors, e.g. {bad[0]}); "
                 f"not saved. Last finite checkpoint: {good or 'none'} (try a lower lr={cfg.lr})")
-        save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler, _data_state(data, accelerator, device),
-                        {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall, "wandb_id": wandb_id},
-                        cfg.keep_last)
+        saved = save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler,
+                                _data_state(data, accelerator, device),
+                                {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall,
+                                 "wandb_id": wandb_id}, cfg.keep_last)
+        if accelerator.is_main_process:
+            normalize_modes(saved)  # safetensors writes 0600; every file of a run gets one mode
 
     peak = peak_flops(device)
     progress = tqdm(total=plan.steps, initial=step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
