@@ -39,7 +39,7 @@ def checkpoint_is_finite(ckpt: Path) -> bool:
     """Every tensor of every safetensors file in a training checkpoint directory is finite."""
     from safetensors import safe_open
 
-    files = sorted(Path(ckpt).glob("*.safetensors"))
+    files = sorted(Path(ckpt).rglob("*.safetensors"))  # state/ shards included
     if not files:
         return False
     try:
