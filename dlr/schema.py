@@ -356,7 +356,7 @@ def describe_field(f: dataclasses.Field) -> str:
     if m.get("choices"):
         return ", ".join("null" if c is None else str(c) for c in m["choices"])
     bounds = [f"{op} {m[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if m.get(k) is not None]
-    desc = kind if kind != "an integer" else "an integer"
+    desc = kind
     if bounds:
         desc += " " + " and ".join(bounds)
     if str(f.type).startswith("Optional") or str(f.type).startswith("typing.Optional"):
@@ -430,8 +430,9 @@ def validate(schema: type, cfg: Mapping[str, Any], prefix: str = "") -> None:
             raise unknown_key(str(key), list(fields), prefix)
     for name, f in fields.items():
         label = prefix + name
-        if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, name) or (name not in cfg and f.default is MISSING
-                                                                                and f.default_factory is MISSING):
+        missing = OmegaConf.is_missing(cfg, name) if isinstance(cfg, DictConfig) else \
+            (name not in cfg and f.default is MISSING and f.default_factory is MISSING)
+        if missing:
             raise ConfigError(f"{label} is required (it is unset); set {label}=...")
         if name not in cfg:
             continue
