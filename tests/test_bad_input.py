@@ -119,6 +119,11 @@ CASES = [
     (T, ["data.num_workers=-1"], "data.num_workers=-1"),
     (T, ["model.hidden_size=abc"], "model.hidden_size='abc'"),
     (T, ["-m", "seed=0,abc"], "seed='abc'"),
+    (T, ["compile=maybe"], "compile='maybe'"),
+    (T, ["loss=fast"], "loss='fast'"),
+    (T, ["latent_alpha=-1"], "latent_alpha=-1"),
+    (T, ["latent_alpha=1", "trainable_latent_scale=true"], "latent_alpha=1.0"),
+    (T, ["+variance_corection=false"], "did you mean 'variance_correction'"),
     # dry_run checks the optimizer, resume and interval settings too
     (T, ["dry_run=true", "optimizer=spectron", "method=full"], "method='full'"),
     (T, ["dry_run=true", "resume=/nonexistent/ckpt"], "/nonexistent/ckpt"),
@@ -163,6 +168,7 @@ CASES = [
     ("compare", ["{run}", "--out", "{files}/afile"], "afile"),
     ("compare", ["{run}", "--bogus"], "--bogus"),
     ("compare", ["{run}", "--out="], "out=''"),
+    ("compare", ["{run}", "--by", "no_such_key"], "no_such_key"),
 ]
 
 
