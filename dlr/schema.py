@@ -516,3 +516,19 @@ def load(schema: type, cfg: Mapping[str, Any], prefix: str = "") -> Any:
         values[k] = v
     validate(schema, values, prefix)
     return schema(**values)
+
+
+def find_field(schema: type, dotted: str) -> dataclasses.Field | None:
+    """The field a dotted key names (optimizer keys: in whichever optimizer schema has it)."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    if head not in fields:
+        return None
+    f = fields[head]
+    if not rest:
+        return f
+    if schema is TrainConfig and head == "optimizer":
+        return next((g for s in OPTIMIZER_SCHEMAS.values() for g in dataclasses.fields(s) if g.name == rest), None)
+    sub = UNTYPED_GROUPS.get(head) if str(f.type) == "Any" else \
+        {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "WandbConfig": WandbConfig}.get(str(f.type))
+    return find_field(sub, rest) if sub else None

@@ -55,7 +55,7 @@ def parse_overrides(args: list[str]) -> list[Any]:
 
 def check_override_keys(command: str, args: list[str]) -> None:
     """Every key an override names is a setting of `command` (a `+key=` too); groups name an option."""
-    from dlr.schema import COMMAND_SCHEMAS, all_keys, unknown_key
+    from dlr.schema import COMMAND_SCHEMAS, all_keys, find_field, unknown_key
 
     known = all_keys(COMMAND_SCHEMAS[command])
     groups = [g for g in GROUPS if any(k.startswith(g + ".") for k in known)]
@@ -70,6 +70,13 @@ def check_override_keys(command: str, args: list[str]) -> None:
                 if v not in options:
                     raise bad_value(key, v, options)
             continue
+        if key in known and not o.is_sweep_override():
+            # OmegaConf would take yes/no/on/off/1/0 for a bool; a setting says true or false.
+            f = find_field(COMMAND_SCHEMAS[command], key)
+            value = o.value()
+            if f is not None and str(f.type) == "bool" and not isinstance(value, bool) and not \
+                    (isinstance(value, str) and value.startswith("${")):
+                raise bad_value(key, value, "true, false")
         if key not in known:
             prefix, _, leaf = key.rpartition(".")
             siblings = [k[len(prefix) + 1:] for k in known if k.rpartition(".")[0] == prefix] if prefix else \

@@ -110,6 +110,23 @@ def finished_summary(out_dir: Path) -> dict | None:
         return None  # torn by hand; finishing again rewrites it
 
 
+# Lock fds this process holds. A forked child (a DataLoader worker) closes its copies, so the
+# lock dies with the process that took it, not with the last of its workers.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class RunLock:
     """Exclusive ownership of a run directory by one dlr-train process (the main process).
 
@@ -143,12 +160,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def release(self, remove_dir_if_empty: bool = False) -> None:
         if self.fd is None:
             return
         self.path.unlink(missing_ok=True)
+        _HELD_LOCK_FDS.discard(self.fd)
         os.close(self.fd)  # closing drops the flock
         self.fd = None
         if remove_dir_if_empty and self.created:
