@@ -110,6 +110,7 @@ CASES = [
     (T, ["logger=tensorboard"], "logger='tensorboard'"),
     (T, ["wandb.mode=sometimes"], "wandb.mode='sometimes'"),
     (T, ["dry_run=maybe"], "dry_run='maybe'"),
+    (T, ["trainable_alpha=yes"], "trainable_alpha='yes'"),
     (T, ["model=llama_9000"], "model='llama_9000'"),
     (T, ["data=nope"], "data='nope'"),
     (T, ["optimizer=sgd"], "optimizer='sgd'"),
