@@ -433,7 +433,7 @@ def validate(schema: type, cfg: Mapping[str, Any], prefix: str = "") -> None:
         missing = OmegaConf.is_missing(cfg, name) if isinstance(cfg, DictConfig) else \
             (name not in cfg and f.default is MISSING and f.default_factory is MISSING)
         if missing:
-            raise ConfigError(f"{label} is required (it is unset); set {label}=...")
+            raise _required(label, f)
         if name not in cfg:
             continue
         try:

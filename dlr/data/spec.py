@@ -52,6 +52,12 @@ def data_spec(cfg: Mapping[str, Any]) -> DataSpec:
     """
     from dlr.schema import DataConfig, load
 
+    if hasattr(cfg, "get") and cfg.get("source") == "tokens" and "tokenizer" not in cfg:
+        # Token shards carry their tokenizer: an unset one means that one, not the default t5.
+        from omegaconf import DictConfig, OmegaConf
+
+        plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+        cfg = {**plain, "tokenizer": None}
     c = load(DataConfig, cfg, "data.")
     if c.source == "tokens":
         return _tokens_spec(c)
