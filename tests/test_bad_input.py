@@ -131,7 +131,7 @@ CASES = [
     (T, ["dry_run=true", "plan_processes=0"], "plan_processes=0"),
     # the run directory and the data, checked before anything is written
     (T, ["resume=never"], "resume='never'"),
-    (T, ["out_dir={files}/new", "rank=8", "resume={run}/checkpoints/step_2"], "of shape"),
+    (T, ["out_dir={files}/new", "rank=8", "resume={run}/checkpoints/step_2"], "does not match"),
     (T, ["lr=0.1"], "differs in: lr"),
     (T, ["out_dir={files}/afile"], "is a file"),
     (T, ["out_dir={files}/afile/sub"], "cannot be created"),

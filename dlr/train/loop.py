@@ -225,6 +225,7 @@ def train(cfg: DictConfig) -> dict:
 
 def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolved, resume_from) -> dict:
     """Train from the start or `resume_from` to the end of the plan, then _finish; holds the run lock."""
+    parallelism = cfg.parallelism  # checked by train() (check_parallelism)
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(config)
     stats = model_stats(model, plan.seq_len)

@@ -72,31 +72,3 @@ def check_data_files(spec: DataSpec) -> None:
             if path.endswith(".gz") and os.path.getsize(path) <= FULL_CHECK_BYTES:
                 _check_whole_gzip(path)
 
-
-def check_resume_fits(ckpt: Path, model) -> None:
-    """The checkpoint's weights have the names and shapes of `model` (a meta copy): read from the header only.
-
-    Without this a checkpoint of another rank or size fails deep in load_state_dict with a
-    page of size mismatches. A checkpoint without model.safetensors is left to its loader.
-    """
-    weights = Path(ckpt) / "model.safetensors"
-    if not weights.is_file():
-        return
-    from safetensors import SafetensorError, safe_open
-
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"resume={str(ckpt)!r}: {weights.name} is unreadable ({' '.join(str(e).split())[:100]}); "
-                          "accepted: an intact checkpoint") from None
-    for name, shape in expected.items():
-        if name in found and found[name] != shape:
-            raise ConfigError(f"resume={str(ckpt)!r} holds {name} of shape {list(found[name])}, this config's model "
-                              f"needs {list(shape)}; accepted: a checkpoint of the same model, method and rank")
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    if missing or extra:
-        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, which this model does not have"
-        raise ConfigError(f"resume={str(ckpt)!r} {what}; accepted: a checkpoint of the same model, method and rank")

@@ -171,10 +171,9 @@ class RunLock:
         os.close(self.fd)  # closing drops the flock
         self.fd = None
         if remove_dir_if_empty and self.created:
-            try:
-                self.out_dir.rmdir()  # only if nothing was written: bad input leaves no trace
-            except OSError:
-                pass
+            # This process made the directory and met bad input (e.g. a checkpoint that does not
+            # fit): leave no trace, so the corrected command is not refused as "another run".
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
