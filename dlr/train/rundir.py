@@ -170,9 +170,10 @@ class RunLock:
         _HELD_LOCK_FDS.discard(self.fd)
         os.close(self.fd)  # closing drops the flock
         self.fd = None
-        if remove_dir_if_empty and self.created:
-            # This process made the directory and met bad input (e.g. a checkpoint that does not
-            # fit): leave no trace, so the corrected command is not refused as "another run".
+        if remove_dir_if_empty and self.created and set(os.listdir(self.out_dir)) <= {"config.yaml"}:
+            # This process made the directory and met bad input before any training state was
+            # written (e.g. resume= a checkpoint that does not fit): leave no trace, so the
+            # corrected command is not refused as "another run". Anything more is kept.
             shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def __enter__(self) -> "RunLock":
