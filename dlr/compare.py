@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_atomic
 from .errors import ConfigError
 from .train.rundir import RUNTIME_DATA_KEYS, RUNTIME_KEYS, upgrade_legacy_config
 
@@ -404,7 +405,9 @@ def plot_curves(groups: Sequence[Group], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(out_dir) / name
-        fig.savefig(path, dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        write_atomic(path, buf.getvalue())
         plt.close(fig)
         written.append(path)
     return written
@@ -420,9 +423,9 @@ def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bo
     if paired:
         md += f"\nPaired by seed (same seed = same init and data order), {metric} of b minus a:\n\n" + paired
     files = {"table.md": out_dir / "table.md", "table.csv": out_dir / "table.csv", "pairs.csv": out_dir / "pairs.csv"}
-    files["table.md"].write_text(md)
-    files["table.csv"].write_text(csv_text(groups, metric))
-    files["pairs.csv"].write_text(pairs_csv_text(pairs, groups, metric))
+    write_atomic(files["table.md"], md)
+    write_atomic(files["table.csv"], csv_text(groups, metric))
+    write_atomic(files["pairs.csv"], pairs_csv_text(pairs, groups, metric))
     if plots:
         for p in plot_curves(groups, out_dir):
             files[p.name] = p
@@ -628,11 +631,10 @@ def plot_sweep(points: Sequence[SweepPoint], key: str, metric: str, path: Path) 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 def write_sweep(groups: Sequence[Group], key: str, metric: str, out_dir: Path, plots: bool = True) -> dict[str, Path]:
@@ -642,8 +644,8 @@ def write_sweep(groups: Sequence[Group], key: str, metric: str, out_dir: Path, p
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "by_" + key.replace(".", "_").replace("/", "_")
     files = {f"{stem}.md": out_dir / f"{stem}.md", f"{stem}.csv": out_dir / f"{stem}.csv"}
-    files[f"{stem}.md"].write_text(sweep_markdown(points, key, metric))
-    files[f"{stem}.csv"].write_text(sweep_csv(points, key, metric))
+    write_atomic(files[f"{stem}.md"], sweep_markdown(points, key, metric))
+    write_atomic(files[f"{stem}.csv"], sweep_csv(points, key, metric))
     if plots:
         files[f"{stem}.png"] = plot_sweep(points, key, metric, out_dir / f"{stem}.png")
     return files

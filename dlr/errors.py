@@ -9,7 +9,11 @@ from collections.abc import Iterable
 
 
 class ConfigError(ValueError):
-    """A user-facing, one-line error about bad input (config value, path, file)."""
+    """A user-facing, one-line error about bad input (config value, path, file): exit code 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/Inf; the last finite checkpoint is left as it was: exit code 3."""
 
 
 def bad_value(what: str, value: object, accepted: Iterable[object] | str) -> ConfigError:

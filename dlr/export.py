@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .checkpoint import atomic_dir, save_pretrained_quietly
+from .atomic import atomic_dir
 from .errors import ConfigError
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
+from .model_dir import save_pretrained_quietly
 
 
 def dense_refusal(config: DlrLlamaConfig) -> str | None:

@@ -173,7 +173,7 @@ def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from dlr.checkpoint import describe, load_model_dir, read_config, save_model_dir
+    from dlr.model_dir import describe, load_model_dir, read_config, save_model_dir
     from dlr.cli.evaluate import pick_device
 
     validate(cfg)

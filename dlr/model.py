@@ -1,13 +1,10 @@
 """Build a full / low-rank / DLR LLaMA from a zoo size and the factorization options."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .hf.lowrank import ACTIVATIONS, EXPAND_MODES, METHODS, SCOPES
 from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
 
 
@@ -29,32 +26,13 @@ def make_config(
 ) -> DlrLlamaConfig:
     """Validate every option and return the HF config; raises ConfigError on bad input."""
     spec = get_size(size) if isinstance(size, str) else size
-    if method not in METHODS:
-        raise bad_value("method", method, METHODS)
-    if activation not in ACTIVATIONS:
-        raise bad_value("activation", activation, ACTIVATIONS)
-    if expand not in EXPAND_MODES:
-        raise bad_value("expand", expand, EXPAND_MODES)
-    if scope not in SCOPES:
-        raise bad_value("scope", scope, SCOPES)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise bad_value("alpha", alpha, "a finite number >= 0")
-    for name, flag in (("variance_correction", variance_correction), ("trainable_alpha", trainable_alpha),
-                       ("trainable_latent_scale", trainable_latent_scale), ("bias", bias)):
-        if not isinstance(flag, bool):
-            raise bad_value(name, flag, "true, false")
-    if latent_alpha is not None and (isinstance(latent_alpha, bool) or not isinstance(latent_alpha, (int, float))
-                                     or not math.isfinite(latent_alpha) or latent_alpha <= 0):
-        raise bad_value("latent_alpha", latent_alpha, "null (no latent scale) or a finite number > 0 (scale latent_alpha / rank)")
-    if latent_alpha is not None and trainable_latent_scale:
-        raise ConfigError(f"latent_alpha={latent_alpha!r} has no effect with trainable_latent_scale=true "
-                          "(the trainable scale is tanh(p), p starting at 1); accepted: one of the two")
     if rank is None:
         rank = spec.default_rank
-    smallest = min(spec.hidden_size, spec.intermediate_size)
-    if method != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
-        raise bad_value("rank", rank, f"an integer with 0 < rank < {smallest} (the smallest projection dim of {spec.name})")
-    if not isinstance(vocab_size, int) or vocab_size <= 0:
+    check_factorization(method, rank, alpha, activation, expand, scope, spec.hidden_size, spec.intermediate_size,
+                        variance_correction=variance_correction, trainable_alpha=trainable_alpha,
+                        latent_alpha=latent_alpha, trainable_latent_scale=trainable_latent_scale, bias=bias,
+                        where=f" (the smallest projection dim of {spec.name})")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise bad_value("vocab_size", vocab_size, "a positive integer")
     return DlrLlamaConfig(
         vocab_size=vocab_size,
@@ -91,6 +69,31 @@ def make_config(
 
 OPTIONS = ("activation", "expand", "scope", "seed", "vocab_size", "variance_correction", "trainable_alpha",
            "latent_alpha", "trainable_latent_scale", "bias")
+
+
+def check_factorization(method: str, rank: int | None, alpha: float, activation: str, expand: str, scope: str,
+                        hidden_size: int, intermediate_size: int, *, variance_correction: bool = True,
+                        trainable_alpha: bool = False, latent_alpha: float | None = None,
+                        trainable_latent_scale: bool = False, bias: bool = False, prefix: str = "",
+                        where: str = "") -> None:
+    """The one check of the factorization settings, for make_config and for a saved config.json.
+
+    Choices and ranges come from the schema (dlr.schema.TrainConfig); the rank bound needs the
+    model's dims. `prefix` names the keys as the caller's user knows them (e.g. "dlr_").
+    """
+    from .schema import TrainConfig, check_field
+
+    for name, value in (("method", method), ("activation", activation), ("expand", expand), ("scope", scope),
+                        ("alpha", alpha), ("variance_correction", variance_correction),
+                        ("trainable_alpha", trainable_alpha), ("latent_alpha", latent_alpha),
+                        ("trainable_latent_scale", trainable_latent_scale), ("bias", bias)):
+        check_field(TrainConfig, name, value, prefix + name)
+    if latent_alpha is not None and trainable_latent_scale:
+        raise ConfigError(f"{prefix}latent_alpha={latent_alpha!r} has no effect with {prefix}trainable_latent_scale=true "
+                          "(the trainable scale is tanh(p), p starting at 1); accepted: one of the two")
+    smallest = min(hidden_size, intermediate_size)
+    if method != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
+        raise bad_value(prefix + "rank", rank, f"an integer with 0 < rank < {smallest}{where}")
 
 
 def build_from_config(config: DlrLlamaConfig, device: str | torch.device | None = None) -> DlrLlamaForCausalLM:

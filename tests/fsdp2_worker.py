@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dlr import build_model
-from dlr.checkpoint import save_model_dir
+from dlr.model_dir import save_model_dir
 from dlr.data import load_tokenizer
 from dlr.fold import fold_model
 from dlr.train.sharding import save_model_dir_gathered, shard_model

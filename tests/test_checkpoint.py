@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dlr
-from dlr.checkpoint import load_model_dir, read_config, read_meta, save_model_dir
+from dlr.model_dir import load_model_dir, read_config, read_meta, save_model_dir
 from dlr.errors import ConfigError
 
 
@@ -73,7 +73,7 @@ def test_folded_dir_has_the_lowrank_layout(tmp_path, ckpt, tok):
 
 
 def test_sharded_save_loads(tmp_path, tok, monkeypatch):
-    import dlr.checkpoint as ck
+    import dlr.model_dir as ck
 
     monkeypatch.setattr(ck, "MAX_SHARD_SIZE", "2MB")
     model = tiny("lowrank")

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import dlr
-from dlr.checkpoint import load_model_dir, read_config, save_model_dir
+from dlr.model_dir import load_model_dir, read_config, save_model_dir
 from dlr.cli.evaluate import main as eval_cli
 from dlr.cli.fold import main as fold_cli
 from dlr.data import data_spec, load_tokenizer, validation_batches
@@ -137,7 +137,7 @@ def test_eval_matches_the_trainer_path_and_folded_agrees(run, tmp_path, capsys, 
 @pytest.mark.parametrize("args,needle", [
     (["ckpt=/nonexistent/ck"], "does not exist"),
     ([], "ckpt is required"),
-    (["ckpt={final}", "data=nope"], "unknown data config 'nope'; accepted: c4, c4_local, c4_sample, text"),
+    (["ckpt={final}", "data=nope"], "data='nope' is not valid; accepted: c4, c4_local, c4_sample, text"),
     (["ckpt={final}", "bogus=1"], "bogus"),
     (["ckpt={final}", "dtype=fp64"], "dtype='fp64'"),
     (["ckpt={final}", "eval_tokens=0"], "eval_tokens=0"),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dlr
-from dlr.checkpoint import load_model_dir, save_model_dir
+from dlr.model_dir import load_model_dir, save_model_dir
 from dlr.data import load_tokenizer
 from dlr.errors import ConfigError
 from dlr.export import export_dense, save_dense_dir

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import dlr
-from dlr.checkpoint import load_model_dir, read_config, save_model_dir
+from dlr.model_dir import load_model_dir, read_config, save_model_dir
 from dlr.data import load_tokenizer
 from dlr.errors import ConfigError
 from dlr.hf.lowrank import LowRankLinear, factorize_projections

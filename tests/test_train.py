@@ -197,6 +197,7 @@ def test_wandb_offline_logs_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch
     train(cfg(*args))
     state = json.loads((out / "checkpoints" / "step_1" / "trainer_state.json").read_text())
     shutil.rmtree(out / "checkpoints" / "step_2")  # as if killed after step 1
+    (out / "summary.json").unlink()  # (a finished run is left as it is by resume=auto)
     train(cfg(*args, "resume=auto"))
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert state["wandb_id"] and len(runs) == 2

@@ -18,24 +18,36 @@ pairs.csv, val_ppl_vs_tokens.png and train_loss_vs_step.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from dlr.cli._common import EXIT_BAD_INPUT
+from dlr.cli._common import run_cli
 from dlr.errors import ConfigError
+from dlr.schema import CompareConfig, validate
 
 PROG = "dlr-compare"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2, like every dlr command
+        raise ConfigError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories, globs (quote them) or multirun folders")
-    ap.add_argument("--out", type=Path, default=None, help="write table.md, table.csv, pairs.csv and PNG plots here")
-    ap.add_argument("--metric", default="val_ppl",
-                    help="summary.json key to compare (val_ppl, val_loss, folded_val_ppl, ...); default val_ppl")
-    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib import)")
-    ap.add_argument("--by", action="append", default=[], metavar="KEY",
-                    help="sweep view over this config key (alpha, rank, expand, scope, variance_correction, ...); repeatable")
+    """Built from dlr.schema.CompareConfig: `runs` positional, every other field a --flag."""
+    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(CompareConfig):
+        doc = f.metadata["doc"]
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name == "runs":
+            ap.add_argument("runs", nargs="*", metavar="RUN_DIR", help=doc)
+        elif f.type == "bool":
+            ap.add_argument(flag, dest=f.name, action="store_true", help=doc)
+        elif f.type == "list":  # repeatable
+            ap.add_argument(flag, dest=f.name, action="append", default=[], metavar="KEY", help=doc)
+        else:
+            ap.add_argument(flag, dest=f.name, default=f.default, help=f"{doc} (default {f.default})")
     return ap
 
 
@@ -43,6 +55,8 @@ def compare_main(argv: list[str]) -> int:
     from dlr import compare
 
     args = _parser().parse_args(argv)
+    validate(CompareConfig, vars(args))
+    out = Path(args.out) if args.out is not None else None
     runs = compare.load_runs(args.runs)
     groups = compare.group_runs(runs)
     if all(compare.group_stats(g, args.metric).n == 0 for g in groups):
@@ -58,24 +72,18 @@ def compare_main(argv: list[str]) -> int:
     for key, points in sweeps.items():
         print(f"{args.metric} by {key} (95% t-intervals over seeds; 'no difference' = the interval contains 0):\n")
         print(compare.sweep_markdown(points, key, args.metric))
-    if args.out is not None:
-        if args.out.exists() and not args.out.is_dir():
-            raise ConfigError(f"--out {str(args.out)!r} is a file; give a directory")
-        files = compare.write_outputs(groups, args.metric, args.out, plots=not args.no_plots)
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file; give a directory")
+        files = compare.write_outputs(groups, args.metric, out, plots=not args.no_plots)
         for key in sweeps:
-            files.update(compare.write_sweep(groups, key, args.metric, args.out, plots=not args.no_plots))
+            files.update(compare.write_sweep(groups, key, args.metric, out, plots=not args.no_plots))
         print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        code = compare_main(argv)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    sys.exit(code)
+    run_cli(PROG, _parser().format_help(), compare_main, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import logging
 
+from omegaconf import OmegaConf
+
 from dlr.cli._common import compose, required, run_cli
+from dlr.schema import FinetuneConfig, validate
 
 PROG = "dlr-finetune"
 USAGE = __doc__
@@ -23,12 +26,13 @@ USAGE = __doc__
 def finetune_main(args: list[str]) -> int:
     # `data=` is what users type; Hydra would take it for the pre-training `data` config group.
     args = [f"train_data={a[5:]}" if a.startswith("data=") else a for a in args]
-    cfg = compose("finetune", args, groups=())
+    cfg = compose("finetune", args)
     required(cfg, "ckpt", "runs/x/folded")
-    if cfg.get("train_data") in (None, "", "???"):
+    if OmegaConf.is_missing(cfg, "train_data") or cfg.get("train_data") in (None, ""):
         from dlr.errors import ConfigError
 
         raise ConfigError("data is required; e.g. data=pairs.jsonl (a .jsonl of {prompt, response} records) or a hub dataset id")
+    validate(FinetuneConfig, cfg)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dlr.finetune import finetune
 

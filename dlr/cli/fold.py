@@ -3,6 +3,7 @@
     dlr-fold ckpt=runs/x/final                 # -> runs/x/folded
     dlr-fold ckpt=runs/x/final out=/tmp/f      # anywhere but over the input
     dlr-fold ckpt=runs/x/final dense=true      # identity activation: plain LlamaForCausalLM
+    dlr-fold ckpt=runs/x/final verify=false    # skip the sha256 check of the input (trusted files)
 
 The fold happens in place on the one loaded copy (B += sR touches only B's storage), so
 memory is the model plus the logits of the check batches.
@@ -18,10 +19,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dlr.checkpoint import describe, load_model_dir, read_config, read_meta, residual_layers, save_model_dir
-from dlr.cli._common import EXIT_CHECK_FAILED, compose, required, run_cli
+from dlr.model_dir import describe, load_model_dir, read_config, read_meta, residual_layers, save_model_dir
+from dlr.cli._common import EXIT_CHECK_FAILED, load_config, required, run_cli
 from dlr.counting import model_stats
-from dlr.errors import ConfigError, bad_value
+from dlr.errors import ConfigError
 from dlr.fold import fold_model
 from dlr.model import build_from_config
 
@@ -79,23 +80,14 @@ def peak_rss_mb() -> float:
 
 
 def _validate(cfg) -> tuple[Path, int, int, float, torch.device]:
+    # Types and ranges: dlr.schema.FoldConfig (load_config); here what needs the machine.
     ckpt = Path(str(required(cfg, "ckpt", "runs/x/final"))).expanduser()
-    n, bs, tol = cfg.check_batches, cfg.batch_size, cfg.tolerance
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise bad_value("check_batches", n, "an integer >= 1")
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise bad_value("batch_size", bs, "an integer >= 1")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise bad_value("tolerance", tol, "a number > 0")
-    for key in ("dense", "overwrite"):
-        if not isinstance(cfg[key], bool):
-            raise bad_value(key, cfg[key], "true, false")
     dev = str(cfg.device)
-    if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:")):
-        raise bad_value("device", dev, "cpu, cuda, cuda:N")
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={dev!r} but no CUDA device is available; use device=cpu")
-    return ckpt, n, bs, float(tol), torch.device(dev)
+    return ckpt, cfg.check_batches, cfg.batch_size, float(cfg.tolerance), torch.device(dev)
 
 
 def foldable(config) -> bool:
@@ -105,7 +97,7 @@ def foldable(config) -> bool:
 
 
 def fold_main(args: list[str]) -> int:
-    cfg = compose("fold", args)
+    cfg = load_config("fold", args)
     ckpt, n, bs, tol, device = _validate(cfg)
     config = read_config(ckpt)
     dense = cfg.dense
@@ -122,7 +114,7 @@ def fold_main(args: list[str]) -> int:
     out = resolve_out(ckpt, cfg.out, dense, cfg.overwrite)
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model_dir(ckpt, device=device, dtype=torch.float32)
+    model, tokenizer = load_model_dir(ckpt, device=device, dtype=torch.float32, verify=bool(cfg.verify))
     from dlr.data import check_vocab
 
     check_vocab(tokenizer, model.config.vocab_size)

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import logging
 
-from dlr.cli._common import compose, required, run_cli
-from dlr.errors import bad_value
+from dlr.cli._common import load_config, required, run_cli
 
 PROG = "dlr-prepare"
 USAGE = __doc__
 
 
 def prepare_main(args: list[str]) -> int:
-    cfg = compose("prepare", args)
+    cfg = load_config("prepare", args)  # keys, types and ranges: dlr.schema.PrepareConfig
     out = required(cfg, "out", "tokens/c4_sample")
-    if not isinstance(cfg.progress, bool):
-        raise bad_value("progress", cfg.progress, "true, false")
     from dlr.data import data_spec
     from dlr.data.prepare import prepare
 

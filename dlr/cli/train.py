@@ -1,54 +1,76 @@
-"""`dlr-train model=llama_130m rank=256`: Hydra front end of dlr.train.loop.train."""
+"""`dlr-train model=llama_130m rank=256`: Hydra front end of dlr.train.loop.train.
+
+Before Hydra runs anything, every override is checked against the schema and every sweep
+combination of a multirun (`-m method=lowrank,dlr seed=0,1`) is composed and validated, so
+a typo or a bad value is one line and exit code 2 before the first job starts.
+"""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..errors import ConfigError, bad_value
-from ._common import group_options
-from ..train.loop import TrainingDiverged, train
-from ..train.rundir import run_name
+import dlr.configs  # noqa: F401  (registers the schemas and the run-dir resolver)
 
-OmegaConf.register_new_resolver("dlr_run_dir", lambda *parts: run_name(*parts), replace=True)
-GROUPS = ("model", "data", "optimizer")
+from ._common import EXIT_BAD_INPUT, guarded, load_config, parse_overrides
+
+PROG = "dlr-train"
+MAX_CHECKED_COMBINATIONS = 256
+
+
+def _run(cfg: DictConfig) -> int:
+    from ..train.loop import train
+
+    result = train(cfg)
+    if cfg.dry_run:
+        print(json.dumps(result, indent=2))
+    elif result.get("already_finished"):
+        print(f"{PROG}: {cfg.out_dir} has finished; nothing changed (its summary.json):", file=sys.stderr)
+        print(json.dumps({k: v for k, v in result.items() if k != "already_finished"}, indent=2))
+    else:
+        print(json.dumps({k: result[k] for k in ("val_ppl", "val_loss", "tokens", "wall_s") if k in result}
+                         | {k: result[k] for k in ("folded_val_ppl",) if k in result}))
+    return 0
 
 
 @hydra.main(config_path="pkg://dlr.configs", config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = train(cfg)
-    except (ConfigError, TrainingDiverged) as err:
-        print(f"dlr-train: error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ConfigError) else 3)
-    if cfg.dry_run:
-        print(json.dumps(result, indent=2))
-    else:
-        print(json.dumps({k: result[k] for k in ("val_ppl", "val_loss", "tokens", "wall_s") if k in result}
-                         | {k: result[k] for k in ("folded_val_ppl",) if k in result}))
+    code = guarded(PROG, _run, cfg)
+    if code:
+        sys.exit(code)
 
 
-def _check_group_choices(args: list[str]) -> None:
-    """One-line errors for unknown config-group choices (Hydra's own message spans a page)."""
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in GROUPS:
-            options = group_options(key)
-            for choice in value.split(","):  # multirun: model=llama_60m,llama_130m
-                if choice not in options:
-                    raise bad_value(key, choice, options)
+def combinations(args: list[str]) -> list[list[str]]:
+    """The override lists of every job a (multi)run starts: sweeps expanded, as Hydra's basic sweeper does."""
+    choices = []
+    for o in parse_overrides(args):
+        if o.is_sweep_override():
+            key = o.get_key_element()
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(c) for c in itertools.islice(itertools.product(*choices), MAX_CHECKED_COMBINATIONS)]
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate every job's config; ConfigError on the first bad one."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
+        return  # Hydra's own flags (--cfg, --info, -cn ...): Hydra handles them
+    overrides = [a for a in argv if not a.startswith("-")]
+    for combo in combinations(overrides):
+        load_config("train", combo)
 
 
 def main() -> None:
-    try:
-        _check_group_choices(sys.argv[1:])
-    except ConfigError as err:
-        print(f"dlr-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    code = guarded(PROG, lambda: precheck(sys.argv[1:]) or 0)
+    if code:
+        sys.exit(code if code != 0 else EXIT_BAD_INPUT)
     _main()
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dlr.errors import ConfigError, bad_value
-from dlr.optim.spectron import NS_DTYPES, Spectron
+from dlr.optim.spectron import Spectron
 
 OPTIMIZERS = ("adamw", "spectron")
 METHODS = ("full", "lowrank", "dlr")
@@ -71,50 +71,26 @@ def spectron_param_groups(
     return groups
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default) if hasattr(cfg, "get") else default
-    return default if value is None else value
-
-
-def _number(cfg: Mapping[str, Any], key: str, default: Any, ok, accepted: str) -> float:
-    value = _get(cfg, key, default)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise bad_value(f"optimizer.{key}", value, accepted) from None
-    if not ok(number):
-        raise bad_value(f"optimizer.{key}", value, accepted)
-    return number
-
-
 def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model` trained with `method` ("full" | "lowrank" | "dlr").
 
-    cfg keys (configs/optimizer/*.yaml): name, lr, weight_decay, betas, eps; spectron adds
-    momentum, ns_steps, adamw_lr, adamw_weight_decay, power_init_iters, ns_dtype, seed.
-    Missing or null keys take the defaults documented in docs/spectron.md. fused: AdamW's
+    cfg: the optimizer group (configs/optimizer/*.yaml, or a dict); its keys, defaults and
+    ranges are dlr.schema.AdamWConfig / SpectronConfig. Unknown keys are refused. fused: AdamW's
     single-kernel implementation (the trainer asks for it on CUDA); Spectron ignores it.
     """
-    name = _get(cfg, "name")
+    from dlr.schema import OPTIMIZER_SCHEMAS, load
+
+    name = cfg.get("name") if hasattr(cfg, "get") else None
     if name not in OPTIMIZERS:
         raise bad_value("optimizer", name, OPTIMIZERS)
     if method not in METHODS:
         raise bad_value("method", method, METHODS)
-
-    lr = _number(cfg, "lr", None, lambda x: x > 0, "a number > 0")
-    wd = _number(cfg, "weight_decay", 0.0, lambda x: x >= 0, "a number >= 0")
-    eps = _number(cfg, "eps", 1e-8, lambda x: x > 0, "a number > 0")
-    betas_value = _get(cfg, "betas", (0.9, 0.999))
-    try:
-        betas = tuple(float(b) for b in betas_value)
-    except (TypeError, ValueError):
-        raise bad_value("optimizer.betas", betas_value, "a list of 2 numbers in [0, 1)") from None
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise bad_value("optimizer.betas", list(betas_value), "a list of 2 numbers in [0, 1)")
+    c = load(OPTIMIZER_SCHEMAS[name], cfg, "optimizer.")
+    betas = tuple(float(b) for b in c.betas)
 
     if name == "adamw":
-        groups = _adamw_groups(_trainable(model), lr=lr, weight_decay=wd)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=fused or None)
+        groups = _adamw_groups(_trainable(model), lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay, fused=fused or None)
 
     if method not in FACTORIZED_METHODS:
         raise ConfigError(
@@ -124,22 +100,13 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused
         raise ConfigError(
             f"optimizer='spectron' found no factorized layers (A/B parameter pairs) in the {method} model; use optimizer=adamw"
         )
-    momentum = _number(cfg, "momentum", 0.9, lambda x: 0 <= x < 1, "a number in [0, 1)")
-    ns_steps = _number(cfg, "ns_steps", 5, lambda x: x >= 1 and x == int(x), "an integer >= 1")
-    power_init = _number(cfg, "power_init_iters", 10, lambda x: x >= 1 and x == int(x), "an integer >= 1")
-    seed = _number(cfg, "seed", 0, lambda x: x == int(x), "an integer")
-    adamw_lr = _number(cfg, "adamw_lr", lr, lambda x: x > 0, "a number > 0 (or null: same as lr)")
-    adamw_wd = _number(cfg, "adamw_weight_decay", wd, lambda x: x >= 0, "a number >= 0 (or null: same as weight_decay)")
-    ns_dtype = _get(cfg, "ns_dtype", "float32")
-    if ns_dtype not in NS_DTYPES:
-        raise bad_value("optimizer.ns_dtype", ns_dtype, NS_DTYPES)
-
     groups = spectron_param_groups(
         model,
-        lr=lr,
-        adamw_lr=adamw_lr,
-        weight_decay=wd,
-        adamw_weight_decay=adamw_wd,
-        spectron=dict(momentum=momentum, ns_steps=int(ns_steps), power_init_iters=int(power_init), ns_dtype=ns_dtype, seed=int(seed)),
+        lr=c.lr,
+        adamw_lr=c.lr if c.adamw_lr is None else c.adamw_lr,
+        weight_decay=c.weight_decay,
+        adamw_weight_decay=c.weight_decay if c.adamw_weight_decay is None else c.adamw_weight_decay,
+        spectron=dict(momentum=c.momentum, ns_steps=c.ns_steps, power_init_iters=c.power_init_iters,
+                      ns_dtype=c.ns_dtype, seed=c.seed),
     )
-    return Spectron(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    return Spectron(groups, lr=c.lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import uuid
 from pathlib import Path
@@ -15,29 +14,32 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ..atomic import normalize_modes
 from ..counting import model_stats
 from ..data import check_vocab, data_spec, load_tokenizer, train_batches, validation_batches
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..evaluation import evaluate
 from ..fold import fold_model
 from ..loss import DEFAULT_CHUNK_TOKENS, make_loss_fn, resolve_loss_impl
 from ..model import build_from_config, make_config
 from ..optim import build_optimizer
+from ..schema import TrainConfig, validate
+from ..zoo import size_from_mapping
+from .finite import last_finite_checkpoint, training_state_nonfinite
 from .plan import TrainPlan, make_plan, memory_estimate_gib
-from .rundir import KNOB_DEFAULTS, MetricsLog, check_run_dir, write_config, write_summary
+from .preflight import check_data_files, check_out_dir, check_resume
+from .rundir import KNOB_DEFAULTS, MetricsLog, RunLock, check_run_dir, finished_summary, tidy, write_config, write_summary
 from .sharding import check_parallelism, clip_grad_norm, equal_batch_count, no_sync, save_final, shard_model
 from .training_state import check_checkpoint, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .telemetry import peak_flops, peak_memory_gib
 
 log = logging.getLogger("dlr.train")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the last good checkpoint is left as it was."""
+__all__ = ["TrainingDiverged", "train"]
 
 
 def _model_config(cfg: DictConfig, tokenizer):
-    config = make_config(cfg.model.name if "name" in cfg.model else cfg.model, cfg.method, cfg.rank, cfg.alpha,
+    # The whole model node (not just its name), so model.hidden_size=... overrides apply.
+    config = make_config(size_from_mapping(cfg.model), cfg.method, cfg.rank, cfg.alpha,
                          activation=cfg.activation, expand=cfg.expand, scope=cfg.scope, seed=cfg.seed,
                          vocab_size=tokenizer.vocab_size, **model_knobs(cfg))
     # The ids the data pipeline writes are the ids the model (and generate()) must use.
@@ -51,21 +53,13 @@ def model_knobs(cfg: DictConfig) -> dict:
 
 
 def _precision(cfg: DictConfig) -> str:
-    accepted = ("auto", "fp32", "bf16")
-    if cfg.precision not in accepted:
-        raise ConfigError(f"precision={cfg.precision!r} is not valid; accepted: {', '.join(accepted)}")
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
     return "no" if cfg.precision == "fp32" else "bf16"
 
 
-COMPILE_CHOICES = ("auto", True, False)
-
-
 def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
     """compile=auto: on for CUDA (2x+ the eager step, docs/benchmarks.md), off on CPU (compile time dominates)."""
-    if cfg.compile not in COMPILE_CHOICES:
-        raise ConfigError(f"compile={cfg.compile!r} is not valid; accepted: auto, true, false")
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
@@ -148,10 +142,7 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> Path | None:
         if existing:
             raise ConfigError(f"resume='never' but out_dir={str(out_dir)!r} has checkpoints; accepted: resume=auto or another out_dir")
         return None
-    path = Path(str(cfg.resume))
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume={str(cfg.resume)!r} is not a checkpoint directory; accepted: auto, never, or a checkpoints/step_<N> dir")
-    return path
+    return check_resume(cfg.resume)
 
 
 def _data_state(data, accelerator, device) -> dict:
@@ -176,14 +167,22 @@ def _restore_data(data, data_state: dict) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run (or dry-run) one training job described by the resolved Hydra config."""
-    if cfg.logger not in ("none", "wandb"):
-        raise ConfigError(f"logger={cfg.logger!r} is not valid; accepted: none, wandb")
+    """Run (or dry-run) one training job described by the resolved Hydra config.
+
+    Everything that can be wrong with the input is refused (ConfigError, one line) before
+    the run directory is touched: the schema, the model/optimizer/plan combination, the
+    resume value, out_dir, and every data file. A finished run (resume=auto) is returned
+    as it is, with "already_finished": True, and nothing is written.
+    """
+    validate(TrainConfig, cfg)
     spec = data_spec(cfg.data)
     tokenizer = load_tokenizer(spec.tokenizer)
     config = _model_config(cfg, tokenizer)
     check_vocab(tokenizer, config.vocab_size)
     parallelism = check_parallelism(cfg)
+    # Method/optimizer combinations (e.g. spectron on a full model) on a meta copy: no memory.
+    build_optimizer(cfg.optimizer, build_from_config(config, device="meta"), cfg.method)
+    check_resume(cfg.resume)
     if cfg.dry_run:
         processes = cfg.plan_processes or 1
         return describe_plan(cfg, make_plan(cfg, processes, spec.seq_len), config)
@@ -198,12 +197,35 @@ def train(cfg: DictConfig) -> dict:
                           "accepted: distributed_type MULTI_GPU with parallelism=fsdp2 (configs/accelerate/fsdp2.yaml)")
     plan = make_plan(cfg, accelerator.num_processes, spec.seq_len)
     out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     check_run_dir(out_dir, resolved)
+    done = finished_summary(out_dir) if cfg.resume == "auto" else None
+    if done is not None:
+        log.info("%s has finished; nothing to do (resume=auto leaves a finished run as it is)", out_dir)
+        return {**done, "already_finished": True}
     resume_from = _resume_point(cfg, out_dir)
     if resume_from is not None:
         check_checkpoint(resume_from)  # a corrupt or old-format checkpoint: one line, before any work
+    check_data_files(spec)
 
+    lock = RunLock(out_dir)
+    if accelerator.is_main_process:
+        lock.acquire()
+        tidy(out_dir)
+    try:
+        result = _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolved, resume_from)
+    except ConfigError:
+        lock.release(remove_dir_if_empty=True)
+        raise
+    finally:
+        lock.release()
+    return result
+
+
+def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolved, resume_from) -> dict:
+    """Train from the start or `resume_from` to the end of the plan, then _finish; holds the run lock."""
+    parallelism = cfg.parallelism  # checked by train() (check_parallelism)
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(config)
     stats = model_stats(model, plan.seq_len)
@@ -271,9 +293,21 @@ def train(cfg: DictConfig) -> dict:
         return result
 
     def checkpoint(at_step: int, wall: float) -> None:
-        save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler, _data_state(data, accelerator, device),
-                        {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall, "wandb_id": wandb_id},
-                        cfg.keep_last)
+        # Never a checkpoint with NaN/inf in it: resume=auto would fail on it again. (DDP: the
+        # whole model is local; FSDP2 shards are left to the step's own refusal.)
+        bad = training_state_nonfinite(accelerator.unwrap_model(model, keep_torch_compile=False), optimizer) \
+            if cfg.parallelism == "ddp" else []
+        if bad:
+            good = last_finite_checkpoint(checkpoint_dirs(out_dir))
+            raise TrainingDiverged(
+                f"non-finite weights or optimizer state at step {at_step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                f"not saved. Last finite checkpoint: {good or 'none'} (try a lower lr={cfg.lr})")
+        saved = save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler,
+                                _data_state(data, accelerator, device),
+                                {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall,
+                                 "wandb_id": wandb_id}, cfg.keep_last)
+        if accelerator.is_main_process:
+            normalize_modes(saved)  # safetensors writes 0600; every file of a run gets one mode
 
     peak = peak_flops(device)
     progress = tqdm(total=plan.steps, initial=step, disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
@@ -356,10 +390,10 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _diverged_message(out_dir: Path, bad_step: int, at_step: int, lr: float) -> str:
-    kept = checkpoint_dirs(out_dir)
+    good = last_finite_checkpoint(checkpoint_dirs(out_dir))  # named only once read back and checked
     where = f"at step {bad_step}" + (f" (found at step {at_step})" if at_step != bad_step else "")
     return (f"loss or gradient is not finite {where}; that update was refused, so the weights stay finite; stopped. "
-            f"Last good checkpoint: {kept[-1] if kept else 'none'} (try a lower lr={lr})")
+            f"Last finite checkpoint: {good or 'none'} (try a lower lr={lr})")
 
 
 class _Throughput:
@@ -458,6 +492,7 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
                    extra={**extra, "val_loss": folded_eval["val_loss"], "folded_from": str(out_dir / "final")})
     if accelerator.is_main_process:
         write_summary(out_dir, summary)
+        tidy(out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -25,11 +25,10 @@ class TrainPlan:
 
 
 def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
-    """Derive accumulation and steps; every inconsistency is a one-line ConfigError."""
-    for key in ("global_batch", "micro_batch"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise bad_value(key, value, "a positive integer")
+    """Derive accumulation and steps; every inconsistency is a one-line ConfigError.
+
+    Each value's type and range is checked by the schema (dlr.schema.TrainConfig) before this.
+    """
     if cfg.global_batch % processes:
         raise bad_value("global_batch", cfg.global_batch, f"a multiple of the number of processes ({processes})")
     per_process = cfg.global_batch // processes
@@ -38,16 +37,7 @@ def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
         raise bad_value("micro_batch", cfg.micro_batch, f"a divisor of global_batch/processes = {per_process}: {divisors}")
     per_forward = cfg.micro_batch * processes
     tokens_per_step = cfg.global_batch * seq_len
-    if cfg.get("tokens") is not None:
-        if not isinstance(cfg.tokens, (int, float)) or cfg.tokens <= 0:
-            raise bad_value("tokens", cfg.tokens, "a positive number of training tokens, or null")
-        steps = math.ceil(cfg.tokens / tokens_per_step)
-    else:
-        steps = cfg.steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise bad_value("steps", steps, "a positive integer")
-    if not 0 <= cfg.warmup < 1:
-        raise bad_value("warmup", cfg.warmup, "a fraction in [0, 1)")
+    steps = math.ceil(cfg.tokens / tokens_per_step) if cfg.get("tokens") is not None else cfg.steps
     return TrainPlan(
         processes=processes,
         global_batch=cfg.global_batch,

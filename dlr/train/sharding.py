@@ -152,7 +152,7 @@ def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_mai
     from safetensors.torch import save_file
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from ..checkpoint import INDEX_FILE, MAX_SHARD_SIZE, atomic_dir, finish_model_dir, save_pretrained_quietly
+    from ..model_dir import INDEX_FILE, MAX_SHARD_SIZE, atomic_dir, finish_model_dir, save_pretrained_quietly
 
     max_shard_size = max_shard_size or MAX_SHARD_SIZE
     state = model.state_dict()
@@ -187,7 +187,7 @@ def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_mai
 def save_final(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, extra: dict | None = None) -> None:
     """final/ and folded/: streamed from the shards under FSDP2, from the main process under DDP.
     `extra` goes into dlr_checkpoint.json (the trainer's step, tokens, val loss)."""
-    from ..checkpoint import save_model_dir
+    from ..model_dir import save_model_dir
 
     if is_sharded(model):
         save_model_dir_gathered(model, tokenizer, out_dir, is_main, extra=extra)

@@ -7,28 +7,27 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
     configuration_dlr.py, lowrank.py, modeling_dlr.py   HF remote code (auto_map)
     generation_config.json
     spiece.model (T5/SentencePiece) | tokenizer files of an HF tokenizer
-    dlr_checkpoint.json             format version, dlr version, file sizes, caller's `extra`
+    dlr_checkpoint.json             format version, dlr version, size and sha256 of every
+                                    weight file, caller's `extra`
 
 Nothing here uses pickle. The per-layer expand index (`*.dlr_index`, random_reuse
 included) is a persistent buffer, so it travels in the safetensors with the weights.
 """
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
-import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .atomic import atomic_dir
+from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .hf.lowrank import ACTIVATIONS, EXPAND_MODES, METHODS, SCOPES, LowRankLinear
+from .hf.lowrank import LowRankLinear
 
 FORMAT_VERSION = 1
 META_FILE = "dlr_checkpoint.json"
@@ -84,41 +83,17 @@ def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files
     tokenizer.save(tmp)
     for name, obj in (files or {}).items():
         (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.endswith(".safetensors")}
+    weights = sorted(p for p in tmp.iterdir() if p.name.endswith(".safetensors"))
     meta = {
         "format": "dlr-model-dir",
         "format_version": FORMAT_VERSION,
         "dlr_version": _dlr_version(),
-        # Sizes catch a truncated shard even when its header survived.
-        "weight_files": sizes,
+        # Sizes catch a truncated shard cheaply; sha256 any flipped byte (verify=true).
+        "weight_files": {f.name: f.stat().st_size for f in weights},
+        "sha256": {f.name: sha256_file(f) for f in weights},
         "extra": extra or {},
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `out_dir`; on success it becomes `out_dir`.
-
-    A crash leaves either the old directory or the complete new one, never a half-written
-    one: an existing `out_dir` is only deleted once the new one is in place.
-    """
-    out = Path(out_dir).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "d")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_pretrained_quietly(model: Any, path: Path, **kwargs: Any) -> None:
@@ -171,35 +146,19 @@ def read_config(path: str | os.PathLike) -> DlrLlamaConfig:
 
 
 def _validate_dlr_fields(c: DlrLlamaConfig, where: Path) -> None:
-    def bad(field: str, accepted: object) -> ConfigError:
-        return ConfigError(f"{str(where)!r}: {field}={getattr(c, field)!r} is not valid; accepted: {accepted}")
+    from .model import check_factorization
 
-    if c.dlr_method not in METHODS:
-        raise bad("dlr_method", ", ".join(METHODS))
-    if c.dlr_activation not in ACTIVATIONS:
-        raise bad("dlr_activation", ", ".join(ACTIVATIONS))
-    if c.dlr_expand not in EXPAND_MODES:
-        raise bad("dlr_expand", ", ".join(EXPAND_MODES))
-    if c.dlr_scope not in SCOPES:
-        raise bad("dlr_scope", ", ".join(SCOPES))
-    if not isinstance(c.dlr_alpha, (int, float)) or not math.isfinite(c.dlr_alpha) or c.dlr_alpha < 0:
-        raise bad("dlr_alpha", "a finite number >= 0")
-    for flag in ("dlr_variance_correction", "dlr_trainable_alpha", "dlr_trainable_latent_scale", "dlr_bias"):
-        if not isinstance(getattr(c, flag), bool):
-            raise bad(flag, "true, false")
-    la = c.dlr_latent_alpha
-    if la is not None and (isinstance(la, bool) or not isinstance(la, (int, float)) or not math.isfinite(la) or la <= 0):
-        raise bad("dlr_latent_alpha", "null or a finite number > 0")
-    if la is not None and c.dlr_trainable_latent_scale:
-        raise bad("dlr_latent_alpha", "null when dlr_trainable_latent_scale is true")
-    if c.dlr_method != "full":
-        smallest = min(c.hidden_size, c.intermediate_size)
-        if isinstance(c.dlr_rank, bool) or not isinstance(c.dlr_rank, int) or not 0 < c.dlr_rank < smallest:
-            raise bad("dlr_rank", f"an integer with 0 < rank < {smallest}")
-    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        v = getattr(c, field)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise bad(field, "a positive integer")
+    try:
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            v = getattr(c, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise bad_value(field, v, "a positive integer")
+        check_factorization(c.dlr_method, c.dlr_rank, c.dlr_alpha, c.dlr_activation, c.dlr_expand, c.dlr_scope,
+                            c.hidden_size, c.intermediate_size, variance_correction=c.dlr_variance_correction,
+                            trainable_alpha=c.dlr_trainable_alpha, latent_alpha=c.dlr_latent_alpha,
+                            trainable_latent_scale=c.dlr_trainable_latent_scale, bias=c.dlr_bias, prefix="dlr_")
+    except ConfigError as e:
+        raise ConfigError(f"{str(where)!r}: {e}") from None
 
 
 def weight_files(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -225,12 +184,22 @@ def weight_files(path: str | os.PathLike) -> dict[str, list[str]]:
     raise ConfigError(f"checkpoint {str(p)!r} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _check_sizes(p: Path) -> None:
+def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sizes(p: Path, verify: bool = True) -> None:
+    """Sizes always; with `verify`, every weight file's sha256 against dlr_checkpoint.json."""
     meta_path = p / META_FILE
     if not meta_path.is_file():
         return  # a model directory written by plain save_pretrained; the headers still get checked
     try:
-        sizes = json.loads(meta_path.read_text()).get("weight_files", {})
+        meta = json.loads(meta_path.read_text())
+        sizes = meta.get("weight_files", {})
     except Exception:
         raise ConfigError(f"{str(meta_path)!r} is corrupted (not valid JSON)") from None
     for name, size in sizes.items():
@@ -240,6 +209,11 @@ def _check_sizes(p: Path) -> None:
         actual = f.stat().st_size
         if actual != size:
             raise ConfigError(f"weight file {str(f)!r} is truncated or corrupted: {actual} bytes, expected {size}")
+    # Directories written before format 1 recorded hashes have none to check.
+    for name, digest in (meta.get("sha256") or {}).items() if verify else ():
+        if sha256_file(p / name) != digest:
+            raise ConfigError(f"weight file {str(p / name)!r} does not match its sha256 in {META_FILE} (corrupted); "
+                              "accepted: an intact copy (verify=false skips this check)")
 
 
 def find_tokenizer(path: str | os.PathLike) -> Path:
@@ -268,12 +242,14 @@ def load_model_dir(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    verify: bool = True,
 ) -> tuple[DlrLlamaForCausalLM, Any]:
     """Load a model directory; every problem is a one-line ConfigError naming the path.
 
     The model is built on `meta` (no allocation, no random init) and each tensor is read
     from safetensors straight to `device` and assigned, so peak memory is one model.
-    Returns (model in eval mode, tokenizer).
+    `verify` checks each weight file's sha256 recorded by save_model_dir (one read of the
+    files; verify=False skips it for trusted files). Returns (model in eval mode, tokenizer).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -283,7 +259,7 @@ def load_model_dir(
     config = read_config(p)
     find_tokenizer(p)
     shards = weight_files(p)
-    _check_sizes(p)
+    _check_sizes(p, verify)
     device = torch.device(device)
 
     config._attn_implementation = "sdpa"
