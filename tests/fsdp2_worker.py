@@ -115,7 +115,7 @@ def main(out: Path) -> None:
             fold_model(plain)
         save_model_dir_gathered(model, tok, out / f"sharded_{name}", rank == 0, max_shard_size="200KB")
         if rank == 0:
-            from dlr import checkpoint as ck
+            from dlr import model_dir as ck
 
             ck.MAX_SHARD_SIZE, before = "200KB", ck.MAX_SHARD_SIZE
             save_model_dir(plain, tok, out / f"plain_{name}")

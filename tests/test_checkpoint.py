@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from dlr.model_dir import TOKENIZER_MARKERS
 import torch
 
 import dlr
@@ -142,7 +144,8 @@ BAD = {
     "method mismatch": (lambda d: _edit_config(d, dlr_method="full", dlr_rank=None), "does not have"),
     "folded flag lies": (lambda d: _edit_config(d, dlr_folded=True), "does not have"),
     "nan weights": (_nan, "NaN"),
-    "no tokenizer": (lambda d: (d / "spiece.model").unlink(), "no tokenizer"),
+    # Every tokenizer file (spiece.model and its AutoTokenizer twin, tokenizer.json + tokenizer_config.json).
+    "no tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name in TOKENIZER_MARKERS], "no tokenizer"),
 }
 
 

@@ -114,7 +114,7 @@ def test_the_stride_only_changes_context_not_the_count(model_dir, wiki, tmp_path
     (["eval_tokens=1000"], r"eval_tokens=1000 \(data.val_tokens\) would score 1,000 of the corpus's .* set eval_tokens >="),
     (["stride=256"], r"stride=256 is not valid"),
     (["protocol=chunks"], r"protocol='chunks' is not valid; accepted: auto, sliding, rows"),
-    (["min_coverage=2"], r"min_coverage=2 is not valid"),
+    (["min_coverage=2"], r"min_coverage=2.0 is not valid"),
 ])
 def test_partial_or_bad_corpus_evaluations_are_errors(model_dir, wiki, tmp_path, capsys, extra, needle):
     code, _, err = call(eval_cli, [f"ckpt={model_dir}", *EVAL, f"data.validation_files={wiki}", *extra,
