@@ -75,6 +75,7 @@ VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 COMPILE_SCOPE = {"decoder": compile_decoder, "layers": compile_layers, "model": compile_model}
 SCOPE = ["decoder"]  # --compile-scope; a list so the memory child and build() share it
+MODE: list[str | None] = [None]  # --compile-mode (None: torch.compile's default, what dlr-train uses)
 PROFILE: list[Path | None] = [None]  # --profile
 
 
@@ -87,7 +88,12 @@ def build(size: str, method: str, device: torch.device, compile: bool = False) -
                 # repeat_interleave is the uniform expansion; the zoo default is uniform.
                 assert m.dlr_index.is_meta or torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
                 m.__class__ = VARIANTS[method]
-    if compile and device.type != "meta":
+    if compile and device.type != "meta" and MODE[0] is not None:
+        target = {"decoder": model.model, "model": model}.get(SCOPE[0])
+        if target is None:
+            sys.exit("--compile-mode needs --compile-scope decoder or model")
+        target.compile(mode=MODE[0])
+    elif compile and device.type != "meta":
         COMPILE_SCOPE[SCOPE[0]](model)  # what dlr-train does with compile=true (and compile=auto on CUDA)
     return model
 
@@ -283,12 +289,24 @@ def main() -> None:
     ap.add_argument("--compile-scope", default="decoder", choices=tuple(COMPILE_SCOPE),
                     help="decoder: the decoder as one graph, loss outside (dlr-train); layers: each decoder layer; "
                          "model: the whole forward with its loss (plain or chunked loss only)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: none, as dlr-train)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (a Python literal), e.g. --inductor coordinate_descent_tuning=True")
     ap.add_argument("--profile", type=Path, default=None, help="write the top CUDA kernels of one step per method here")
     ap.add_argument("--loss", default="auto", choices=LOSS_IMPLS, help="the LM loss (dlr-train loss=...); plain = HF logits")
     ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")
     ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    SCOPE[0], PROFILE[0] = args.compile_scope, args.profile
+    SCOPE[0], PROFILE[0], MODE[0] = args.compile_scope, args.profile, args.compile_mode
+    for item in args.inductor:
+        import ast
+
+        import torch._inductor.config as inductor_config
+
+        key, _, value = item.partition("=")
+        if not hasattr(inductor_config, key):
+            sys.exit(f"--inductor {item!r}: torch._inductor.config has no {key!r}")
+        setattr(inductor_config, key, ast.literal_eval(value))
     if args._memory_child:
         memory_child(*args._memory_child, args.dtype, args.micro_batch, args.compile, args.loss)
         return
