@@ -225,6 +225,82 @@ def test_resume_equals_uninterrupted(tok, small_dir, mode, prefetch, world_size)
     resumed.close()
 
 
+def _run_state(its) -> dict:
+    """What dlr-train writes to data.json for these processes (through JSON, as on disk)."""
+    return json.loads(json.dumps(its[0].global_state([it.local_position() for it in its])))
+
+
+@pytest.mark.parametrize("mode", ["paper", "packed"])
+def test_resume_on_another_number_of_processes_continues_the_same_global_steps(tok, small_dir, mode):
+    """2 processes for k steps, then 1 or 4 (other micro-batch, grad accumulation) from the global
+    position: the next global steps' rows are the uninterrupted 2-process run's."""
+    spec = tokens_spec(small_dir, seq_len=16, shuffle_buffer=8, mode=mode)
+    G, k, more = 8, 5, 6  # global batch 8; 88 rows: paper crosses an epoch boundary
+
+    def steps(its, n, accum=1):
+        """n global steps: each process's `accum` micro-batches, interleaved into global item order."""
+        out = []
+        for _ in range(n):
+            micro = [[next(it)["input_ids"] for it in its] for _ in range(accum)]
+            W, B = len(its), micro[0][0].shape[0]
+            rows = torch.empty(accum * W * B, micro[0][0].shape[1], dtype=torch.long)
+            for a, per_rank in enumerate(micro):
+                for r, x in enumerate(per_rank):
+                    rows[a * W * B + r: (a + 1) * W * B: W] = x  # item (n*B + j)*W + r
+            out.append(rows)
+        return out
+
+    def processes(W, B):
+        return [train_batches(spec, tok, B, r, W, seed=4) for r in range(W)]
+
+    ref = processes(2, 4)
+    want = steps(ref, k + more)
+    its = processes(2, 4)
+    steps(its, k)
+    state = _run_state(its)
+    assert state["portable"] and state["items"] == k * G
+    for W, B, accum in ((1, 4, 2), (4, 1, 2), (4, 2, 1)):
+        resumed = processes(W, B)
+        for it in resumed:
+            it.restore(None, state)
+        got = steps(resumed, more, accum)
+        assert all(torch.equal(a, b) for a, b in zip(got, want[k:])), (W, B)
+        for it in resumed:
+            it.close()
+    # The same processes and batch size take their own exact state.
+    own = [json.loads(json.dumps(it.state_dict())) for it in its]
+    resumed = processes(2, 4)
+    for it, mine in zip(resumed, own):
+        it.restore(mine, state)
+    assert all(torch.equal(a, b) for a, b in zip(steps(resumed, more), want[k:]))
+    for it in [*ref, *its, *resumed]:
+        it.close()
+
+
+def test_a_position_that_another_geometry_cannot_continue_is_one_line(tok, small_dir, docs):
+    spec = tokens_spec(small_dir, seq_len=16, shuffle_buffer=8)
+    its = [train_batches(spec, tok, 3, r, 2, seed=4) for r in range(2)]
+    for it in its:
+        next(it)
+    state = _run_state(its)  # 6 documents consumed
+    cases = [(train_batches(spec, tok, 2, 0, 2, seed=4), r"items=6 global documents, not a multiple of "
+                                                         r"micro_batch\*processes=2\*2=4"),
+             (train_batches(spec, tok, 3, 0, 1, seed=5), "seed=5 now but 4 in the checkpoint"),
+             (train_batches(tokens_spec(small_dir, seq_len=32, shuffle_buffer=8), tok, 3, 0, 1, seed=4),
+              "seq_len=32 now but 16 in the checkpoint"),
+             (train_batches(docs_spec(docs), tok, 3, 0, 1, seed=4), "comes from token shards")]
+    for it, needle in cases:
+        with pytest.raises(ConfigError, match=needle) as e:
+            it.restore(None, state)
+        assert "\n" not in str(e.value)
+    stream = train_batches(docs_spec(docs), tok, 3, 0, 1, seed=4)
+    next(stream)
+    with pytest.raises(ConfigError, match="comes from a streaming data config"):
+        its[0].restore(None, json.loads(json.dumps(stream.global_state([stream.local_position()]))))
+    for it in [*its, stream, *(c[0] for c in cases)]:
+        it.close()
+
+
 def test_paper_rows_match_the_streaming_batch_builder(tok, sample_dir):
     """Same documents in, same rows out: truncation to T-1, EOS, padding, labels."""
     from dlr.data import paper_batch

@@ -148,6 +148,10 @@ def _names(files: list[str], n: int = 3) -> str:
     return shown + (f", ... ({len(files)} files)" if len(files) > n else "")
 
 
+_FROM_TOKENS = ("cannot resume: the checkpoint's data state comes from token shards (data=tokens), this run streams "
+                "its data; resume with the data config that wrote it")
+
+
 class TrainBatches:
     """Endless iterator of {"input_ids", "labels"} LongTensor[B, T] batches for one process.
 
@@ -218,8 +222,7 @@ class TrainBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") == "tokens":
-            raise ConfigError("cannot resume: the checkpoint's data state comes from token shards (data=tokens), this "
-                              "run streams its data; resume with the data config that wrote it")
+            raise ConfigError(_FROM_TOKENS)
         if state.get("version") not in _READABLE_VERSIONS:
             raise ConfigError(
                 f"data state version={state.get('version')!r} is not valid; accepted: {list(_READABLE_VERSIONS)}"
@@ -281,6 +284,8 @@ class TrainBatches:
 
     def load_global_state(self, state: dict[str, Any]) -> None:
         """Continue the global document sequence at `state` with this run's processes and workers."""
+        if state.get("kind") == "tokens":
+            raise ConfigError(_FROM_TOKENS)
         mine = self._portable_fingerprint()
         for k, v in sorted(state.get("config", {}).items()):
             if mine.get(k) != v:

@@ -17,6 +17,10 @@ A process reads only its own documents/windows (and the small per-block index), 
 files, so N processes read the data once between them.
 
 Batch n of a process is a pure function of n, so the data state is one integer: resume is exact.
+And since local batch n of rank r holds global items (n*B + j)*W + r (documents in paper mode,
+windows in packed mode), after n local batches per process the run has consumed exactly the
+first n*B*W global items, whatever W: `global_state` records that count, and a run on another
+number of processes (or micro-batch) continues at local batch items / (B*W) (`restore`).
 Batches are built in a background thread `prefetch` batches ahead, so reading the shards never sits
 in the training step's critical path: next() takes a ready batch (~0.05 ms, scripts/bench_loader.py).
 A thread, not a DataLoader worker process: the process was measured slower (2-10 ms per next() in
@@ -180,13 +184,15 @@ def _runs(labels: np.ndarray):
 
 
 _STOP = object()
+_FROM_STREAMING = ("cannot resume: the checkpoint's data state comes from a streaming data config, this run reads "
+                   "token shards (data=tokens); resume with the data config that wrote it")
 
 
 class TokenBatches:
     """Endless {"input_ids", "labels"} LongTensor[B, T] batches of one process, from token shards.
 
     Same interface as `TrainBatches`: `state_dict()` between two `next()` calls, `load_state_dict`,
-    `close()`.
+    `close()`, and the process-count-independent `local_position`, `global_state`, `restore`.
     """
 
     def __init__(self, spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int, seed: int) -> None:
@@ -285,8 +291,7 @@ class TokenBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != STATE_KIND:
-            raise ConfigError("cannot resume: the checkpoint's data state comes from a streaming data config, this run "
-                              "reads token shards (data=tokens); resume with the data config that wrote it")
+            raise ConfigError(_FROM_STREAMING)
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"token data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
         mine = self._fingerprint()
@@ -296,6 +301,67 @@ class TokenBatches:
                                   f"use the same value")
         self.close()
         self._n = int(state["batches"])
+
+    # ------------------------------------------------------------------ process-count-independent
+
+    def local_position(self) -> list[int]:
+        """[local batches handed out]: with every process's, `global_state` says where the run is."""
+        return [self._n]
+
+    def _portable_fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in self._fingerprint().items() if k not in ("rank", "world_size", "batch_size")}
+
+    def global_state(self, positions: list[list[int]]) -> dict[str, Any]:
+        """The whole run's position from every process's `local_position` (rank order): the
+        number of global items (documents in paper mode, seq_len windows in packed mode) consumed.
+
+        Processes step together, so each has handed out the same n batches, which between them
+        are exactly global items 0..n*B*W-1 (module docstring). Counts that differ (not written
+        by the trainer) have no such position: `portable` is then False.
+        """
+        counts = {int(p[0]) for p in positions}
+        portable = len(counts) == 1
+        items = counts.pop() * self.batch_size * self.world_size if portable else None
+        return {"kind": STATE_KIND, "version": STATE_VERSION, "portable": portable, "processes": self.world_size,
+                "items": items, "config": self._portable_fingerprint()}
+
+    def load_global_state(self, state: dict[str, Any]) -> None:
+        """Continue the global sequence of items at `state` with this run's processes and batch size."""
+        saved = state.get("processes")
+        if state.get("kind") != STATE_KIND:
+            if "config" in state:
+                raise ConfigError(_FROM_STREAMING)
+            # Written before token shards kept a process-count-independent position.
+            raise ConfigError(f"the checkpoint's data position belongs to its {saved} processes (written by an older "
+                              f"dlr); accepted: resume with {saved} processes")
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"token data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
+        mine = self._portable_fingerprint()
+        for k, v in sorted(state["config"].items()):
+            if mine.get(k) != v:
+                raise ConfigError(f"cannot resume the data stream: {k}={mine.get(k)!r} now but {v!r} in the checkpoint; "
+                                  f"use the same value")
+        if not state.get("portable"):
+            raise ConfigError(f"the checkpoint's data position belongs to its {saved} processes (they had read "
+                              f"different numbers of batches); accepted: resume with {saved} processes")
+        items, per_batch = int(state["items"]), self.batch_size * self.world_size
+        if items % per_batch:
+            raise ConfigError(
+                f"cannot resume the data stream: the checkpoint has consumed items={items} global "
+                f"{'windows' if self.packed else 'documents'}, not a multiple of micro_batch*processes="
+                f"{self.batch_size}*{self.world_size}={per_batch}; accepted: the run's global_batch with a "
+                f"micro_batch and process count whose product divides {items}"
+            )
+        self.close()
+        self._n = items // per_batch
+
+    def restore(self, process_state: dict[str, Any] | None, global_state: dict[str, Any]) -> None:
+        """This process's own state when it still applies (same processes and batch size); else the global one."""
+        if process_state is not None and (process_state.get("kind") != STATE_KIND
+                                          or process_state.get("config") == self._fingerprint()):
+            self.load_state_dict(process_state)  # exact, or the one-line refusal of a streaming state
+        else:
+            self.load_global_state(global_state)
 
     def close(self) -> None:
         """Stop the prefetch thread (a new one starts lazily on the next `next()`)."""

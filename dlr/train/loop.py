@@ -146,24 +146,10 @@ def _resume_point(cfg: DictConfig, out_dir: Path) -> Path | None:
 
 
 def _data_state(data, accelerator, device) -> dict:
-    """This process's data position, and the whole run's in process-count-independent terms
-    (where the loader has them: the token-shard loader resumes with the same processes only)."""
-    if not hasattr(data, "global_state"):
-        return {"process": data.state_dict(), "global": {"portable": False, "processes": accelerator.num_processes}}
+    """This process's data position, and the whole run's in process-count-independent terms."""
     mine = torch.tensor(data.local_position(), dtype=torch.long, device=device)
     positions = accelerator.gather(mine).view(-1, mine.numel()).tolist()
     return {"process": data.state_dict(), "global": data.global_state(positions)}
-
-
-def _restore_data(data, data_state: dict) -> None:
-    if hasattr(data, "restore"):
-        data.restore(data_state["process"], data_state["global"])
-    elif data_state["process"] is not None:
-        data.load_state_dict(data_state["process"])
-    else:
-        saved = data_state["global"].get("processes")
-        raise ConfigError(f"this data source resumes only with the number of processes that wrote the checkpoint; "
-                          f"accepted: resume with {saved} processes")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -267,7 +253,8 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
     step, wall_before, wandb_id = 0, 0.0, None
     if resume_from is not None:
         trainer_state, data_state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
-        _restore_data(data, data_state)
+        # Its own exact position when the processes are the same; else the global position.
+        data.restore(data_state["process"], data_state["global"])
         step, wall_before, wandb_id = trainer_state["step"], trainer_state["wall_s"], trainer_state.get("wandb_id")
         log.info("resumed from %s at step %d", resume_from, step)
     if cfg.logger == "wandb":
