@@ -454,19 +454,31 @@ def test_train_from_shards_resumes_bitwise_after_sigkill_and_evaluates_like_stre
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(sample_dir, tmp_path):
+def test_two_processes_match_one_and_resume_on_one(sample_dir, tmp_path):
+    """2 gloo processes == 1 process with the same global batch; the 2-process run cut after
+    step 1 resumes on 1 process (another micro-batch) and continues the same global steps."""
     import sys
 
     from test_train import records
+    from test_train_fsdp2 import _cut_at, _max_rel
 
-    common = [*TRAIN, f"data.path={sample_dir}", "steps=3", "eval_every=3", "save_every=3", "keep_last=1"]
+    common = [*TRAIN, f"data.path={sample_dir}", "steps=3", "eval_every=3", "save_every=1", "keep_last=3"]
     _cli("dlr.cli.train", *common, "micro_batch=4", f"out_dir={tmp_path / 'one'}")
-    _cli("dlr.cli.train", *common, "micro_batch=2", f"out_dir={tmp_path / 'two'}",
-         launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"))
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
-    assert list(two) == [1, 2, 3]
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5)
+    two = tmp_path / "two"
+    _cli("dlr.cli.train", *common, "micro_batch=2", f"out_dir={two}",
+         launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"))
+    assert list(records(two)) == [1, 2, 3]
+    assert _max_rel(records(two), records(tmp_path / "one")) < 1e-5
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    _cut_at(resumed, 1)
+    _cli("dlr.cli.train", *common, "micro_batch=2", f"out_dir={resumed}")  # 1 process, 4 micro-batches a step
+    assert json.loads((resumed / "checkpoints" / "step_3" / "trainer_state.json").read_text())["processes"] == 1
+    got, want = records(resumed), records(two)
+    print(f"max relative loss difference, resumed 2->1 vs uninterrupted 2: {_max_rel(got, want):.2e}")
+    assert list(got) == [1, 2, 3] and got[1] == want[1]
+    assert _max_rel(got, want) < 1e-5
+    assert records(resumed, "val_loss")[3] == pytest.approx(records(two, "val_loss")[3], rel=1e-5)
 
 
 @pytest.mark.parametrize("args,needle", [
