@@ -98,6 +98,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.json")) == ["data_0.json", "data_1.json"]
+    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run.
+    from test_train_fsdp2 import accelerate2
+
+    cli(*common, "micro_batch=2", f"out_dir={tmp_path / 'accelerate'}", launcher=accelerate2("ddp.yaml"))
+    assert json.loads((tmp_path / "accelerate" / "summary.json").read_text())["processes"] == 2
+    via_accelerate = records(tmp_path / "accelerate")
+    assert list(via_accelerate) == [1, 2, 3, 4]
+    for step in two:
+        assert via_accelerate[step] == pytest.approx(two[step], rel=1e-5)
 
 
 def test_resume_with_spectron_restores_its_state_exactly(tmp_path):

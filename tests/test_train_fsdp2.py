@@ -2,6 +2,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -9,6 +10,15 @@ from safetensors.torch import load_file
 from test_train import cli, records
 
 TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dlr.cli.train")
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def accelerate2(config: str) -> tuple[str, ...]:
+    """`accelerate launch` of the shipped config with 2 processes. On a machine without GPUs its
+    MULTI_GPU launcher is torch.distributed.run, and dlr-train's Accelerator(cpu=True) takes gloo
+    (`--cpu` would pick accelerate's simple launcher: one process, or MPI with a hostfile)."""
+    return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config),
+            "--num_processes", "2", "--main_process_port", "0", "-m", "dlr.cli.train")
 # fp32 on CPU: a sharded run sums gradients and losses in another order than one process does.
 REL = 1e-5
 
@@ -28,13 +38,21 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
+COMMON = ["steps=6", "save_every=2", "eval_every=6", "method=dlr", "global_batch=8", "keep_last=3"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """parallelism=fsdp2 on 2 processes under torchrun, uninterrupted: the reference run."""
+    out = tmp_path_factory.mktemp("fsdp2") / "straight"
+    cli(*COMMON, "micro_batch=2", "parallelism=fsdp2", f"out_dir={out}", launcher=TORCHRUN2)
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp2_trains_folds_and_resumes_2_to_1_to_2_processes(tmp_path):
-    common = ["steps=6", "save_every=2", "eval_every=6", "method=dlr", "global_batch=8", "keep_last=3"]
-    straight = tmp_path / "straight"
-    cli(*common, "micro_batch=2", "parallelism=fsdp2", f"out_dir={straight}", launcher=TORCHRUN2)
+def test_fsdp2_trains_folds_and_resumes_2_to_1_to_2_processes(tmp_path, straight):
     one = tmp_path / "one"  # the same global batches on one process, DDP path: the reference
-    cli(*common, "micro_batch=4", f"out_dir={one}")
+    cli(*COMMON, "micro_batch=4", f"out_dir={one}")
     assert _max_rel(records(straight), records(one)) < REL
     summary = json.loads((straight / "summary.json").read_text())
     reference = json.loads((one / "summary.json").read_text())
@@ -56,10 +74,10 @@ def test_fsdp2_trains_folds_and_resumes_2_to_1_to_2_processes(tmp_path):
     saved = resumed / "config.yaml"  # a copied run names its old out_dir
     saved.write_text(saved.read_text().replace(str(straight), str(resumed)))
     _cut_at(resumed, 2)
-    cli(*common, "micro_batch=4", "parallelism=fsdp2", "gradient_checkpointing=true", f"out_dir={resumed}")
+    cli(*COMMON, "micro_batch=4", "parallelism=fsdp2", "gradient_checkpointing=true", f"out_dir={resumed}")
     assert json.loads((resumed / "checkpoints" / "step_6" / "trainer_state.json").read_text())["processes"] == 1
     _cut_at(resumed, 4)
-    cli(*common, "micro_batch=2", "parallelism=fsdp2", f"out_dir={resumed}", launcher=TORCHRUN2)
+    cli(*COMMON, "micro_batch=2", "parallelism=fsdp2", f"out_dir={resumed}", launcher=TORCHRUN2)
     got, want = records(resumed), records(straight)
     assert list(got) == [1, 2, 3, 4, 5, 6]
     print(f"max relative loss difference: fsdp2 x2 vs ddp x1 {_max_rel(records(straight), records(one)):.2e}, "
@@ -68,6 +86,20 @@ def test_fsdp2_trains_folds_and_resumes_2_to_1_to_2_processes(tmp_path):
     assert records(resumed, "lr") == records(straight, "lr")
     final = json.loads((resumed / "summary.json").read_text())
     assert final["folded_val_ppl"] == pytest.approx(summary["folded_val_ppl"], rel=REL)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_fsdp2_like_torchrun(tmp_path, straight):
+    out = tmp_path / "accelerate"
+    cli(*COMMON, "micro_batch=2", "parallelism=fsdp2", f"out_dir={out}", launcher=accelerate2("fsdp2.yaml"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["parallelism"] == "fsdp2"
+    assert json.loads((out / "checkpoints" / "step_6" / "trainer_state.json").read_text())["processes"] == 2
+    got, want = records(out), records(straight)
+    print(f"max relative loss difference, accelerate launch vs torchrun (fsdp2 x2): {_max_rel(got, want):.2e}")
+    assert list(got) == [1, 2, 3, 4, 5, 6] and _max_rel(got, want) < REL
+    reference = json.loads((straight / "summary.json").read_text())
+    assert summary["folded_val_ppl"] == pytest.approx(reference["folded_val_ppl"], rel=REL)
 
 
 def test_spectron_under_fsdp2_is_refused_in_one_line(tmp_path):
