@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlr.errors import ConfigError, bad_value
+from dlr.errors import ConfigError
+from dlr.schema import FinetuneConfig
+from dlr.schema import validate as validate_schema
 
 log = logging.getLogger("dlr.finetune")
 LOCAL_DATA = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -32,28 +34,9 @@ RUNTIME_KEYS = {"resume", "progress", "log_every", "save_every", "keep_last", "l
 
 
 def validate(cfg: DictConfig) -> None:
-    """Every cheap check, before a weight or a record is read."""
-    ints = {"steps": 1, "batch_size": 1, "grad_accum": 1, "max_length": 2, "seed": 0, "save_every": 1,
-            "keep_last": 1, "lora_rank": 1, "log_every": 1}
-    for key, minimum in ints.items():
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise bad_value(key, v, f"an integer >= {minimum}")
-    for key, lo, hi in (("lr", 0.0, math.inf), ("warmup_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
-                        ("lora_alpha", 0.0, math.inf), ("lora_dropout", 0.0, 1.0)):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi or (key == "lr" and v == 0):
-            raise bad_value(key, v, f"a number in [{lo}, {hi}]" + (" above 0" if key == "lr" else ""))
-    for key in ("lora", "progress"):
-        if not isinstance(cfg[key], bool):
-            raise bad_value(key, cfg[key], "true, false")
-    for key, accepted in (("resume", ("auto", "never")), ("precision", ("auto", "fp32", "bf16")),
-                          ("logger", ("none", "wandb")), ("device", ("auto", "cpu", "cuda"))):
-        if cfg[key] not in accepted:
-            raise bad_value(key, cfg[key], accepted)
-    for key in ("train_data", "prompt_field", "response_field", "train_split", "eval_split"):
-        if not isinstance(cfg[key], str) or not cfg[key]:
-            raise bad_value(key, cfg[key], "a non-empty string")
+    """Every cheap check, before a weight or a record is read: each setting's own (type, range,
+    choices) where it is declared, dlr.schema.FinetuneConfig, then the one that ties two together."""
+    validate_schema(FinetuneConfig, cfg)
     if cfg.prompt_field == cfg.response_field:
         raise ConfigError(f"prompt_field and response_field are both {cfg.prompt_field!r}; they must name two fields")
 

@@ -153,6 +153,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(folded, data, tmp_path):
     (["data=/nonexistent/pairs.jsonl"], r"data='/nonexistent/pairs.jsonl' does not exist"),
     (["prompt_field=question"], r"records lack field\(s\) 'question' \(they have prompt, response\)"),
     (["lr=-1"], r"lr=-1.0 is not valid"),
+    (["warmup_ratio=1"], r"warmup_ratio=1.0 is not valid; accepted: .*< 1"),
+    (["prompt_field=response"], r"prompt_field and response_field are both 'response'; they must name two fields"),
     (["lora=maybe"], r"lora='maybe' is not valid; accepted: true, false"),
     (["resume=sometimes"], r"resume='sometimes' is not valid; accepted: auto, never"),
     (["out_dir=CKPT/inside"], r"overlaps ckpt="),

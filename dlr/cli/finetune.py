@@ -17,7 +17,6 @@ import logging
 from omegaconf import OmegaConf
 
 from dlr.cli._common import compose, required, run_cli
-from dlr.schema import FinetuneConfig, validate
 
 PROG = "dlr-finetune"
 USAGE = __doc__
@@ -32,11 +31,10 @@ def finetune_main(args: list[str]) -> int:
         from dlr.errors import ConfigError
 
         raise ConfigError("data is required; e.g. data=pairs.jsonl (a .jsonl of {prompt, response} records) or a hub dataset id")
-    validate(FinetuneConfig, cfg)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dlr.finetune import finetune
 
-    summary = finetune(cfg)
+    summary = finetune(cfg)  # checks every setting (dlr.finetune.validate) before anything is read
     print(json.dumps({k: summary[k] for k in ("train_loss", "eval_loss_before", "eval_loss_after", "params",
                                                "trainable_params", "final") if k in summary}))
     return 0
