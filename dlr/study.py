@@ -199,8 +199,15 @@ def manifest(args: argparse.Namespace, planned: dict[str, list[RunSpec]], wall: 
             "train_command_example": " ".join(train_command(args, next(iter(planned.values()))[0]))}
 
 
-def bundle(out: Path, path: Path) -> Path:
-    """Every small file (sweeps, tables, plots, summaries, metrics, configs, logs); no weights."""
+def bundle(out: Path, path: Path, root: str = "study", token_shards: bool = True) -> Path:
+    """A .tar.gz at `path` of every small file under `out` (sweeps, tables, plots, eval JSONs,
+    summaries, metrics, configs, logs), under the folder `root` in the archive; no weights.
+
+    Of a run (runs/<run>/) only summary.json, metrics.jsonl and config.yaml go in:
+    final/, folded/ and checkpoints/ are weights. `token_shards=False` leaves out `tokens/`
+    (dlr-prepare's shards and tokenizer: data, not results) except its manifest.json.
+    Written to a temporary file and renamed: a reader never sees half an archive.
+    """
     keep = {"summary.json", "metrics.jsonl", "config.yaml"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -211,7 +218,9 @@ def bundle(out: Path, path: Path) -> Path:
             rel = p.relative_to(out)
             if rel.parts[0] == "runs" and (len(rel.parts) != 3 or p.name not in keep):
                 continue  # final/, folded/, checkpoints/: weights
-            tar.add(p, arcname=str(Path("study") / rel))
+            if not token_shards and rel.parts[0] == "tokens" and p.name != "manifest.json":
+                continue
+            tar.add(p, arcname=str(Path(root) / rel))
     tmp.replace(path)
     return path
 

@@ -29,7 +29,6 @@ import os
 import platform
 import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,27 +196,6 @@ def manifest(args: argparse.Namespace, wall: float) -> dict:
                                for s in map(int, args.seeds.split(","))]}
 
 
-def bundle(out: Path, path: Path) -> Path:
-    """Every small file (tables, plots, eval JSONs, summaries, metrics, configs, logs, the shards' manifest);
-    no weights, no token shards."""
-    keep_names = {"summary.json", "metrics.jsonl", "config.yaml"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for p in sorted(out.rglob("*")):
-            if not p.is_file() or p.resolve() == path.resolve() or p.name.endswith(".tmp"):
-                continue
-            rel = p.relative_to(out)
-            in_run = rel.parts[0] == "runs"
-            if in_run and (len(rel.parts) != 3 or p.name not in keep_names):
-                continue  # final/, folded/, checkpoints/: weights
-            if rel.parts[0] == "tokens" and p.name != "manifest.json":
-                continue  # the token shards and their tokenizer: data, not results
-            tar.add(p, arcname=str(Path(out.name) / rel))
-    tmp.replace(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out = args.out.resolve()
@@ -251,7 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "eval_table.md").write_text(table)
         print(table)
     (args.out / "manifest.json").write_text(json.dumps(manifest(args, time.perf_counter() - t0), indent=2))
-    path = bundle(args.out, args.bundle or args.out / "results_bundle.tar.gz")
+    from dlr.study import bundle
+
+    # Every small file under the out folder's own name; the token shards are data, not results.
+    path = bundle(args.out, args.bundle or args.out / "results_bundle.tar.gz", root=args.out.name, token_shards=False)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 

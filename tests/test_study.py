@@ -169,3 +169,33 @@ def test_render_ablations_says_plainly_when_no_results_are_in(tmp_path):
     text = render_ablations.render(None, tmp_path / "ablations.md", tmp_path / "ablations")
     assert "not in yet" in text and text.count("*Not run yet.*") == len(study.STUDIES)
     assert not (tmp_path / "ablations").exists()
+
+
+def test_bundle_keeps_small_files_and_leaves_out_weights_and_token_shards(tmp_path):
+    """The one bundle of scripts/study.py and scripts/run_results.py: the archive's root folder
+    and whether dlr-prepare's shards go in are its parameters."""
+    import tarfile
+
+    out = tmp_path / "results"
+    files = ["manifest.json", "compare/table.md", "logs/train.log", "runs/dlr-s0/summary.json",
+             "runs/dlr-s0/metrics.jsonl", "runs/dlr-s0/config.yaml", "runs/dlr-s0/final/model.safetensors",
+             "runs/dlr-s0/checkpoints/step_2/trainer_state.json", "tokens/manifest.json", "tokens/train-00000.bin",
+             "tokens/tokenizer/spiece.model", "eval/dlr-s0-folded.json", "half.json.tmp"]
+    for f in files:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text(f)
+    small = {"manifest.json", "compare/table.md", "logs/train.log", "runs/dlr-s0/summary.json",
+             "runs/dlr-s0/metrics.jsonl", "runs/dlr-s0/config.yaml", "tokens/manifest.json", "eval/dlr-s0-folded.json"}
+    shards = {"tokens/train-00000.bin", "tokens/tokenizer/spiece.model"}
+
+    def names(path):
+        with tarfile.open(path) as tar:
+            return set(tar.getnames())
+
+    # Into `out` itself: the archive leaves itself out.
+    assert names(study.bundle(out, out / "study_bundle.tar.gz")) == {f"study/{f}" for f in small | shards}
+    (out / "study_bundle.tar.gz").unlink()
+    results = study.bundle(out, tmp_path / "b" / "results_bundle.tar.gz", root="results", token_shards=False)
+    assert names(results) == {f"results/{f}" for f in small}
+    with tarfile.open(results) as tar:
+        assert tar.extractfile("results/runs/dlr-s0/summary.json").read() == b"runs/dlr-s0/summary.json"
