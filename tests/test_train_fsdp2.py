@@ -16,9 +16,15 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelera
 def accelerate2(config: str) -> tuple[str, ...]:
     """`accelerate launch` of the shipped config with 2 processes. On a machine without GPUs its
     MULTI_GPU launcher is torch.distributed.run, and dlr-train's Accelerator(cpu=True) takes gloo
-    (`--cpu` would pick accelerate's simple launcher: one process, or MPI with a hostfile)."""
+    (`--cpu` would pick accelerate's simple launcher: one process, or MPI with a hostfile). A free
+    port, not 29500 (tests may run side by side; `--main_process_port 0` needs accelerate >= 1.7)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     return (sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config),
-            "--num_processes", "2", "--main_process_port", "0", "-m", "dlr.cli.train")
+            "--num_processes", "2", "--main_process_port", str(port), "-m", "dlr.cli.train")
 # fp32 on CPU: a sharded run sums gradients and losses in another order than one process does.
 REL = 1e-5
 
