@@ -41,8 +41,8 @@ fi
 
 if want memory 150; then
   stamp memory
-  timeout $(( $(left) - 10 )) python3 "$REPO/scripts/measure_memory.py" --model llama_1b --micro-batch 16 --steps 3 \
-    --out mem 2>&1 | grep -v "it/s\]" | tail -6 | tee -a "$OUT/report.txt"
+  timeout $(( $(left) - 10 )) python3 "$REPO/scripts/measure_memory.py" --model llama_1b --micro-batch 16 --steps 3 --parallelism ${MEM_PAR:-ddp fsdp2} \
+    --out mem 2>&1 | tee "$OUT/memory.log" | grep -v "it/s\]" | tail -6 | tee -a "$OUT/report.txt"
   python3 - "$OUT/memory.json" <<'PY'
 import json, pathlib, sys
 runs = {d.name: json.loads((d / "summary.json").read_text()) for d in sorted(pathlib.Path("mem").iterdir())
