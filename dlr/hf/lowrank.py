@@ -31,6 +31,12 @@ Variance correction off, gelu/relu and the expand modes only change s, act or th
 so they keep the measured paths. Folding writes c (B + s R) into B with the learned s and c
 and drops the index, the alpha and the latent scale: zero extra parameters afterwards.
 
+Latent fusion (`fuse_latents`, off by default): q/k/v, and gate/up, read the same input, so
+their latents can come from one GEMM, act(x [A_q; A_k; A_v]^T), split into the three codes
+(one dX and one dA GEMM in backward instead of three of each). A compute layout only: each
+A stays its own Parameter, and transformers' attention/MLP forwards are kept as they are
+(see `LatentGroup`).
+
 This file is copied into saved model directories (HF remote code): torch only.
 """
 from __future__ import annotations
@@ -113,6 +119,73 @@ class _RebuiltResidualUp(torch.autograd.Function):
         return grad_z, grad_B, None, None
 
 
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "relu":
+        return F.relu(z)
+    return z
+
+
+class LatentGroup:
+    """Sibling LowRankLinears that read one input (q/k/v, gate/up): their latents in one GEMM.
+
+    A plain object (not a Module: parameter names, state dicts and wrapping stay as they are)
+    shared by the siblings. While the parent (attention or MLP) runs its forward, the first
+    sibling called with x computes act(x cat(A_i)^T) for all of them and keeps the others'
+    slices; a sibling called with that same x takes its slice and drops it. Outside the
+    parent's forward (a sibling called alone), or with another input, a sibling computes its
+    own latent, unfused. The parent's forward hook drops whatever is left, so no tensor
+    outlives the parent's forward. The siblings share activation, rank and input width; the
+    latent does not depend on the other knobs (they act on the up weight and the output).
+    """
+
+    def __init__(self, members: list["LowRankLinear"], parent: nn.Module) -> None:
+        self.members = tuple(members)
+        self.activation = members[0].activation
+        self.ranks = [m.rank for m in members]
+        self.active = False
+        self.source: torch.Tensor | None = None
+        self.pending: list[torch.Tensor | None] = [None] * len(members)
+        for slot, m in enumerate(members):
+            m._latent_group, m._latent_slot = self, slot
+        self.hooks = (parent.register_forward_pre_hook(self._open), parent.register_forward_hook(self._close))
+
+    def _open(self, module: nn.Module, args) -> None:
+        self.active = True
+
+    def _close(self, module: nn.Module, args, output) -> None:
+        self.active, self.source = False, None
+        self.pending = [None] * len(self.members)
+
+    def latent(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.members[slot].latent(x)
+        if self.source is x and self.pending[slot] is not None:
+            z = self.pending[slot]
+            self.pending[slot] = None
+            if all(p is None for p in self.pending):
+                self.source = None
+            return z
+        # Concatenated per forward (r x d_in per sibling, small next to the activations), so
+        # that each A stays one Parameter: the optimizer, FSDP2 shards and the fold see no change.
+        weight = torch.cat([m.A for m in self.members])
+        zs = list(activate(F.linear(x, weight), self.activation).split(self.ranks, dim=-1))
+        z, zs[slot] = zs[slot], None
+        self.source, self.pending = x, zs
+        return z
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for m in self.members:
+            m._latent_group = None
+        self.pending = [None] * len(self.members)
+        self.source = None
+
+
 class LowRankLinear(nn.Module):
     """y = B act(A x) (+ s * Expand_K(act(A x)) while the DLR residual is unfolded).
 
@@ -164,6 +237,8 @@ class LowRankLinear(nn.Module):
             self.latent_scale_raw = nn.Parameter(torch.ones(1, device=self.B.device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=self.B.device)) if bias else None
         self._dlr_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._latent_group: LatentGroup | None = None  # set by fuse_latents
+        self._latent_slot = 0
         self._update_plain()
 
     def _update_plain(self) -> None:
@@ -229,17 +304,11 @@ class LowRankLinear(nn.Module):
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """act(A x), the rank-r code that B (and the residual) map back up."""
-        z = F.linear(x, self.A)
-        if self.activation == "silu":
-            return F.silu(z)
-        if self.activation == "gelu":
-            return F.gelu(z)
-        if self.activation == "relu":
-            return F.relu(z)
-        return z
+        return activate(F.linear(x, self.A), self.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.latent(x)
+        group = self._latent_group
+        z = self.latent(x) if group is None else group.latent(self._latent_slot, x)
         if not self._plain:
             return F.linear(z, self.up_weight(), self.bias)
         if self.dlr_index is None:
@@ -284,6 +353,31 @@ class LowRankLinear(nn.Module):
         if self.bias is not None:
             extra += ", bias=True"
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, act={self.activation}{extra}"
+
+
+# Projections of one parent that read the same input.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_latents(model: nn.Module, enabled: bool = True) -> int:
+    """Group q/k/v and gate/up of every decoder layer into LatentGroups (or ungroup them);
+    returns the number of groups. In place; nothing in the parameters or the config changes."""
+    count = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for names in SIBLINGS:
+                members = [getattr(parent, n, None) for n in names]
+                for m in members:
+                    if isinstance(m, LowRankLinear) and m._latent_group is not None:
+                        m._latent_group.remove()
+                if not enabled or not all(isinstance(m, LowRankLinear) for m in members):
+                    continue
+                first = members[0]
+                if any((m.in_features, m.activation) != (first.in_features, first.activation) for m in members):
+                    continue
+                LatentGroup(members, parent)
+                count += 1
+    return count
 
 
 def residual_projections(scope: str) -> tuple[str, ...]:
