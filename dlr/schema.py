@@ -233,6 +233,8 @@ class TrainConfig:
                            check=_compile)
     loss: str = setting("auto", "how the LM loss is computed (dlr/loss.py): auto | chunked | liger | plain",
                         choices=LOSS_IMPLS)
+    fuse_latents: bool = setting(False, "q/k/v and gate/up latents from one GEMM each, x cat(A_i)^T then split "
+                                        "(a compute layout: parameters, checkpoints and the fold are unchanged)")
 
     logger: str = setting("none", "none | wandb (metrics.jsonl is always written)", choices=("none", "wandb"))
     wandb: WandbConfig = field(default_factory=WandbConfig)

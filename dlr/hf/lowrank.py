@@ -135,11 +135,12 @@ class LatentGroup:
     A plain object (not a Module: parameter names, state dicts and wrapping stay as they are)
     shared by the siblings. While the parent (attention or MLP) runs its forward, the first
     sibling called with x computes act(x cat(A_i)^T) for all of them and keeps the others'
-    slices; a sibling called with that same x takes its slice and drops it. Outside the
-    parent's forward (a sibling called alone), or with another input, a sibling computes its
-    own latent, unfused. The parent's forward hook drops whatever is left, so no tensor
-    outlives the parent's forward. The siblings share activation, rank and input width; the
-    latent does not depend on the other knobs (they act on the up weight and the output).
+    slices; a sibling called with that same x takes its slice and drops it, and the last one
+    closes the group. Outside the parent's forward (a sibling called alone), after the group
+    was served, or with another input, a sibling computes its own latent, unfused. The
+    parent's forward hook drops whatever is left, so no tensor outlives the parent's forward.
+    The siblings share activation and input width; the latent does not depend on the other
+    knobs (they act on the up weight and the output).
     """
 
     def __init__(self, members: list["LowRankLinear"], parent: nn.Module) -> None:
@@ -154,6 +155,7 @@ class LatentGroup:
         self.hooks = (parent.register_forward_pre_hook(self._open), parent.register_forward_hook(self._close))
 
     def _open(self, module: nn.Module, args) -> None:
+        self._close(module, args, None)
         self.active = True
 
     def _close(self, module: nn.Module, args, output) -> None:
@@ -163,11 +165,17 @@ class LatentGroup:
     def latent(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.members[slot].latent(x)
-        if self.source is x and self.pending[slot] is not None:
+        if self.source is not None and (self.source is not x or self.pending[slot] is None):
+            # Another input (e.g. a wrapper's dropout) or a second call: the cache stays for
+            # the siblings it was made for.
+            return self.members[slot].latent(x)
+        if self.source is not None:
             z = self.pending[slot]
             self.pending[slot] = None
             if all(p is None for p in self.pending):
-                self.source = None
+                # Served: close now, not only in the forward hook. A non-reentrant checkpoint's
+                # recompute stops once it has what backward needs, before the parent's hook runs.
+                self.active, self.source = False, None
             return z
         # Concatenated per forward (r x d_in per sibling, small next to the activations), so
         # that each A stays one Parameter: the optimizer, FSDP2 shards and the fold see no change.
