@@ -11,6 +11,9 @@ the trainer's precision handling (fp32 weights, bf16 autocast when --dtype bf16)
                           in every precision (no cached operands, no fp32 rebuild, no compile path)
   dlr_ri                  reference DLR that expands the latent per token:
                           y = B z + s * z.repeat_interleave(K)[..., :d_out]
+  lowrank_fused,          lowrank / dlr with fuse_latents (dlr-train fuse_latents=true): q/k/v and
+  dlr_fused               gate/up latents from one GEMM each; --fuse-latents adds them beside
+                          lowrank / dlr
 
 Time: all methods of a size stay resident and are stepped round-robin (one step of each per
 round), so load drift on a shared machine hits every method alike; the median over rounds
@@ -43,7 +46,9 @@ from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
 from dlr.train.loop import compile_decoder, compile_layers, compile_model
 from dlr.train.telemetry import peak_flops
 
-METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
+METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri", "lowrank_fused", "dlr_fused")
+DEFAULT_METHODS = METHODS[:5]
+FUSED = {"lowrank_fused": "lowrank", "dlr_fused": "dlr"}  # fuse_latents=True twins
 SEQ = 256
 
 
@@ -80,7 +85,8 @@ PROFILE: list[Path | None] = [None]  # --profile
 
 
 def build(size: str, method: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
-    model = build_model(size, "dlr" if method in VARIANTS else method, device=device)
+    base = FUSED.get(method, method)
+    model = build_model(size, "dlr" if base in VARIANTS else base, device=device, fuse_latents=method in FUSED)
     if method in VARIANTS:
         for m in model.modules():
             if isinstance(m, LowRankLinear) and m.has_residual:
@@ -232,7 +238,8 @@ def ratios(rows: list[dict]) -> list[dict]:
     for size in dict.fromkeys(r["size"] for r in rows):
         by = {r["method"]: r for r in rows if r["size"] == size}
         entry = {"size": size}
-        for num, den in (("dlr", "lowrank"), ("dlr_scatter", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full")):
+        for num, den in (("dlr", "lowrank"), ("dlr_scatter", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full"),
+                         ("lowrank_fused", "lowrank"), ("dlr_fused", "dlr"), ("lowrank_fused", "full")):
             if num in by and den in by:
                 entry[f"{num}/{den}_time"] = by[num]["ms_per_step"] / by[den]["ms_per_step"]
                 entry[f"{num}/{den}_mem"] = by[num]["peak_mem_gib"] / by[den]["peak_mem_gib"]
@@ -261,6 +268,9 @@ def markdown(rows: list[dict], rat: list[dict]) -> str:
                      f"{r['ms_min']:.1f}–{r['ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.3f} | {mfu} |")
     cols = ["dlr/lowrank_time", "dlr/lowrank_mem", "dlr_scatter/lowrank_time", "dlr_scatter/lowrank_mem",
             "dlr_ri/lowrank_time", "dlr_ri/lowrank_mem", "lowrank/full_time", "lowrank/full_flops"]
+    fused = ["lowrank_fused/lowrank_time", "lowrank_fused/lowrank_mem", "dlr_fused/dlr_time", "dlr_fused/dlr_mem",
+             "lowrank_fused/full_time"]
+    cols += [c for c in fused if any(c in e for e in rat)]
     lines += ["", "| size | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for e in rat:
         lines.append(f"| {e['size']} | " + " | ".join(f"{e[c]:.3f}" if c in e else "—" for c in cols) + " |")
@@ -281,7 +291,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--sizes", default="llama_tiny,llama_60m")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
+    ap.add_argument("--fuse-latents", action="store_true",
+                    help="also run the fuse_latents twin of lowrank / dlr (lowrank_fused, dlr_fused), side by side")
     ap.add_argument("--micro-batch", type=int, default=4, help="0: each size's recipe micro-batch")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
@@ -317,6 +329,9 @@ def main() -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         sys.exit(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
+    if args.fuse_latents:
+        twins = {base: fused for fused, base in FUSED.items()}
+        methods = list(dict.fromkeys(x for m in methods for x in ((m, twins[m]) if m in twins else (m,))))
     rows = []
     for size in args.sizes.split(","):
         batch = args.micro_batch or recipe_micro_batch(size)
