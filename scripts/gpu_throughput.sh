@@ -8,7 +8,9 @@
 #            (plain loss), side by side at each size's recipe micro-batch: llama_60m, llama_130m
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
 #   large    the default step at llama_350m and llama_1b (full vs lowrank), with a kernel profile
-#   explore  llama_350m lowrank under other compile settings (max-autotune)
+#   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused, the default step
+#            at llama_350m and llama_1b, lowrank and dlr side by side (issue 12)
+#   autotune llama_350m lowrank under other compile settings (max-autotune)
 # Sections past BUDGET_S seconds are skipped. Text goes to $OUT/report.txt, figures to $OUT/*.json
 # (and a kernel profile), at most 8 files a call.
 # Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash scripts/gpu_throughput.sh
@@ -17,7 +19,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 BUDGET_S=${BUDGET_S:-500}
-SECTIONS=${SECTIONS:-"tests memory fsdp2 small trainer large explore"}
+SECTIONS=${SECTIONS:-"tests memory fsdp2 small trainer large explore autotune"}
 START=$(date +%s)
 TOKENS=${TOKENS:+$(cd "$TOKENS" && pwd)}
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
@@ -115,6 +117,14 @@ fi
 
 if want explore 100; then
   stamp explore
+  # Each method compiles its own graph: 4 per size. The fused/unfused ratios close the table.
+  timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m,llama_1b --methods lowrank,dlr --fuse-latents --compile \
+    --loss auto --repeats 6 --warmup 2 --json "$OUT/step_fused_large.json" 2>&1 \
+    | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
+fi
+
+if want autotune 100; then
+  stamp autotune
   timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m --methods full,lowrank --compile --loss auto \
     --compile-mode max-autotune-no-cudagraphs --repeats 6 --warmup 2 --json "$OUT/step_autotune_350m.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
