@@ -186,3 +186,33 @@ def test_dlr_train_with_fuse_latents_and_recompute_gives_the_same_losses(tmp_pat
     # A compute layout: the model directory is the unfused run's.
     config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
     assert not any("fuse" in k for k in config)
+
+
+def saved_bytes(model, bf16: bool) -> int:
+    """Bytes autograd keeps for backward that are not parameters or buffers."""
+    keep = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in keep:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(input_ids=IDS, labels=IDS)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fusion_keeps_for_backward_what_unfused_keeps_but_one_copy(bf16):
+    plain, fused = pair("dlr")
+    if bf16:
+        # Autocast's bf16 copy of x is made (and kept) once per group, not once per projection;
+        # the bf16 cast of cat(A_i) has the bytes of the per-projection casts it replaces.
+        tokens_x_hidden = IDS.numel() * plain.config.hidden_size
+        expected = -sum((len(g.members) - 1) * tokens_x_hidden * 2 for g in groups(fused))
+    else:
+        # In fp32, F.linear keeps its weight: the concatenated copy of the grouped A's.
+        expected = sum(m.A.numel() * m.A.element_size() for g in groups(fused) for m in g.members)
+    assert saved_bytes(fused, bf16) - saved_bytes(plain, bf16) == expected
