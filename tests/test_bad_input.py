@@ -122,6 +122,7 @@ CASES = [
     (T, ["-m", "seed=0,abc"], "seed='abc'"),
     (T, ["compile=maybe"], "compile='maybe'"),
     (T, ["loss=fast"], "loss='fast'"),
+    (T, ["fuse_latents=maybe"], "fuse_latents='maybe'"),
     (T, ["latent_alpha=-1"], "latent_alpha=-1"),
     (T, ["latent_alpha=1", "trainable_latent_scale=true"], "latent_alpha=1.0"),
     (T, ["+variance_corection=false"], "did you mean 'variance_correction'"),
