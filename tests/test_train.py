@@ -98,10 +98,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.json")) == ["data_0.json", "data_1.json"]
-    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run.
+    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run,
+    # here with fuse_latents=true (a compute layout: DDP sees the same parameters, the same losses).
     from test_train_fsdp2 import accelerate2
 
-    cli(*common, "micro_batch=2", f"out_dir={tmp_path / 'accelerate'}", launcher=accelerate2("ddp.yaml"))
+    cli(*common, "micro_batch=2", "fuse_latents=true", f"out_dir={tmp_path / 'accelerate'}",
+        launcher=accelerate2("ddp.yaml"))
     assert json.loads((tmp_path / "accelerate" / "summary.json").read_text())["processes"] == 2
     via_accelerate = records(tmp_path / "accelerate")
     assert list(via_accelerate) == [1, 2, 3, 4]
