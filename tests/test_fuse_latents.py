@@ -189,6 +189,8 @@ def test_dlr_train_with_fuse_latents_and_recompute_gives_the_same_losses(tmp_pat
     train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "fuse_latents=true", "gradient_checkpointing=true"))
     assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-5)
     assert any(fused_calls)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in "ab"]
+    assert [s["fuse_latents"] for s in summaries] == [False, True]
     # A compute layout: the model directory is the unfused run's.
     config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
     assert not any("fuse" in k for k in config)

@@ -464,7 +464,8 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
         "train_params": stats.total_params, "train_non_embedding_params": stats.non_embedding_params,
         "deploy_params": stats.total_params, "train_flops_per_token": stats.train_flops_per_token,
         "wall_s": wall, "mean_tokens_per_s": speed.mean_tokens_per_s(), "first_step_s": speed.first_step_s,
-        "compile": compiled, "loss_impl": loss_impl, "peak_mem_gib": peak_memory_gib(device),
+        "compile": compiled, "loss_impl": loss_impl, "fuse_latents": bool(cfg.get("fuse_latents", False)),
+        "peak_mem_gib": peak_memory_gib(device),
         "parallelism": cfg.parallelism, "memory_estimate_per_process_gib": memory_estimate,
     }
     accelerator.wait_for_everyone()
