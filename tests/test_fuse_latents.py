@@ -1,6 +1,8 @@
 """fuse_latents: q/k/v and gate/up latents from one GEMM each give the unfused model's numbers."""
 import copy
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -93,7 +95,27 @@ def test_fusion_runs_fewer_gemms_and_keeps_nothing_past_the_layer():
     for layer in fused.model.layers:
         layer.register_forward_hook(after_layer)
     fused(input_ids=IDS)
-    assert seen and all(s is None and not any(p is not None for p in pend) for state in seen for s, pend in state)
+    assert len(seen) == 2 and all(len(state) == 2 for state in seen)  # 2 layers, 2 groups each
+    assert all(s is None and not any(p is not None for p in pend) for state in seen for s, pend in state)
+
+
+def test_no_latent_outlives_its_step(monkeypatch):
+    _, fused = pair("dlr")
+    refs = []
+    latent = LatentGroup.latent
+
+    def recording(self, slot, x):
+        z = latent(self, slot, x)
+        refs.append(weakref.ref(z))
+        return z
+
+    monkeypatch.setattr(LatentGroup, "latent", recording)
+    loss = fused(input_ids=IDS, labels=IDS).loss
+    assert len(refs) == 10 and all(r() is not None for r in refs)  # kept by autograd for backward
+    loss.backward()
+    del loss
+    gc.collect()
+    assert all(r() is None for r in refs)
 
 
 def test_a_sibling_called_alone_or_with_another_input_is_unfused():
