@@ -7,12 +7,15 @@
 #   small    the isolated step, the default (compiled decoder, fused loss) vs the old eager default
 #            (plain loss), side by side at each size's recipe micro-batch: llama_60m, llama_130m
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
-#   large    the default step at llama_350m and llama_1b (full vs lowrank), with a kernel profile
-#   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused, the default step
-#            at llama_350m and llama_1b, lowrank and dlr side by side (issue 12)
+#   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): full, lowrank, dlr, with a kernel
+#            profile. Each model compiles its decoder as one graph: ~2 min per model at 24 layers
+#            (llama_1b's first step took 113 s on an H200), so LARGE_SIZES=llama_350m fits a short lease
+#   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused at llama_350m and
+#            llama_1b, lowrank and dlr side by side (issue 12); compiled per layer ($EXPLORE_SCOPE,
+#            default layers: seconds to compile, and the same scope on both sides of each ratio)
 #   autotune llama_350m lowrank under other compile settings (max-autotune)
 # Sections past BUDGET_S seconds are skipped. Text goes to $OUT/report.txt, figures to $OUT/*.json
-# (and a kernel profile), at most 8 files a call.
+# (and a kernel profile); past 7 files they are packed into $OUT/figures.tgz (8 files come back a call).
 # Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash scripts/gpu_throughput.sh
 # Token shards for the trainer runs: TOKENS=DIR (dlr-prepare data=c4_sample out=DIR), else prepared here.
 set -uo pipefail
@@ -110,7 +113,7 @@ fi
 
 if want large 100; then
   stamp large
-  timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m,llama_1b --methods full,lowrank --compile --loss auto \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${LARGE_SIZES:-llama_350m,llama_1b}" --methods full,lowrank,dlr --compile --loss auto \
     --repeats 6 --warmup 2 --profile "$OUT/profile_large.txt" --json "$OUT/step_default_large.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
@@ -119,6 +122,7 @@ if want explore 100; then
   stamp explore
   # Each method compiles its own graph: 4 per size. The fused/unfused ratios close the table.
   timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m,llama_1b --methods lowrank,dlr --fuse-latents --compile \
+    --compile-scope "${EXPLORE_SCOPE:-layers}" \
     --loss auto --repeats 6 --warmup 2 --json "$OUT/step_fused_large.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
@@ -130,4 +134,7 @@ if want autotune 100; then
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
 stamp done
+cd "$OUT" && if [ "$(ls | wc -l)" -gt 8 ]; then
+  tar czf figures.tgz --exclude report.txt --exclude figures.tgz ./* && find . -type f ! -name report.txt ! -name figures.tgz -delete
+fi
 ls -la "$OUT"
