@@ -18,6 +18,10 @@
 # (and a kernel profile); past 7 files they are packed into $OUT/figures.tgz (8 files come back a call).
 # Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash scripts/gpu_throughput.sh
 # Token shards for the trainer runs: TOKENS=DIR (dlr-prepare data=c4_sample out=DIR), else prepared here.
+# On the lent GPU machine (torch and transformers there; no network): carry a git-ignored .whl/ with
+# wheels of hydra-core, omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess,
+# liger-kernel and dlr itself (`pip wheel --no-deps --no-build-isolation -w .whl .`), and start with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
