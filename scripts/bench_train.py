@@ -26,6 +26,7 @@ imports, with glibc's mmap threshold fixed at 64 KiB so that RSS follows live te
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -310,15 +311,17 @@ def main() -> None:
     ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     SCOPE[0], PROFILE[0], MODE[0] = args.compile_scope, args.profile, args.compile_mode
-    for item in args.inductor:
-        import ast
+    if args.inductor:
+        import torch._inductor.config as inductor_config  # only when asked: importing it is not free
 
-        import torch._inductor.config as inductor_config
-
-        key, _, value = item.partition("=")
-        if not hasattr(inductor_config, key):
-            sys.exit(f"--inductor {item!r}: torch._inductor.config has no {key!r}")
-        setattr(inductor_config, key, ast.literal_eval(value))
+        for item in args.inductor:
+            key, _, value = item.partition("=")
+            if not hasattr(inductor_config, key):
+                sys.exit(f"--inductor {item!r}: torch._inductor.config has no {key!r}")
+            try:
+                setattr(inductor_config, key, ast.literal_eval(value))
+            except (ValueError, SyntaxError):
+                sys.exit(f"--inductor {item!r}: {value!r} is not a Python literal; accepted: e.g. True, 4, 'triton'")
     if args._memory_child:
         memory_child(*args._memory_child, args.dtype, args.micro_batch, args.compile, args.loss)
         return
