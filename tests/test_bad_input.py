@@ -130,6 +130,7 @@ CASES = [
     (T, ["dry_run=true", "optimizer=spectron", "method=full"], "method='full'"),
     (T, ["dry_run=true", "resume=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (T, ["dry_run=true", "plan_processes=0"], "plan_processes=0"),
+    (T, ["optimizer=spectron", "parallelism=fsdp2"], "optimizer=spectron is not supported with parallelism='fsdp2'"),
     # the run directory and the data, checked before anything is written
     (T, ["resume=never"], "resume='never'"),
     (T, ["out_dir={files}/new", "rank=8", "resume={run}/checkpoints/step_2"], "does not match"),

@@ -106,11 +106,3 @@ def test_accelerate_launch_runs_fsdp2_like_torchrun(tmp_path, straight):
     assert list(got) == [1, 2, 3, 4, 5, 6] and _max_rel(got, want) < REL
     reference = json.loads((straight / "summary.json").read_text())
     assert summary["folded_val_ppl"] == pytest.approx(reference["folded_val_ppl"], rel=REL)
-
-
-def test_spectron_under_fsdp2_is_refused_in_one_line(tmp_path):
-    out = tmp_path / "run"
-    proc = cli("steps=1", "optimizer=spectron", "parallelism=fsdp2", f"out_dir={out}", check=False)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1 and "spectron" in err[0] and "fsdp2" in err[0], err
-    assert not out.exists()

@@ -2,14 +2,16 @@
 import errno
 import json
 import shutil
+import sys
 
 import pytest
 import torch.distributed.checkpoint.filesystem as dcp_fs
 from safetensors import safe_open
 
+from dlr.cli import train as train_cli
 from dlr.errors import ConfigError
 from dlr.train.loop import train
-from test_train import cfg, cli
+from test_train import TINY, cfg
 
 ARGS = ("steps=2", "save_every=1", "method=dlr", "eval_every=100")
 
@@ -44,7 +46,7 @@ def test_checkpoint_holds_only_safetensors_and_json(run):
 
 
 @pytest.mark.parametrize("damage", ["truncate_state", "garbage_json", "missing_optimizer"])
-def test_corrupt_checkpoint_is_one_line(run, tmp_path, damage):
+def test_corrupt_checkpoint_is_one_line(run, tmp_path, damage, monkeypatch, capsys):
     out = tmp_path / "run"
     shutil.copytree(run, out)
     saved = out / "config.yaml"
@@ -59,9 +61,12 @@ def test_corrupt_checkpoint_is_one_line(run, tmp_path, damage):
     else:
         (ckpt / "optimizer.json").unlink()
     before = _snapshot(out)
-    proc = cli(*ARGS, f"out_dir={out}", "resume=auto", check=False)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    # In-process, as the console script calls it (test_train runs that script's process).
+    monkeypatch.setattr(sys, "argv", ["dlr-train", *TINY, *ARGS, f"out_dir={out}", "resume=auto"])
+    with pytest.raises(SystemExit) as exited:
+        train_cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1, err[-20:]
     assert str(ckpt) in err[0] and ("corrupt" in err[0] or "missing" in err[0]), err[0]
     assert _snapshot(out) == before  # nothing written or changed
 
