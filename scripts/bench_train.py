@@ -81,6 +81,7 @@ VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 COMPILE_SCOPE = {"decoder": compile_decoder, "layers": compile_layers, "model": compile_model}
 SCOPE = ["decoder"]  # --compile-scope; a list so the memory child and build() share it
+FIRST_STEP_S: dict[tuple[str, str], float] = {}
 MODE: list[str | None] = [None]  # --compile-mode (None: torch.compile's default, what dlr-train uses)
 PROFILE: list[Path | None] = [None]  # --profile
 
@@ -169,9 +170,17 @@ def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch:
     torch.manual_seed(0)
     model = build(size, method, device, compile)
     step = make_step(model, device, dtype, batch, model.config.vocab_size, loss, compile)
-    for _ in range(max(warmup, 2)):
+    FIRST_STEP_S[(size, method)] = timed(step)
+    for _ in range(max(warmup, 2) - 1):
         step()
     return (torch.cuda.max_memory_allocated(device) - base) / 1024**3, (model, step)
+
+
+def timed(step) -> float:
+    """Seconds of one step (it syncs a GPU itself): the first one holds the compile."""
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
 
 
 def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, batch: int, warmup: int,
@@ -185,6 +194,7 @@ def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, 
             torch.manual_seed(0)
             model = build(size, m, device, compile)
             live[m] = (model, make_step(model, device, dtype, batch, model.config.vocab_size, loss, compile))
+            FIRST_STEP_S[(size, m)] = timed(live[m][1])
     # Same-weights check of the reference against the product's B + sR path.
     if "dlr" in live and "dlr_ri" in live and not compile:  # a compiled check would recompile for no-grad
         with torch.no_grad():
@@ -221,6 +231,7 @@ def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, 
             "compile_scope": SCOPE[0] if compile else None,
             "loss": resolve_loss_impl(loss, device), "micro_batch": batch, "seq": SEQ,
             "params": stats[m].total_params, "train_flops_per_token": stats[m].train_flops_per_token,
+            "first_step_s": FIRST_STEP_S.get((size, m)),  # compile (if any) + one step: paid once per run
             "ms_per_step": med * 1e3, "ms_min": min(times[m]) * 1e3, "ms_max": max(times[m]) * 1e3,
             "tokens_per_s": tok_s, "peak_mem_gib": mem[m],
             "mfu": tok_s * stats[m].train_flops_per_token / peak if peak else None,
@@ -261,12 +272,14 @@ def hardware(device: torch.device) -> str:
 
 
 def markdown(rows: list[dict], rat: list[dict]) -> str:
-    lines = ["| size | method | params | ms/step (median) | min–max ms | tokens/s | peak mem (GiB) | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | method | params | ms/step (median) | min–max ms | tokens/s | peak mem (GiB) | MFU | first step (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] is not None else "—"
+        first = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else "—"
         lines.append(f"| {r['size']} | {r['method']} | {r['params']:,} | {r['ms_per_step']:.1f} | "
-                     f"{r['ms_min']:.1f}–{r['ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.3f} | {mfu} |")
+                     f"{r['ms_min']:.1f}–{r['ms_max']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.3f} | {mfu} | "
+                     f"{first} |")
     cols = ["dlr/lowrank_time", "dlr/lowrank_mem", "dlr_scatter/lowrank_time", "dlr_scatter/lowrank_mem",
             "dlr_ri/lowrank_time", "dlr_ri/lowrank_mem", "lowrank/full_time", "lowrank/full_flops"]
     fused = ["lowrank_fused/lowrank_time", "lowrank_fused/lowrank_mem", "dlr_fused/dlr_time", "dlr_fused/dlr_mem",

@@ -6,8 +6,10 @@
 #   fsdp2    dlr-train parallelism=fsdp2 under torchrun (nccl, bf16 mixed precision), train + eval + fold
 #   small    the isolated step, the default (compiled decoder, fused loss) vs the old eager default
 #            (plain loss), side by side at each size's recipe micro-batch: llama_60m, llama_130m
+#   loss     the step at llama_60m with loss=liger in place of the default chunked loss, the decoder
+#            compiled the same way: which fused loss is faster inside the whole step, host sync included
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
-#   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): full, lowrank, dlr, with a kernel
+#   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): $LARGE_METHODS (full,lowrank), with a kernel
 #            profile. Each model compiles its decoder as one graph: ~2 min per model at 24 layers
 #            (llama_1b's first step took 113 s on an H200), so LARGE_SIZES=llama_350m fits a short lease
 #   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused at llama_350m and
@@ -26,7 +28,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 BUDGET_S=${BUDGET_S:-500}
-SECTIONS=${SECTIONS:-"tests memory fsdp2 small trainer large explore autotune"}
+SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer large explore autotune"}
 START=$(date +%s)
 TOKENS=${TOKENS:+$(cd "$TOKENS" && pwd)}
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
@@ -87,6 +89,12 @@ if want small 120; then
     --repeats 10 --warmup 3 --json "$OUT/step_eager_small.json" 2>&1 | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
 
+if want loss 90; then
+  stamp loss
+  timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m --methods full,lowrank --compile --loss liger \
+    --repeats 10 --warmup 3 --json "$OUT/step_liger_60m.json" 2>&1 | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
+fi
+
 if want trainer 90; then
   for size in llama_60m llama_130m; do
     for variant in default eager; do
@@ -117,7 +125,7 @@ fi
 
 if want large 100; then
   stamp large
-  timeout $(( $(left) - 5 )) $BENCH --sizes "${LARGE_SIZES:-llama_350m,llama_1b}" --methods full,lowrank,dlr --compile --loss auto \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${LARGE_SIZES:-llama_350m,llama_1b}" --methods "${LARGE_METHODS:-full,lowrank}" --compile --loss auto \
     --repeats 6 --warmup 2 --profile "$OUT/profile_large.txt" --json "$OUT/step_default_large.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
