@@ -9,6 +9,8 @@
 #   loss     the step at llama_60m with loss=liger in place of the default chunked loss, the decoder
 #            compiled the same way: which fused loss is faster inside the whole step, host sync included
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
+#   gemm     every GEMM of a llama_350m full and lowrank step timed alone at its shape, against its
+#            roofline, with weight gradients also split-K (scripts/bench_gemm.py; seconds)
 #   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): $LARGE_METHODS (full,lowrank), with a kernel
 #            profile. Each model compiles its decoder as one graph: ~2 min per model at 24 layers
 #            (llama_1b's first step took 113 s on an H200), so LARGE_SIZES=llama_350m fits a short lease
@@ -28,7 +30,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 BUDGET_S=${BUDGET_S:-500}
-SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer large explore autotune"}
+SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer gemm large explore autotune"}
 START=$(date +%s)
 TOKENS=${TOKENS:+$(cd "$TOKENS" && pwd)}
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
@@ -121,6 +123,12 @@ for name, r in runs.items():
           f"peak {r['peak_mem_gib']:.2f} GiB, loss {r['loss_impl']}, {r['parallelism']}, val ppl {r['val_ppl']:.2f}, "
           f"losses {[round(x, 4) for x in r.get('train_losses', [])]}")
 PY
+fi
+
+if want gemm 40; then
+  stamp gemm
+  timeout $(( $(left) - 5 )) python3 "$REPO/scripts/bench_gemm.py" --device cuda --sizes llama_350m --methods full,lowrank \
+    --split-k 8 --json "$OUT/gemm_350m.json" 2>&1 | tail -6 | tee -a "$OUT/report.txt"
 fi
 
 if want large 100; then

@@ -1,0 +1,138 @@
+"""The matmul roofline of a training step: how fast full and low-rank could be on a given GPU.
+
+Every GEMM of a step (forward y = x W^T, backward dX = dY W and dW = dY^T X, for every
+projection and the lm_head), with its shape read from the real model (built on the meta
+device), is timed at max(FLOPs / peak, bytes / bandwidth), bytes being its bf16 operands and
+output; attention adds its PaLM FLOPs at the same peak. Norms, activations, residual adds,
+casts, the optimizer and the host are left out, so the result is a lower bound on the step
+time and an upper bound on MFU. What it answers: whether a time ratio such as lowrank/full
+<= FLOP ratio + 0.10 is reachable at all at a size's rank and micro-batch, and how far a
+measured step (--measured, bench_train.py's JSON) is from its bound.
+
+Low-rank projections are two GEMMs whose inner dimension is the rank, so their arithmetic
+intensity is about r (d_in + d_out) / (d_in + d_out + 2r) FLOPs per byte: near or below the
+GPU's ridge point (peak / bandwidth, ~206 on an H200) at the zoo's ranks up to llama_350m.
+`--fuse-latents` also shows the layout of `fuse_latents=true` (q/k/v and gate/up share one
+latent GEMM, which reads x once).
+
+    python scripts/roofline.py --gpu h200 --measured docs/benchmarks/h200_issue12/step_default_large.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+from dlr.hf.lowrank import LowRankLinear
+from dlr.model import build_model
+from dlr.zoo import get_size
+
+SEQ = 256
+# Dense bf16 tensor-core peak and HBM bandwidth (SXM parts, vendor figures).
+GPUS = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12), "a100": (312e12, 2.04e12)}
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass
+class Bound:
+    flops: float = 0.0  # per step, what MFU counts (PaLM: 6 x matmul params + attention, x tokens)
+    seconds: float = 0.0  # the roofline time of those FLOPs and their bytes
+
+    def add(self, flops: float, seconds: float) -> None:
+        self.flops += flops
+        self.seconds += seconds
+
+
+def gemm_seconds(m: int, k: int, n: int, peak: float, bandwidth: float) -> float:
+    """One [m, k] x [k, n] GEMM in bf16 at its roofline."""
+    return max(2 * m * k * n / peak, 2 * (m * k + k * n + m * n) / bandwidth)
+
+
+def linear_step(tokens: int, d_in: int, d_out: int, peak: float, bandwidth: float) -> tuple[float, float]:
+    """(FLOPs, seconds) of one linear map's forward, input-gradient and weight-gradient GEMMs."""
+    seconds = (gemm_seconds(tokens, d_in, d_out, peak, bandwidth)  # y = x W^T
+               + gemm_seconds(tokens, d_out, d_in, peak, bandwidth)  # dX = dY W
+               + gemm_seconds(d_out, tokens, d_in, peak, bandwidth))  # dW = dY^T X
+    return 6 * tokens * d_in * d_out, seconds
+
+
+def linear_maps(model: nn.Module, fuse_latents: bool) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every GEMM-shaped map a forward runs: a LowRankLinear is two of them."""
+    maps, fused = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, LowRankLinear):
+            group = next((g for g in FUSED_GROUPS if name.rsplit(".", 1)[-1] in g), None) if fuse_latents else None
+            if group is None:
+                maps.append((m.in_features, m.rank))
+            else:  # one latent GEMM per group: x [A_1; ...; A_n]^T
+                key = (name.rsplit(".", 1)[0], group)
+                fused[key] = (m.in_features, fused.get(key, (0, 0))[1] + m.rank)
+            maps.append((m.rank, m.out_features))
+        elif isinstance(m, nn.Linear):
+            maps.append((m.in_features, m.out_features))
+    return maps + list(fused.values())
+
+
+def step_bound(size: str, method: str, micro_batch: int, gpu: str, fuse_latents: bool = False) -> Bound:
+    peak, bandwidth = GPUS[gpu]
+    model = build_model(size, method, device="meta")
+    tokens = micro_batch * SEQ
+    bound = Bound()
+    for d_in, d_out in linear_maps(model, fuse_latents):
+        bound.add(*linear_step(tokens, d_in, d_out, peak, bandwidth))
+    cfg = model.config
+    attention = 3 * 4 * cfg.num_hidden_layers * SEQ * cfg.hidden_size * tokens  # PaLM's term, forward + backward
+    bound.add(attention, attention / peak)
+    return bound
+
+
+def recipe_micro_batch(size: str) -> int:
+    from importlib import resources
+
+    import yaml
+
+    return int(yaml.safe_load((resources.files("dlr.configs") / "model" / f"{size}.yaml").read_text())["micro_batch"])
+
+
+def table(sizes: list[str], gpu: str, measured: dict[tuple[str, str], float]) -> str:
+    peak = GPUS[gpu][0]
+    lines = [f"GEMM + attention roofline, {gpu.upper()} ({peak / 1e12:.0f} TFLOP/s bf16, "
+             f"{GPUS[gpu][1] / 1e12:.2f} TB/s), seq {SEQ}, recipe micro-batch; a lower bound on the step time\n",
+             "| size | rank | micro-batch | full ms (MFU ceiling) | lowrank ms (MFU ceiling) | lowrank fused ms | "
+             "lowrank/full: FLOPs, roofline | measured full ms (x bound) | measured lowrank ms (x bound) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        mb = recipe_micro_batch(size)
+        full, low = step_bound(size, "full", mb, gpu), step_bound(size, "lowrank", mb, gpu)
+        fused = step_bound(size, "lowrank", mb, gpu, fuse_latents=True)
+        cells = []
+        for method, b in (("full", full), ("lowrank", low)):
+            ms = measured.get((size, method))
+            cells.append(f"{ms:.1f} ({ms / (b.seconds * 1e3):.1f}x)" if ms else "—")
+        lines.append(
+            f"| {size} | {get_size(size).default_rank} | {mb} | {full.seconds * 1e3:.1f} ({full.flops / full.seconds / peak:.0%}) | "
+            f"{low.seconds * 1e3:.1f} ({low.flops / low.seconds / peak:.0%}) | {fused.seconds * 1e3:.1f} | "
+            f"{low.flops / full.flops:.2f}, {low.seconds / full.seconds:.2f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", default="h200", choices=tuple(GPUS))
+    ap.add_argument("--sizes", default="llama_60m,llama_130m,llama_350m,llama_1b")
+    ap.add_argument("--measured", type=Path, action="append", default=[],
+                    help="bench_train.py --json output(s): their median step times go next to the bound")
+    args = ap.parse_args()
+    measured = {}
+    for path in args.measured:
+        for row in json.loads(path.read_text())["rows"]:
+            if row["micro_batch"] == recipe_micro_batch(row["size"]):  # the bound is at the recipe's
+                measured[(row["size"], row["method"])] = row["ms_per_step"]
+    print(table(args.sizes.split(","), args.gpu, measured))
+
+
+if __name__ == "__main__":
+    main()
