@@ -5,7 +5,7 @@
 #   memory   llama_1b: dlr-train's memory estimate vs the measured peak, ddp and fsdp2 (issue 15)
 #   fsdp2    dlr-train parallelism=fsdp2 under torchrun (nccl, bf16 mixed precision), train + eval + fold
 #   small    the isolated step, the default (compiled decoder, fused loss) vs the old eager default
-#            (plain loss), side by side at each size's recipe micro-batch: llama_60m, llama_130m
+#            (plain loss), side by side at each size's recipe micro-batch: $SMALL_SIZES (llama_60m,llama_130m)
 #   loss     the step at llama_60m with loss=liger in place of the default chunked loss, the decoder
 #            compiled the same way: which fused loss is faster inside the whole step, host sync included
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
@@ -14,13 +14,17 @@
 #   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): $LARGE_METHODS (full,lowrank), with a kernel
 #            profile. Each model compiles its decoder as one graph: ~2 min per model at 24 layers
 #            (llama_1b's first step took 113 s on an H200), so LARGE_SIZES=llama_350m fits a short lease
-#   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused at llama_350m and
-#            llama_1b, lowrank and dlr side by side (issue 12); compiled per layer ($EXPLORE_SCOPE,
+#   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused at $EXPLORE_SIZES
+#            (llama_350m,llama_1b), lowrank and dlr side by side (issue 12); compiled per layer ($EXPLORE_SCOPE,
 #            default layers: seconds to compile, and the same scope on both sides of each ratio)
 #   autotune llama_350m lowrank under other compile settings (max-autotune)
 # Sections past BUDGET_S seconds are skipped. Text goes to $OUT/report.txt, figures to $OUT/*.json
 # (and a kernel profile); past 7 files they are packed into $OUT/figures.tgz (8 files come back a call).
 # Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash scripts/gpu_throughput.sh
+# What issue 12 still needs, in a 15-min lease (60M's step is measured; a decoder compile costs
+# roughly 5 s per layer, so order by what the targets need), two chained calls:
+#   1. TOKENS=.whl/c4tok SMALL_SIZES=llama_130m BUDGET_S=560 SECTIONS="small loss trainer gemm"
+#   2. LARGE_SIZES=llama_350m EXPLORE_SIZES=llama_350m BUDGET_S=<what is left> SECTIONS="large explore"
 # Token shards for the trainer runs: TOKENS=DIR (dlr-prepare data=c4_sample out=DIR), else prepared here.
 # On the lent GPU machine (torch and transformers there; no network): carry a git-ignored .whl/ with
 # wheels of hydra-core, omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess,
@@ -84,10 +88,10 @@ fi
 BENCH="python3 $REPO/scripts/bench_train.py --device cuda --dtype bf16 --micro-batch 0"
 if want small 120; then
   stamp small
-  timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m,llama_130m --methods full,lowrank,dlr --compile --loss auto \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${SMALL_SIZES:-llama_60m,llama_130m}" --methods full,lowrank,dlr --compile --loss auto \
     --repeats 10 --warmup 3 --json "$OUT/step_default_small.json" 2>&1 | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
   stamp small-eager
-  timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m,llama_130m --methods full,lowrank,dlr --loss plain \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${SMALL_SIZES:-llama_60m,llama_130m}" --methods full,lowrank,dlr --loss plain \
     --repeats 10 --warmup 3 --json "$OUT/step_eager_small.json" 2>&1 | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
 
@@ -141,7 +145,7 @@ fi
 if want explore 100; then
   stamp explore
   # Each method compiles its own graph: 4 per size. The fused/unfused ratios close the table.
-  timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m,llama_1b --methods lowrank,dlr --fuse-latents --compile \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${EXPLORE_SIZES:-llama_350m,llama_1b}" --methods lowrank,dlr --fuse-latents --compile \
     --compile-scope "${EXPLORE_SCOPE:-layers}" \
     --loss auto --repeats 6 --warmup 2 --json "$OUT/step_fused_large.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
