@@ -199,6 +199,26 @@ def test_the_compiled_decoder_is_one_fused_graph_with_the_same_numbers():
         torch._dynamo.reset()
 
 
+def test_the_decoder_compiled_with_a_layer_region_has_eager_gradients():
+    # The trainer's compile (compile_decoder: one graph, the layer body one nested_compile_region)
+    # through inductor itself: on torch 2.13 its buffer reuse corrupted the tensors a region saves
+    # for backward (wrong gradients, same loss), which aot_eager does not show.
+    from torch._dynamo.utils import counters
+
+    from dlr.train.loop import compile_decoder
+
+    plain, fused = pair("dlr")
+    reference = loss_and_grads(plain)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder(fused)
+    try:
+        assert_same(loss_and_grads(fused), reference, rtol=1e-5, atol=1e-6)
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_dlr_train_with_fuse_latents_and_recompute_gives_the_same_losses(tmp_path, monkeypatch):
     # Eager: the compiled decoder is checked above (aot_eager); inductor costs ~50 s of CPU here.
     from test_train import cfg, records, train  # the hydra config of the trainer's tests

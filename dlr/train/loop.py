@@ -63,15 +63,49 @@ def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
-def compile_decoder(model) -> None:
+# Inductor options for a decoder whose layers are one nested_compile_region. On torch 2.13 a
+# region that saves its input for backward hands that input back as an output aliasing it, and
+# inductor's memory planner does not see the alias: once the input's last visible reader has run,
+# its buffer is reused (allow_buffer_reuse) for a later tensor, e.g. the final norm's output,
+# and the layer's backward reads garbage (wrong gradients, unchanged loss;
+# scripts/repro_nested_compile_region.py). In-place updates (inplace_buffers) plan from the same
+# liveness, and a region's backward inherits the outer graph's donated-input indices (fixed
+# upstream by pytorch#193960), so both are off too: the caching allocator still recycles freed
+# blocks, only the planner's reuse of dead buffers is given up.
+REGION_INDUCTOR_OPTIONS = {"allow_buffer_reuse": False, "inplace_buffers": False}
+
+
+def _layer_region(cls: type) -> type:
+    """cls with its forward a nested_compile_region: traced and compiled once for all layers."""
+    if cls in _REGIONS.values():
+        return cls
+    region = _REGIONS.get(cls)
+    if region is None:
+        # Same name, so class-name lookups (_no_split_modules, reprs) see the layer they know.
+        region = _REGIONS[cls] = type(cls.__name__, (cls,), {
+            "forward": torch.compiler.nested_compile_region(cls.forward), "__module__": cls.__module__})
+    return region
+
+
+_REGIONS: dict[type, type] = {}
+
+
+def compile_decoder(model, region: bool = True) -> None:
     """The trainer's compilation: the whole decoder (embedding, mask, every layer, final norm)
     as one graph, in place; the loss stays outside (the chunked loss compiles its own chunk).
     Measured on an H200 (docs/benchmarks.md): per-layer graphs left the GPU idle 40% of a
     llama_60m step on host overhead, and transformers' mask code syncs with the host once per
     eager forward (traced away here); the loss inside a whole-model graph keeps bf16 logits.
+    region: the layer body is traced and compiled once, not once per layer (hierarchical
+    compilation), so the first step's compile time does not grow with depth.
     In place, so parameter names, state dicts, the fold and DDP wrapping are the eager model's.
     """
-    model.model.compile()
+    if not region:
+        model.model.compile()
+        return
+    for layer in model.model.layers:
+        layer.__class__ = _layer_region(type(layer))
+    model.model.compile(options=REGION_INDUCTOR_OPTIONS)
 
 
 def compile_layers(model) -> None:
