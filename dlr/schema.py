@@ -235,6 +235,9 @@ class TrainConfig:
                         choices=LOSS_IMPLS)
     fuse_latents: bool = setting(False, "q/k/v and gate/up latents from one GEMM each, x cat(A_i)^T then split "
                                         "(a compute layout: parameters, checkpoints and the fold are unchanged)")
+    compile_region: bool = setting(False, "with compile on and parallelism=ddp: the decoder layer's body traced and "
+                                          "compiled once (torch.compiler.nested_compile_region), not once per layer, "
+                                          "so the first step's compile stops growing with depth; off until measured on a GPU")
 
     logger: str = setting("none", "none | wandb (metrics.jsonl is always written)", choices=("none", "wandb"))
     wandb: WandbConfig = field(default_factory=WandbConfig)

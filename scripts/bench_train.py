@@ -79,7 +79,7 @@ class ScatterAddDLR(LowRankLinear):
 VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 
-COMPILE_SCOPE = {"decoder": compile_decoder, "decoder_flat": lambda model: compile_decoder(model, region=False),
+COMPILE_SCOPE = {"decoder": compile_decoder, "decoder_region": lambda model: compile_decoder(model, region=True),
                  "layers": compile_layers, "model": compile_model}
 SCOPE = ["decoder"]  # --compile-scope; a list so the memory child and build() share it
 FIRST_STEP_S: dict[tuple[str, str], float] = {}
@@ -314,8 +314,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="compile each decoder layer (as dlr-train compile=true / auto on CUDA)")
     ap.add_argument("--compile-scope", default="decoder", choices=tuple(COMPILE_SCOPE),
-                    help="decoder: the decoder as one graph, loss outside, the layer body one nested_compile_region (dlr-train); "
-                         "decoder_flat: the same graph with every layer traced and compiled on its own; layers: each decoder layer; "
+                    help="decoder: the decoder as one graph, loss outside (dlr-train); decoder_region: the same graph, the "
+                         "layer body one nested_compile_region (dlr-train compile_region=true); layers: each decoder layer; "
                          "model: the whole forward with its loss (plain or chunked loss only)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: none, as dlr-train)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",

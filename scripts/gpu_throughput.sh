@@ -14,6 +14,9 @@
 #   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): $LARGE_METHODS (full,lowrank), with a kernel
 #            profile. Each model compiles its decoder as one graph: ~2 min per model at 24 layers
 #            (llama_1b's first step took 113 s on an H200), so LARGE_SIZES=llama_350m fits a short lease
+#   region   compile_region=true (the layer body one nested_compile_region inside the decoder graph)
+#            at $REGION_SIZES (llama_350m), $REGION_METHODS (full,lowrank): compile time, step and
+#            memory against the one-graph rows of `large`
 #   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused at $EXPLORE_SIZES
 #            (llama_350m,llama_1b), lowrank and dlr side by side (issue 12); compiled per layer ($EXPLORE_SCOPE,
 #            default layers: seconds to compile, and the same scope on both sides of each ratio)
@@ -23,8 +26,8 @@
 # Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash scripts/gpu_throughput.sh
 # What issue 12 still needs, in a 15-min lease (60M's step is measured; a decoder compile costs
 # roughly 5 s per layer, so order by what the targets need), two chained calls:
-#   1. TOKENS=.whl/c4tok SMALL_SIZES=llama_130m BUDGET_S=560 SECTIONS="small loss trainer gemm"
-#   2. LARGE_SIZES=llama_350m EXPLORE_SIZES=llama_350m BUDGET_S=<what is left> SECTIONS="large explore"
+#   1. TOKENS=.whl/c4tok SMALL_SIZES=llama_130m BUDGET_S=560 SECTIONS="tests small loss trainer gemm"
+#   2. LARGE_SIZES=llama_350m EXPLORE_SIZES=llama_350m BUDGET_S=<what is left> SECTIONS="large region explore"
 # Token shards for the trainer runs: TOKENS=DIR (dlr-prepare data=c4_sample out=DIR), else prepared here.
 # On the lent GPU machine (torch and transformers there; no network): carry a git-ignored .whl/ with
 # wheels of hydra-core, omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess,
@@ -34,7 +37,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 BUDGET_S=${BUDGET_S:-500}
-SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer gemm large explore autotune"}
+SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer gemm large region explore autotune"}
 START=$(date +%s)
 TOKENS=${TOKENS:+$(cd "$TOKENS" && pwd)}
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
@@ -139,6 +142,13 @@ if want large 100; then
   stamp large
   timeout $(( $(left) - 5 )) $BENCH --sizes "${LARGE_SIZES:-llama_350m,llama_1b}" --methods "${LARGE_METHODS:-full,lowrank}" --compile --loss auto \
     --repeats 6 --warmup 2 --profile "$OUT/profile_large.txt" --json "$OUT/step_default_large.json" 2>&1 \
+    | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
+fi
+
+if want region 60; then
+  stamp region
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${REGION_SIZES:-llama_350m}" --methods "${REGION_METHODS:-full,lowrank}" --compile \
+    --compile-scope decoder_region --loss auto --repeats 6 --warmup 2 --json "$OUT/step_region.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
 

@@ -200,7 +200,7 @@ def test_the_compiled_decoder_is_one_fused_graph_with_the_same_numbers():
 
 
 def test_the_decoder_compiled_with_a_layer_region_has_eager_gradients():
-    # The trainer's compile (compile_decoder: one graph, the layer body one nested_compile_region)
+    # compile_region=true (compile_decoder: one graph, the layer body one nested_compile_region)
     # through inductor itself: on torch 2.13 its buffer reuse corrupted the tensors a region saves
     # for backward (wrong gradients, same loss), which aot_eager does not show.
     from torch._dynamo.utils import counters
@@ -211,7 +211,7 @@ def test_the_decoder_compiled_with_a_layer_region_has_eager_gradients():
     reference = loss_and_grads(plain)
     torch._dynamo.reset()
     counters.clear()
-    compile_decoder(fused)
+    compile_decoder(fused, region=True)
     try:
         assert_same(loss_and_grads(fused), reference, rtol=1e-5, atol=1e-6)
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1

@@ -95,3 +95,24 @@ def test_a_training_step_has_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+@cuda
+def test_the_layer_region_gives_eager_gradients_on_cuda():
+    """compile_region=true through inductor's CUDA backend (its Triton kernels and memory planner),
+    fp32: every gradient equals eager's, as tests/test_fuse_latents.py checks on the CPU."""
+    import copy
+
+    from dlr.train.loop import compile_decoder
+
+    torch.manual_seed(0)
+    eager = build_model("llama_tiny", method="dlr", rank=16).cuda()
+    compiled = copy.deepcopy(eager)
+    compile_decoder(compiled, region=True)
+    ids = torch.randint(2, 1000, (4, 64), device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for model in (eager, compiled):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = dict(compiled.named_parameters())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -185,6 +185,17 @@ def test_compile_gives_the_same_losses(tmp_path):
     assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-4)
 
 
+def test_compile_region_reaches_the_decoder_compile(tmp_path, monkeypatch):
+    # What compile_decoder(region=True) computes is checked through inductor, gradient by gradient,
+    # in tests/test_fuse_latents.py; here only that the setting gets there (the model runs eager).
+    import dlr.train.loop as loop
+
+    seen = []
+    monkeypatch.setattr(loop, "compile_decoder", lambda model, region=False: seen.append(region))
+    summary = train(cfg("steps=1", f"out_dir={tmp_path / 'r'}", "method=dlr", "compile=true", "compile_region=true"))
+    assert seen == [True] and summary["compile_region"] is True
+
+
 def test_wandb_offline_logs_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):
     import shutil
 

@@ -90,14 +90,16 @@ def _layer_region(cls: type) -> type:
 _REGIONS: dict[type, type] = {}
 
 
-def compile_decoder(model, region: bool = True) -> None:
+def compile_decoder(model, region: bool = False) -> None:
     """The trainer's compilation: the whole decoder (embedding, mask, every layer, final norm)
     as one graph, in place; the loss stays outside (the chunked loss compiles its own chunk).
     Measured on an H200 (docs/benchmarks.md): per-layer graphs left the GPU idle 40% of a
     llama_60m step on host overhead, and transformers' mask code syncs with the host once per
     eager forward (traced away here); the loss inside a whole-model graph keeps bf16 logits.
-    region: the layer body is traced and compiled once, not once per layer (hierarchical
-    compilation), so the first step's compile time does not grow with depth.
+    region (`compile_region=true`): the layer body is traced and compiled once, not once per
+    layer (hierarchical compilation), so the first step's compile time does not grow with depth
+    (CPU: llama_130m 67 -> 42 s). Off by default until its step time and memory are measured on
+    a GPU: the region keeps inductor from fusing across layers and runs with REGION_INDUCTOR_OPTIONS.
     In place, so parameter names, state dicts, the fold and DDP wrapping are the eager model's.
     """
     if not region:
@@ -263,7 +265,7 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
     if compiled:
         # FSDP2's units are the decoder layers: each is compiled in place before it is sharded
         # (torchtitan's order); a whole-decoder graph would have to trace FSDP2's hooks.
-        compile_layers(model) if parallelism == "fsdp2" else compile_decoder(model)
+        compile_layers(model) if parallelism == "fsdp2" else compile_decoder(model, region=bool(cfg.get("compile_region", False)))
     if parallelism == "fsdp2":  # before the optimizer: it must hold the sharded parameters
         model = shard_model(model, device, bf16=mixed == "bf16")
     # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
@@ -499,6 +501,7 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
         "deploy_params": stats.total_params, "train_flops_per_token": stats.train_flops_per_token,
         "wall_s": wall, "mean_tokens_per_s": speed.mean_tokens_per_s(), "first_step_s": speed.first_step_s,
         "compile": compiled, "loss_impl": loss_impl, "fuse_latents": bool(cfg.get("fuse_latents", False)),
+        "compile_region": bool(compiled and cfg.get("compile_region", False)),
         "peak_mem_gib": peak_memory_gib(device),
         "parallelism": cfg.parallelism, "memory_estimate_per_process_gib": memory_estimate,
     }

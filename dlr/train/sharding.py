@@ -33,6 +33,10 @@ def check_parallelism(cfg) -> str:
         # Newton-Schulz and the power iteration need each factor whole; FSDP2 shards its rows.
         raise ConfigError("optimizer=spectron is not supported with parallelism='fsdp2' (it needs whole factors); "
                           "accepted: optimizer=adamw with fsdp2, or spectron with parallelism=ddp")
+    if value == "fsdp2" and cfg.get("compile_region"):
+        # FSDP2 compiles layer by layer already (each layer its own graph, compiled code shared).
+        raise ConfigError("compile_region=true is not supported with parallelism='fsdp2' (its layers are compiled one "
+                          "by one already); accepted: compile_region=false with fsdp2, or parallelism=ddp")
     if value == "fsdp2":
         for key in ("trainable_alpha", "trainable_latent_scale"):
             if cfg.get(key):
