@@ -265,7 +265,10 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
     if compiled:
         # FSDP2's units are the decoder layers: each is compiled in place before it is sharded
         # (torchtitan's order); a whole-decoder graph would have to trace FSDP2's hooks.
-        compile_layers(model) if parallelism == "fsdp2" else compile_decoder(model, region=bool(cfg.get("compile_region", False)))
+        if parallelism == "fsdp2":
+            compile_layers(model)
+        else:
+            compile_decoder(model, region=bool(cfg.get("compile_region", False)))
     if parallelism == "fsdp2":  # before the optimizer: it must hold the sharded parameters
         model = shard_model(model, device, bf16=mixed == "bf16")
     # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on

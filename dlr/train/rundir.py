@@ -22,8 +22,8 @@ from ..errors import ConfigError
 # Keys that may change between a run and its resumption without making it another run.
 # out_dir is one: a run directory that was copied or moved resumes where it now is.
 RUNTIME_KEYS = {"resume", "dry_run", "plan_processes", "log_every", "eval_every", "save_every", "keep_last",
-                "logger", "wandb", "micro_batch", "compile", "compile_region", "loss", "fuse_latents", "gradient_checkpointing",
-                "parallelism", "out_dir"}
+                "logger", "wandb", "micro_batch", "compile", "compile_region", "loss", "fuse_latents",
+                "gradient_checkpointing", "parallelism", "out_dir"}
 LOCK_FILE = ".lock"
 RUNTIME_DATA_KEYS = {"num_workers"}
 # The reference layer's knobs (configs/train.yaml) with their defaults: a config.yaml written
