@@ -100,7 +100,7 @@ def test_a_training_step_has_no_host_sync():
 @cuda
 def test_the_layer_region_gives_eager_gradients_on_cuda():
     """compile_region=true through inductor's CUDA backend (its Triton kernels and memory planner),
-    fp32: every gradient equals eager's, as tests/test_fuse_latents.py checks on the CPU."""
+    fp32 (TF32 off, the default): every gradient equals eager's, as tests/test_fuse_latents.py checks on the CPU."""
     import copy
 
     from dlr.train.loop import compile_decoder
@@ -110,7 +110,6 @@ def test_the_layer_region_gives_eager_gradients_on_cuda():
     compiled = copy.deepcopy(eager)
     compile_decoder(compiled, region=True)
     ids = torch.randint(2, 1000, (4, 64), device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
     for model in (eager, compiled):
         model(input_ids=ids, labels=ids).loss.backward()
     grads = dict(compiled.named_parameters())
