@@ -240,18 +240,9 @@ def test_dlr_train_with_fuse_latents_and_recompute_gives_the_same_losses(tmp_pat
 
 def saved_bytes(model, bf16: bool) -> int:
     """Bytes autograd keeps for backward that are not parameters or buffers."""
-    keep = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
+    from test_layers import saved_for_backward
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in keep:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(input_ids=IDS, labels=IDS)
-    return sum(seen.values())
+    return saved_for_backward(lambda: model(input_ids=IDS, labels=IDS), [*model.parameters(), *model.buffers()], bf16)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])

@@ -121,7 +121,12 @@ def saved_bytes(layer: LowRankLinear, x: torch.Tensor, bf16: bool) -> int:
     views (built by a first call) or the input."""
     layer(x)
     cached = [t for t in (layer._dlr_cache or ()) if t is not None]
-    keep = {t.data_ptr() for t in [*layer.parameters(), *layer.buffers(), *cached, x]}
+    return saved_for_backward(lambda: layer(x), [*layer.parameters(), *layer.buffers(), *cached, x], bf16)
+
+
+def saved_for_backward(run, keep: list[torch.Tensor], bf16: bool) -> int:
+    """Bytes of the tensors autograd saves for backward while run() runs, less those in `keep`."""
+    keep = {t.data_ptr() for t in keep}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +136,7 @@ def saved_bytes(layer: LowRankLinear, x: torch.Tensor, bf16: bool) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            layer(x)
+            run()
     return sum(seen.values())
 
 
