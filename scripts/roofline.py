@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from dlr.hf.lowrank import LowRankLinear
+from bench_train import SEQ, recipe_micro_batch
+from dlr.hf.lowrank import SIBLINGS, LowRankLinear
 from dlr.model import build_model
 from dlr.zoo import get_size
 
-SEQ = 256
 # Dense bf16 tensor-core peak and HBM bandwidth (SXM parts, vendor figures).
 GPUS = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12), "a100": (312e12, 2.04e12)}
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass
@@ -64,7 +63,7 @@ def linear_maps(model: nn.Module, fuse_latents: bool) -> list[tuple[int, int]]:
     maps, fused = [], {}
     for name, m in model.named_modules():
         if isinstance(m, LowRankLinear):
-            group = next((g for g in FUSED_GROUPS if name.rsplit(".", 1)[-1] in g), None) if fuse_latents else None
+            group = next((g for g in SIBLINGS if name.rsplit(".", 1)[-1] in g), None) if fuse_latents else None
             if group is None:
                 maps.append((m.in_features, m.rank))
             else:  # one latent GEMM per group: x [A_1; ...; A_n]^T
@@ -87,14 +86,6 @@ def step_bound(size: str, method: str, micro_batch: int, gpu: str, fuse_latents:
     attention = 3 * 4 * cfg.num_hidden_layers * SEQ * cfg.hidden_size * tokens  # PaLM's term, forward + backward
     bound.add(attention, attention / peak)
     return bound
-
-
-def recipe_micro_batch(size: str) -> int:
-    from importlib import resources
-
-    import yaml
-
-    return int(yaml.safe_load((resources.files("dlr.configs") / "model" / f"{size}.yaml").read_text())["micro_batch"])
 
 
 def table(sizes: list[str], gpu: str, measured: dict[tuple[str, str], float]) -> str:
