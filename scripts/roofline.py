@@ -29,10 +29,11 @@ import torch.nn as nn
 from bench_train import SEQ, recipe_micro_batch
 from dlr.hf.lowrank import SIBLINGS, LowRankLinear
 from dlr.model import build_model
+from dlr.train.telemetry import PEAK_BF16
 from dlr.zoo import get_size
 
-# Dense bf16 tensor-core peak and HBM bandwidth (SXM parts, vendor figures).
-GPUS = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12), "a100": (312e12, 2.04e12)}
+# Dense bf16 peak (the one MFU is reported against) and HBM bandwidth (SXM parts, vendor figures).
+GPUS = {"h100": (PEAK_BF16["H100"], 3.35e12), "h200": (PEAK_BF16["H200"], 4.8e12), "a100": (PEAK_BF16["A100"], 2.04e12)}
 
 
 @dataclass
