@@ -7,15 +7,19 @@ output; attention adds its PaLM FLOPs at the same peak. Norms, activations, resi
 casts, the optimizer and the host are left out, so the result is a lower bound on the step
 time and an upper bound on MFU. What it answers: whether a time ratio such as lowrank/full
 <= FLOP ratio + 0.10 is reachable at all at a size's rank and micro-batch, and how far a
-measured step (--measured, bench_train.py's JSON) is from its bound.
+measured step (--measured, bench_train.py's JSON) is from its bound. With --traffic (the
+JSON of scripts/traffic.py) the bytes of the kernels inductor generates for the compiled
+step (norms, activations, adds, casts, the loss's softmax) join it at full bandwidth: still a
+lower bound, for the step as the trainer compiles it.
 
 Low-rank projections are two GEMMs whose inner dimension is the rank, so their arithmetic
 intensity is about r (d_in + d_out) / (d_in + d_out + 2r) FLOPs per byte: near or below the
 GPU's ridge point (peak / bandwidth, ~206 on an H200) at the zoo's ranks up to llama_350m.
-`--fuse-latents` also shows the layout of `fuse_latents=true` (q/k/v and gate/up share one
+The "lowrank fused" column is the layout of `fuse_latents=true` (q/k/v and gate/up share one
 latent GEMM, which reads x once).
 
-    python scripts/roofline.py --gpu h200 --measured docs/benchmarks/h200_issue12/step_default_large.json
+    python scripts/roofline.py --gpu h200 --measured docs/benchmarks/h200_issue12/step_default_large.json \
+        --traffic docs/benchmarks/traffic_cpu.json
 """
 from __future__ import annotations
 
@@ -89,25 +93,37 @@ def step_bound(size: str, method: str, micro_batch: int, gpu: str, fuse_latents:
     return bound
 
 
-def table(sizes: list[str], gpu: str, measured: dict[tuple[str, str], float]) -> str:
-    peak = GPUS[gpu][0]
+def table(sizes: list[str], gpu: str, measured: dict[tuple[str, str], float],
+          traffic: dict[tuple[str, str], float] | None = None) -> str:
+    """traffic: (size, method) -> bytes per step of the generated kernels (traffic.py), added at full bandwidth."""
+    peak, bandwidth = GPUS[gpu]
+    traffic = traffic or {}
+    with_traffic = all((size, m) in traffic for size in sizes for m in ("full", "lowrank"))
+    extra = " | + generated kernels: full ms (MFU ceiling), lowrank ms (MFU ceiling), lowrank/full" if with_traffic else ""
     lines = [f"GEMM + attention roofline, {gpu.upper()} ({peak / 1e12:.0f} TFLOP/s bf16, "
-             f"{GPUS[gpu][1] / 1e12:.2f} TB/s), seq {SEQ}, recipe micro-batch; a lower bound on the step time\n",
+             f"{bandwidth / 1e12:.2f} TB/s), seq {SEQ}, recipe micro-batch; a lower bound on the step time\n",
              "| size | rank | micro-batch | full ms (MFU ceiling) | lowrank ms (MFU ceiling) | lowrank fused ms | "
-             "lowrank/full: FLOPs, roofline | measured full ms (x bound) | measured lowrank ms (x bound) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"lowrank/full: FLOPs, roofline{extra} | measured full ms (x bound) | measured lowrank ms (x bound) |",
+             "|---|---|---|---|---|---|---|" + ("---|" if with_traffic else "") + "---|---|"]
     for size in sizes:
         mb = recipe_micro_batch(size)
         full, low = step_bound(size, "full", mb, gpu), step_bound(size, "lowrank", mb, gpu)
         fused = step_bound(size, "lowrank", mb, gpu, fuse_latents=True)
+        bound = {"full": full.seconds, "lowrank": low.seconds}
+        cell = ""
+        if with_traffic:
+            bound = {m: bound[m] + traffic[(size, m)] / bandwidth for m in bound}
+            cell = (f" | {bound['full'] * 1e3:.1f} ({full.flops / bound['full'] / peak:.0%}), "
+                    f"{bound['lowrank'] * 1e3:.1f} ({low.flops / bound['lowrank'] / peak:.0%}), "
+                    f"{bound['lowrank'] / bound['full']:.2f}")
         cells = []
-        for method, b in (("full", full), ("lowrank", low)):
+        for method in ("full", "lowrank"):
             ms = measured.get((size, method))
-            cells.append(f"{ms:.1f} ({ms / (b.seconds * 1e3):.1f}x)" if ms else "—")
+            cells.append(f"{ms:.1f} ({ms / (bound[method] * 1e3):.1f}x)" if ms else "—")
         lines.append(
             f"| {size} | {get_size(size).default_rank} | {mb} | {full.seconds * 1e3:.1f} ({full.flops / full.seconds / peak:.0%}) | "
             f"{low.seconds * 1e3:.1f} ({low.flops / low.seconds / peak:.0%}) | {fused.seconds * 1e3:.1f} | "
-            f"{low.flops / full.flops:.2f}, {low.seconds / full.seconds:.2f} | {cells[0]} | {cells[1]} |")
+            f"{low.flops / full.flops:.2f}, {low.seconds / full.seconds:.2f}{cell} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,13 +133,20 @@ def main() -> None:
     ap.add_argument("--sizes", default="llama_60m,llama_130m,llama_350m,llama_1b")
     ap.add_argument("--measured", type=Path, action="append", default=[],
                     help="bench_train.py --json output(s): their median step times go next to the bound")
+    ap.add_argument("--traffic", type=Path, help="traffic.py --json output: its generated-kernel bytes join the "
+                    "bound at full bandwidth, and the measured steps are set against that bound")
     args = ap.parse_args()
     measured = {}
     for path in args.measured:
         for row in json.loads(path.read_text())["rows"]:
             if row["micro_batch"] == recipe_micro_batch(row["size"]):  # the bound is at the recipe's
                 measured[(row["size"], row["method"])] = row["ms_per_step"]
-    print(table(args.sizes.split(","), args.gpu, measured))
+    traffic = {}
+    if args.traffic:
+        for row in json.loads(args.traffic.read_text())["rows"]:
+            if not row["fuse_latents"] and not row.get("bf16_weights") and row["micro_batch"] == recipe_micro_batch(row["size"]):
+                traffic[(row["size"], row["method"])] = row["generated_bytes"]
+    print(table(args.sizes.split(","), args.gpu, measured, traffic))
 
 
 if __name__ == "__main__":

@@ -28,3 +28,12 @@ def test_fusing_latents_merges_the_a_maps_of_each_group():
     layers, d, r = model.config.num_hidden_layers, model.config.hidden_size, get_size("llama_tiny").default_rank
     assert len(plain) - len(fused) == 3 * layers  # q/k/v: 3 A maps -> 1, gate/up: 2 -> 1
     assert fused.count((d, 3 * r)) == layers and fused.count((d, 2 * r)) == layers
+
+
+def test_generated_kernel_bytes_join_the_bound_at_full_bandwidth():
+    size, gpu, moved = "llama_60m", "h200", 10e9
+    text = roofline.table([size], gpu, {}, {(size, "full"): moved, (size, "lowrank"): moved})
+    mb, bandwidth = roofline.recipe_micro_batch(size), roofline.GPUS[gpu][1]
+    full, low = (roofline.step_bound(size, m, mb, gpu).seconds + moved / bandwidth for m in ("full", "lowrank"))
+    assert f"| {full * 1e3:.1f} (" in text and f", {low * 1e3:.1f} (" in text and f", {low / full:.2f} |" in text
+    assert "generated kernels" not in roofline.table([size], gpu, {})  # no traffic, no column
