@@ -37,25 +37,44 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
-def _chunk_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = (h @ w.t()).float()
-    valid = y != IGNORE_INDEX
-    target = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
-    return ((torch.logsumexp(logits, dim=-1) - target) * valid).sum()
-
-
-def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed CE, d(scale * CE)/dh, d(scale * CE)/dw in fp32) of one chunk."""
+def _chunk_lse_and_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
     logits = (h @ w.t()).float()
     valid = y != IGNORE_INDEX
     safe = torch.where(valid, y, 0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=-1)
     loss = ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+    return logits, valid, safe, lse, loss
+
+
+def _chunk_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _chunk_lse_and_loss(h, w, y)[-1]
+
+
+def _chunk_loss_and_grads(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed CE, d(scale * CE)/dh, d(scale * CE)/dw in fp32) of one chunk, eager."""
+    logits, valid, safe, lse, loss = _chunk_lse_and_loss(h, w, y)
     # softmax - one-hot, in place on the logits buffer: one [chunk, vocab] fp32 tensor in all.
     grad = logits.sub_(lse.unsqueeze(1)).exp_()
     grad.scatter_add_(1, safe, torch.full_like(lse, -1.0).unsqueeze(1))
     grad = (grad * (valid.float() * scale).unsqueeze(1)).to(h.dtype)
+    return loss, grad @ w, (grad.t() @ h).float()
+
+
+def _chunk_loss_and_grads_fused(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same, written for torch.compile: out of place, the one-hot as an index comparison.
+
+    Inductor then reads the GEMM's logits once for the log-sum-exp and once more for a single
+    pointwise kernel that writes the gradient in h's dtype; no fp32 copy of the logits is
+    stored. The in-place form above makes it write them in fp32, update them twice and
+    scatter: about 24 bytes per (token, vocabulary entry) against 8 (scripts/traffic.py's
+    count, CPU codegen; equal results). Eager, this form would hold several fp32 [chunk, vocab]
+    temporaries, so eager keeps the in-place one.
+    """
+    logits, valid, safe, lse, loss = _chunk_lse_and_loss(h, w, y)
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == safe
+    grad = ((torch.exp(logits - lse.unsqueeze(1)) - one_hot.float()) * (valid.float() * scale).unsqueeze(1)).to(h.dtype)
     return loss, grad @ w, (grad.t() @ h).float()
 
 
@@ -68,7 +87,7 @@ def _kernels(compiled: bool) -> tuple[Callable, Callable]:
     if not _compiled:
         # dynamic=False: a micro-batch gives at most two chunk shapes (full, last).
         _compiled["loss"] = torch.compile(_chunk_loss, dynamic=False)
-        _compiled["grads"] = torch.compile(_chunk_loss_and_grads, dynamic=False)
+        _compiled["grads"] = torch.compile(_chunk_loss_and_grads_fused, dynamic=False)
     return _compiled["loss"], _compiled["grads"]
 
 
