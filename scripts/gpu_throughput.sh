@@ -6,8 +6,9 @@
 #   fsdp2    dlr-train parallelism=fsdp2 under torchrun (nccl, bf16 mixed precision), train + eval + fold
 #   small    the isolated step, the default (compiled decoder, fused loss) vs the old eager default
 #            (plain loss), side by side at each size's recipe micro-batch: $SMALL_SIZES (llama_60m,llama_130m)
-#   loss     the step at llama_60m with loss=liger in place of the default chunked loss, the decoder
-#            compiled the same way: which fused loss is faster inside the whole step, host sync included
+#   loss     the loss alone (bench_loss.py: the compiled chunk against Liger), then the step at llama_60m
+#            with loss=liger in place of the default chunked loss, the decoder compiled the same way:
+#            which fused loss is faster inside the whole step, host sync included
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
 #   gemm     every GEMM of a llama_350m full and lowrank step timed alone at its shape, against its
 #            roofline, with weight gradients also split-K (scripts/bench_gemm.py; seconds)
@@ -99,6 +100,10 @@ if want small 120; then
 fi
 
 if want loss 90; then
+  stamp loss-alone
+  # The compiled chunk is written out of place since the H200 loss table (~8 bytes per logit, was ~24).
+  timeout 60 python3 "$REPO/scripts/bench_loss.py" --device cuda --hidden 512,1024 --impls chunked_compiled,liger \
+    --json "$OUT/loss_alone.json" 2>&1 | tail -6 | tee -a "$OUT/report.txt"
   stamp loss
   timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m --methods full,lowrank --compile --loss liger \
     --repeats 10 --warmup 3 --json "$OUT/step_liger_60m.json" 2>&1 | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
