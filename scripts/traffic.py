@@ -7,7 +7,7 @@ with the rank. Inductor counts the bytes every kernel it schedules reads and wri
 (GraphLowering.count_bytes, what its own cost model uses). This script compiles what the
 trainer compiles (the decoder as one graph under bf16 autocast, the chunked loss compiled
 per chunk), runs one forward + backward, and sums those counts by kind: generated kernels,
-GEMMs (extern mm) and the rest of the extern calls (attention, the loss's scatter).
+GEMMs (extern mm) and the rest of the extern calls (attention).
 
 The counts are linear in the depth and in the tokens, so a size is compiled at its real width
 with 1 and 2 layers and 1 and 2 sequences, and extrapolated to its depth and recipe
@@ -140,9 +140,9 @@ def main() -> None:
             base, fused = method.removesuffix("_fused"), method.endswith("_fused")
             row = extrapolate(size, base, recipe_micro_batch(size), fuse_latents=fused, bf16_weights=args.bf16_weights)
             rows.append(row)
-            print(f"{size} {method}{' bf16 weights' if args.bf16_weights else ''} (micro-batch {row['micro_batch']}): per step {row['generated_bytes'] / 1e9:.1f} GB in "
-                  f"generated kernels, {row['gemm_bytes'] / 1e9:.1f} GB in GEMMs, {row['other_extern_bytes'] / 1e9:.1f} GB "
-                  f"in other extern calls; a layer: {row['layer_generated_bytes_per_token']} + "
+            label = f"{size} {method}{' bf16 weights' if args.bf16_weights else ''} (micro-batch {row['micro_batch']})"
+            print(f"{label}: per step {row['generated_bytes'] / 1e9:.1f} GB in generated kernels, "
+                  f"{row['gemm_bytes'] / 1e9:.1f} GB in GEMMs, {row['other_extern_bytes'] / 1e9:.1f} GB in other extern calls; a layer: {row['layer_generated_bytes_per_token']} + "
                   f"{row['layer_gemm_bytes_per_token']} + {row['layer_other_extern_bytes_per_token']} B/token "
                   f"[{time.time() - start:.0f} s]", flush=True)
             if args.kernels:
