@@ -128,3 +128,19 @@ def test_the_compiled_chunk_equals_the_eager_chunk_and_the_plain_loss():
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
     for a, b in zip(_grads(compiled, h, w), _grads(eager, h, w)):
         assert torch.allclose(a, b, rtol=1e-2, atol=1e-4)
+
+
+def test_the_compiled_chunk_holds_one_logits_buffer_in_the_compute_dtype():
+    """What the memory estimate counts for a compiled fused loss (dlr/train/plan.py: 2 bytes a
+    logit in bf16): the gradient overwrites the matmul's output, no fp32 copy is stored."""
+    from torch._inductor.utils import run_and_get_code
+
+    from dlr.loss import _chunk_loss_and_grads_fused
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(96, 16, generator=g).bfloat16(), torch.randn(500, 16, generator=g).bfloat16()
+    y = torch.randint(0, 500, (96,), generator=g)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(_chunk_loss_and_grads_fused, dynamic=False), h, w, y, torch.tensor(0.1))
+    logits_buffers = [line for line in code[-1].splitlines() if "empty_strided" in line and "(96, 500)" in line]
+    assert len(logits_buffers) == 1 and "torch.bfloat16" in logits_buffers[0], logits_buffers

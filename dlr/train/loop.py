@@ -136,11 +136,15 @@ def _fused_adamw(optimizer) -> torch.optim.Optimizer | None:
 
 def _memory_estimate(cfg: DictConfig, plan: TrainPlan, config, stats, parallelism: str) -> dict:
     # A plan for several processes is a GPU plan: bf16 there, unless fp32 is asked for.
+    on_gpu = torch.cuda.is_available() or plan.processes > 1
     bf16 = _precision(cfg) == "bf16" or (plan.processes > 1 and cfg.precision != "fp32")
+    loss = cfg.get("loss", "plain")
+    compiled_loss = loss == "liger" or _compile_enabled(cfg, torch.device("cuda" if on_gpu else "cpu"))
     memory = memory_estimate_gib(stats, plan, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
                                  config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
                                  parallelism=parallelism, optimizer_bytes_per_param=8,
-                                 fused_loss=cfg.get("loss", "plain") != "plain", loss_chunk_tokens=DEFAULT_CHUNK_TOKENS)
+                                 fused_loss=loss != "plain", loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
+                                 compiled_loss=compiled_loss)
     return {k: round(v, 2) for k, v in memory.items()}
 
 

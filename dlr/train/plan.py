@@ -53,7 +53,8 @@ def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
 
 def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers: int, heads: int, vocab: int,
                         bf16: bool, gradient_checkpointing: bool, optimizer_bytes_per_param: int = 8,
-                        parallelism: str = "ddp", fused_loss: bool = False, loss_chunk_tokens: int = 8192) -> dict:
+                        parallelism: str = "ddp", fused_loss: bool = False, loss_chunk_tokens: int = 8192,
+                        compiled_loss: bool = False) -> dict:
     """Rough per-process peak: weights + grads + optimizer state, FSDP2's gathered units, activations.
 
     States: fp32 weights and grads plus the optimizer's state (AdamW: 8 bytes per parameter);
@@ -66,9 +67,11 @@ def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers:
     Activations follow Korthikanti et al. (2022) for a transformer layer with flash/SDPA
     attention, 34 * s * b * h bytes in half precision (x2 in fp32), and the logits
     (b * s * V, fp32 for the loss, plus their gradient; with a fused loss, dlr.loss, one chunk
-    of logits as the chunk's math holds them, i.e. the matmul's output, its fp32 upcast and the
-    gradient cast back (2 + 4 + 2 bytes per logit in bf16, 4 in fp32, where they are one tensor),
-    plus lm_head's fp32 gradient and the hidden states' gradient). With checkpointing only each
+    of logits as the chunk's math holds them: eager, the matmul's output, its fp32 upcast and
+    the gradient cast back (2 + 4 + 2 bytes per logit in bf16, 4 in fp32, where they are one
+    tensor); compiled (`compiled_loss`, and Liger), one buffer in the compute dtype that the
+    gradient overwrites (2 bytes in bf16, 4 in fp32); plus lm_head's fp32 gradient and the
+    hidden states' gradient). With checkpointing only each
     layer's input (2 * s * b * h bytes) is kept. An estimate, not a measurement: compare it
     with `peak_mem_gib` in summary.json (docs/training.md, "Memory"; H200 figures in
     docs/benchmarks.md, within 6% at llama_1b and llama_60m).
@@ -89,7 +92,7 @@ def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers:
     per_layer = (2 * s * b * hidden) if gradient_checkpointing else 34 * s * b * hidden
     activations = per_layer * layers * (1 if bf16 else 2)
     if fused_loss:
-        per_logit = 2 + 4 + 2 if bf16 else 4
+        per_logit = (2 if compiled_loss else 2 + 4 + 2) if bf16 else 4
         logits = min(b * s, loss_chunk_tokens) * vocab * per_logit + vocab * hidden * 4 + b * s * hidden * 4
     else:
         logits = b * s * vocab * 4 * 2
