@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md ("Default run") and docs/training.md ("Memory"), on one
 # GPU, in one call. Sections, in priority order (run those named in SECTIONS):
-#   tests    the CUDA tests (flash attention, no host sync in a compiled step, compile_region gradients)
+#   tests    the CUDA tests (flash attention, no host sync in a compiled step, compile_region gradients,
+#            the compiled loss chunk against the plain loss)
 #   memory   llama_1b: dlr-train's memory estimate vs the measured peak, ddp and fsdp2 (issue 15)
 #   fsdp2    dlr-train parallelism=fsdp2 under torchrun (nccl, bf16 mixed precision), train + eval + fold
 #   small    the isolated step, the default (compiled decoder, fused loss) vs the old eager default

@@ -115,3 +115,29 @@ def test_the_layer_region_gives_eager_gradients_on_cuda():
     grads = dict(compiled.named_parameters())
     for name, p in eager.named_parameters():
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@cuda
+def test_the_compiled_loss_chunk_matches_the_plain_loss_on_cuda():
+    """The compiled chunk (dlr/loss.py, written out of place for inductor) through Triton: the
+    plain loss's value and gradients in fp32, and the eager chunk's under bf16 autocast."""
+    import torch.nn.functional as F
+
+    from dlr.loss import chunked_linear_cross_entropy, shift_labels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = (torch.randn(3, 37, 64, device="cuda", generator=g) * 3).requires_grad_()
+    w = torch.randn(1001, 64, device="cuda", generator=g).requires_grad_()
+    y = torch.randint(0, 1001, (3, 37), device="cuda", generator=g)
+    y[0, 4:11] = -100
+    plain = F.cross_entropy(F.linear(h, w).float().reshape(-1, 1001), shift_labels(y).reshape(-1), ignore_index=-100)
+    compiled = chunked_linear_cross_entropy(h, w, y, chunk_tokens=64, compiled=True)
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=0)
+    for a, b in zip(torch.autograd.grad(compiled, (h, w)), torch.autograd.grad(plain, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = chunked_linear_cross_entropy(h, w, y, chunk_tokens=64)
+        compiled = chunked_linear_cross_entropy(h, w, y, chunk_tokens=64, compiled=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
+    for a, b in zip(torch.autograd.grad(compiled, (h, w)), torch.autograd.grad(eager, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
