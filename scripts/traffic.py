@@ -19,7 +19,8 @@ kernel list would show. A generated kernel does not run at the same time as a GE
 training stream, so its time at full bandwidth adds to the GEMM roofline: `roofline.py
 --traffic FILE`.
 
-    python scripts/traffic.py --json docs/benchmarks/traffic_cpu.json
+    python scripts/traffic.py --json traffic.json   # docs/benchmarks/traffic_cpu.json: this run
+    python scripts/traffic.py --sizes llama_350m,llama_1b --methods full,lowrank --bf16-weights  # + these rows
     python scripts/traffic.py --sizes llama_350m --methods lowrank --kernels   # one layer, by kernel
 """
 from __future__ import annotations

@@ -71,8 +71,8 @@ def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers:
     the gradient cast back (2 + 4 + 2 bytes per logit in bf16, 4 in fp32, where they are one
     tensor); compiled (`compiled_loss`, and Liger), one buffer in the compute dtype that the
     gradient overwrites (2 bytes in bf16, 4 in fp32); plus lm_head's fp32 gradient and the
-    hidden states' gradient). With checkpointing only each
-    layer's input (2 * s * b * h bytes) is kept. An estimate, not a measurement: compare it
+    hidden states' gradient). With checkpointing only each layer's input (2 * s * b * h bytes)
+    is kept. An estimate, not a measurement: compare it
     with `peak_mem_gib` in summary.json (docs/training.md, "Memory"; H200 figures in
     docs/benchmarks.md, within 6% at llama_1b and llama_60m).
     """
