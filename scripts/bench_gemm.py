@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from dlr.model import build_model
-from bench_train import recipe_micro_batch
-from roofline import GPUS, SEQ, gemm_seconds, linear_maps
+from bench_train import SEQ, recipe_micro_batch
+from roofline import GPUS, gemm_seconds, linear_maps
 
 
 def timeit(fn, device: torch.device, repeats: int) -> float:

@@ -73,6 +73,7 @@ def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
 # upstream by pytorch#193960), so both are off too: the caching allocator still recycles freed
 # blocks, only the planner's reuse of dead buffers is given up.
 REGION_INDUCTOR_OPTIONS = {"allow_buffer_reuse": False, "inplace_buffers": False}
+_REGIONS: dict[type, type] = {}  # a layer class -> its region subclass, made once per class
 
 
 def _layer_region(cls: type) -> type:
@@ -85,9 +86,6 @@ def _layer_region(cls: type) -> type:
         region = _REGIONS[cls] = type(cls.__name__, (cls,), {
             "forward": torch.compiler.nested_compile_region(cls.forward), "__module__": cls.__module__})
     return region
-
-
-_REGIONS: dict[type, type] = {}
 
 
 def compile_decoder(model, region: bool = False) -> None:
