@@ -1,4 +1,4 @@
-"""Hydra configs, installed as `dlr.configs`. Importing registers the schemas (dlr/schema.py)."""
-from dlr.schema import register
+"""Hydra configs, installed as `dlr.configs`. Importing registers the schemas (dlr/config/)."""
+from dlr.config import register
 
 register()

@@ -1,22 +1,38 @@
-"""dlr: pre-train low-rank LLaMA models with Duplicated Latent Residuals, then fold them."""
-from .counting import ModelStats, model_stats
-from .errors import ConfigError
-from .fold import fold_model
-from .hf import DlrLlamaConfig, DlrLlamaForCausalLM, LowRankLinear
-from .model import build_from_config, build_model, make_config
-from .zoo import get_size, size_names
+"""dlr: pre-train low-rank LLaMA models with Duplicated Latent Residuals, then fold them.
 
-__all__ = [
-    "ConfigError",
-    "DlrLlamaConfig",
-    "DlrLlamaForCausalLM",
-    "LowRankLinear",
-    "ModelStats",
-    "build_from_config",
-    "build_model",
-    "fold_model",
-    "get_size",
-    "make_config",
-    "model_stats",
-    "size_names",
-]
+Names are imported on first use, so `import dlr.config` (and every command's --help) does
+not pay for torch and transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "dlr.errors",
+    "ModelStats": "dlr.counting",
+    "model_stats": "dlr.counting",
+    "fold_model": "dlr.fold",
+    "DlrLlamaConfig": "dlr.hf",
+    "DlrLlamaForCausalLM": "dlr.hf",
+    "LowRankLinear": "dlr.hf",
+    "build_from_config": "dlr.model",
+    "build_model": "dlr.model",
+    "factorization": "dlr.model",
+    "make_config": "dlr.model",
+    "get_size": "dlr.zoo",
+    "size_names": "dlr.zoo",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dlr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

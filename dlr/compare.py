@@ -24,7 +24,10 @@ import yaml
 
 from .atomic import write_atomic
 from .errors import ConfigError
-from .train.rundir import RUNTIME_DATA_KEYS, RUNTIME_KEYS, upgrade_legacy_config
+from .config import display_key, short_form
+from .train.rundir import RUNTIME_KEYS as _RUNTIME_KEYS
+
+RUNTIME_KEYS = {display_key("train", k) for k in _RUNTIME_KEYS}
 
 # Beyond the runtime keys: what makes a run one sample of a group rather than another group.
 SAMPLE_KEYS = {"seed", "out_dir"}
@@ -132,7 +135,7 @@ def find_run_dirs(args: Sequence[str]) -> list[Path]:
 def load_run(path: Path) -> Run:
     path = Path(path)
     try:
-        config = upgrade_legacy_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+        config = short_form("train", yaml.safe_load((path / "config.yaml").read_text()) or {})
         summary = json.loads((path / "summary.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"{str(path)!r} has an unreadable config.yaml or summary.json: {err}") from None
@@ -166,7 +169,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def settings(run: Run) -> dict:
     """The flattened config that identifies the run's group (no seed, out_dir, runtime keys)."""
     flat = _flatten(run.config)
-    ignored = SAMPLE_KEYS | RUNTIME_KEYS | {f"data.{k}" for k in RUNTIME_DATA_KEYS}
+    ignored = SAMPLE_KEYS | RUNTIME_KEYS
     ignored |= UNUSED_BY_METHOD.get(run.method, set())
     return {k: v for k, v in flat.items() if k not in ignored and k.split(".")[0] not in ignored}
 

@@ -21,27 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from dlr.errors import ConfigError
-from dlr.schema import FinetuneConfig
-from dlr.schema import validate as validate_schema
+from dlr.config import FinetuneConfig, runtime_keys, to_dict
 
 log = logging.getLogger("dlr.finetune")
 LOCAL_DATA = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-# Keys that may change between a run and its resumption.
-RUNTIME_KEYS = {"resume", "progress", "log_every", "save_every", "keep_last", "logger", "device"}
+RUNTIME_KEYS = runtime_keys(FinetuneConfig)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: FinetuneConfig) -> None:
     """Every cheap check, before a weight or a record is read: each setting's own (type, range,
-    choices) where it is declared, dlr.schema.FinetuneConfig, then the one that ties two together."""
-    validate_schema(FinetuneConfig, cfg)
+    choices) where it is declared (dlr.config.FinetuneConfig, checked when it was built), then
+    the one that ties two together."""
     if cfg.prompt_field == cfg.response_field:
         raise ConfigError(f"prompt_field and response_field are both {cfg.prompt_field!r}; they must name two fields")
 
 
-def out_dir_of(cfg: DictConfig, ckpt: Path) -> Path:
+def out_dir_of(cfg: FinetuneConfig, ckpt: Path) -> Path:
     out = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else ckpt.parent / f"{ckpt.name}-sft"
     ck, o = ckpt.resolve(), out.resolve()
     if o == ck or ck in o.parents or o in ck.parents:
@@ -101,7 +99,7 @@ def _load_pairs(spec: str, split: str, prompt_field: str, response_field: str, k
         if (prompt_field, response_field) != ("prompt", "completion") else ds
 
 
-def lora_config(model: torch.nn.Module, cfg: DictConfig):
+def lora_config(model: torch.nn.Module, cfg: FinetuneConfig):
     """Adapters on every projection: the factors A and B of a LowRankLinear, or a dense Linear."""
     from peft import LoraConfig
 
@@ -129,12 +127,12 @@ def _checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def _check_out_dir(out_dir: Path, cfg: DictConfig) -> Path | None:
+def _check_out_dir(out_dir: Path, cfg: FinetuneConfig) -> Path | None:
     """The checkpoint to resume from (None = start), after refusing a different config."""
     saved = out_dir / "config.yaml"
-    resolved = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RUNTIME_KEYS}
+    resolved = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
     if saved.is_file():
-        before = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(saved), resolve=True).items()
+        before = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items()
                   if k not in RUNTIME_KEYS}
         diff = sorted(k for k in set(before) | set(resolved) if before.get(k) != resolved.get(k))
         if diff:
@@ -150,7 +148,7 @@ def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
+def finetune(cfg: FinetuneConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the summary that is also written to disk.
     `callbacks`: extra transformers TrainerCallbacks (e.g. early stopping, custom logging)."""
     from transformers import AutoTokenizer, TrainerCallback
@@ -192,7 +190,7 @@ def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     metrics_path = out_dir / "metrics.jsonl"
     if resume_from is None and metrics_path.exists():
         metrics_path.unlink()

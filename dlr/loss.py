@@ -25,8 +25,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dlr.config.choices import LOSS_IMPLS
+
 IGNORE_INDEX = -100
-LOSS_IMPLS = ("auto", "chunked", "liger", "plain")
 # Tokens per chunk: 8192 x 32,000 fp32 logits are 1 GiB, small next to the activations of
 # the micro-batches that need a fused loss, large enough that the matmuls fill a GPU.
 DEFAULT_CHUNK_TOKENS = 8192

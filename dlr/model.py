@@ -1,40 +1,38 @@
 """Build a full / low-rank / DLR LLaMA from a zoo size and the factorization options."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from .config import FactorizationConfig, build, check_field
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import fuse_latents
 from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
 
 
-def make_config(
-    size: str | LlamaSize,
-    method: str = "dlr",
-    rank: int | None = None,
-    alpha: float = 1.0,
-    activation: str = "silu",
-    expand: str = "uniform",
-    scope: str = "all",
-    seed: int = 0,
-    vocab_size: int = VOCAB_SIZE,
-    variance_correction: bool = True,
-    trainable_alpha: bool = False,
-    latent_alpha: float | None = None,
-    trainable_latent_scale: bool = False,
-    bias: bool = False,
-) -> DlrLlamaConfig:
-    """Validate every option and return the HF config; raises ConfigError on bad input."""
+# Each factorization setting is stored in config.json as dlr_<name>.
+_HF_FIELDS = {f.name: f"dlr_{f.name}" for f in dataclasses.fields(FactorizationConfig)}
+
+
+def factorization(method: str = "dlr", rank: int | None = None, alpha: float = 1.0, **knobs) -> FactorizationConfig:
+    """A checked factorization section from keyword arguments (rank None: the size's default)."""
+    return build(FactorizationConfig, {"method": method, "rank": rank, "alpha": alpha, **knobs})
+
+
+def make_config(size: str | LlamaSize, fact: FactorizationConfig, *, seed: int = 0,
+                vocab_size: int = VOCAB_SIZE) -> DlrLlamaConfig:
+    """The one place a factorization section becomes the HF model config; ConfigError on bad input."""
     spec = get_size(size) if isinstance(size, str) else size
-    if rank is None:
-        rank = spec.default_rank
-    check_factorization(method, rank, alpha, activation, expand, scope, spec.hidden_size, spec.intermediate_size,
-                        variance_correction=variance_correction, trainable_alpha=trainable_alpha,
-                        latent_alpha=latent_alpha, trainable_latent_scale=trainable_latent_scale, bias=bias,
+    rank = spec.default_rank if fact.rank is None else fact.rank
+    check_factorization(fact, rank, spec.hidden_size, spec.intermediate_size,
                         where=f" (the smallest projection dim of {spec.name})")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise bad_value("vocab_size", vocab_size, "a positive integer")
+    dlr_fields = {hf: getattr(fact, name) for name, hf in _HF_FIELDS.items()}
+    dlr_fields.update(dlr_rank=None if fact.method == "full" else rank, dlr_alpha=float(fact.alpha),
+                      dlr_latent_alpha=None if fact.latent_alpha is None else float(fact.latent_alpha))
     return DlrLlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -45,55 +43,40 @@ def make_config(
         max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=1e-6,
         hidden_act="silu",
-        attention_bias=bias,
-        mlp_bias=bias,
+        attention_bias=fact.bias,
+        mlp_bias=fact.bias,
         tie_word_embeddings=False,
         pad_token_id=PAD_ID,
         eos_token_id=EOS_ID,
         bos_token_id=None,
         dlr_size=spec.name,
-        dlr_method=method,
-        dlr_rank=None if method == "full" else rank,
-        dlr_activation=activation,
-        dlr_alpha=float(alpha),
-        dlr_expand=expand,
-        dlr_scope=scope,
         dlr_seed=int(seed),
         dlr_folded=False,
-        dlr_variance_correction=variance_correction,
-        dlr_trainable_alpha=trainable_alpha,
-        dlr_latent_alpha=None if latent_alpha is None else float(latent_alpha),
-        dlr_trainable_latent_scale=trainable_latent_scale,
-        dlr_bias=bias,
+        **dlr_fields,
     )
 
 
-OPTIONS = ("activation", "expand", "scope", "seed", "vocab_size", "variance_correction", "trainable_alpha",
-           "latent_alpha", "trainable_latent_scale", "bias", "fuse_latents")
+def factorization_of(config: DlrLlamaConfig) -> FactorizationConfig:
+    """The factorization section a saved config.json describes (unchecked: see check_factorization)."""
+    return FactorizationConfig(**{name: getattr(config, hf) for name, hf in _HF_FIELDS.items()})
 
 
-def check_factorization(method: str, rank: int | None, alpha: float, activation: str, expand: str, scope: str,
-                        hidden_size: int, intermediate_size: int, *, variance_correction: bool = True,
-                        trainable_alpha: bool = False, latent_alpha: float | None = None,
-                        trainable_latent_scale: bool = False, bias: bool = False, prefix: str = "",
-                        where: str = "") -> None:
-    """The one check of the factorization settings, for make_config and for a saved config.json.
+def check_factorization(fact: FactorizationConfig, rank: int | None, hidden_size: int, intermediate_size: int, *,
+                        prefix: str = "", where: str = "") -> None:
+    """What ties the factorization settings together, and each one's declared range.
 
-    Choices and ranges come from the schema (dlr.schema.TrainConfig); the rank bound needs the
-    model's dims. `prefix` names the keys as the caller's user knows them (e.g. "dlr_").
+    For make_config and for a saved config.json; `prefix` names the keys as the caller's user
+    knows them (e.g. "dlr_" in config.json).
     """
-    from .schema import TrainConfig, check_field
-
-    for name, value in (("method", method), ("activation", activation), ("expand", expand), ("scope", scope),
-                        ("alpha", alpha), ("variance_correction", variance_correction),
-                        ("trainable_alpha", trainable_alpha), ("latent_alpha", latent_alpha),
-                        ("trainable_latent_scale", trainable_latent_scale), ("bias", bias)):
-        check_field(TrainConfig, name, value, prefix + name)
-    if latent_alpha is not None and trainable_latent_scale:
-        raise ConfigError(f"{prefix}latent_alpha={latent_alpha!r} has no effect with {prefix}trainable_latent_scale=true "
-                          "(the trainable scale is tanh(p), p starting at 1); accepted: one of the two")
+    for name in _HF_FIELDS:
+        if name != "rank":
+            check_field(FactorizationConfig, name, getattr(fact, name), prefix + name)
+    if fact.latent_alpha is not None and fact.trainable_latent_scale:
+        raise ConfigError(f"{prefix}latent_alpha={fact.latent_alpha!r} has no effect with "
+                          f"{prefix}trainable_latent_scale=true (the trainable scale is tanh(p), p starting at 1); "
+                          "accepted: one of the two")
     smallest = min(hidden_size, intermediate_size)
-    if method != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
+    if fact.method != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
         raise bad_value(prefix + "rank", rank, f"an integer with 0 < rank < {smallest}{where}")
 
 
@@ -116,17 +99,18 @@ def build_model(
 ) -> DlrLlamaForCausalLM:
     """`dlr.build_model("llama_60m", method="dlr", rank=128)`; device="meta" allocates nothing.
 
-    options: activation ("silu" | "identity" | "gelu" | "relu"), expand ("uniform" |
-    "random_reuse" | "permuted"), scope ("all" | "attn" | "mlp"), seed (random_reuse /
-    permuted), vocab_size, variance_correction (True), trainable_alpha (False),
-    latent_alpha (None), trainable_latent_scale (False), bias (False), fuse_latents (False: q/k/v and
-    gate/up latents from one GEMM each; a compute layout, not part of the config, see set_fuse_latents).
+    options: seed (random_reuse / permuted), vocab_size, and the factorization knobs of
+    dlr.config.FactorizationConfig: activation, expand, scope, variance_correction,
+    trainable_alpha, latent_alpha, trainable_latent_scale, bias.
     """
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)}; accepted: {', '.join(OPTIONS)}")
     fuse = options.pop("fuse_latents", False)
-    built = build_from_config(make_config(model, method, rank, alpha, **options), device)
+    seed, vocab_size = options.pop("seed", 0), options.pop("vocab_size", VOCAB_SIZE)
+    knobs = set(_HF_FIELDS) - {"method", "rank", "alpha"}
+    if set(options) - knobs:
+        accepted = ", ".join(["seed", "vocab_size", *sorted(knobs)])
+        raise ConfigError(f"unknown option(s) {sorted(set(options) - knobs)}; accepted: {accepted}")
+    config = make_config(model, factorization(method, rank, alpha, **options), seed=seed, vocab_size=vocab_size)
+    built = build_from_config(config, device)
     set_fuse_latents(built, fuse)
     return built
 
@@ -137,7 +121,6 @@ def set_fuse_latents(model: DlrLlamaForCausalLM, enabled: bool) -> int:
     Not a config.json field: it changes which GEMMs run, not the model, so a model directory
     is the same with it on or off (loaded models run unfused unless this is called again).
     """
-    from .schema import TrainConfig, check_field
-
-    check_field(TrainConfig, "fuse_latents", enabled)
+    if not isinstance(enabled, bool):
+        raise bad_value("fuse_latents", enabled, "true, false")
     return fuse_latents(model, enabled)

@@ -146,17 +146,14 @@ def read_config(path: str | os.PathLike) -> DlrLlamaConfig:
 
 
 def _validate_dlr_fields(c: DlrLlamaConfig, where: Path) -> None:
-    from .model import check_factorization
+    from .model import check_factorization, factorization_of
 
     try:
         for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             v = getattr(c, field)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise bad_value(field, v, "a positive integer")
-        check_factorization(c.dlr_method, c.dlr_rank, c.dlr_alpha, c.dlr_activation, c.dlr_expand, c.dlr_scope,
-                            c.hidden_size, c.intermediate_size, variance_correction=c.dlr_variance_correction,
-                            trainable_alpha=c.dlr_trainable_alpha, latent_alpha=c.dlr_latent_alpha,
-                            trainable_latent_scale=c.dlr_trainable_latent_scale, bias=c.dlr_bias, prefix="dlr_")
+        check_factorization(factorization_of(c), c.dlr_rank, c.hidden_size, c.intermediate_size, prefix="dlr_")
     except ConfigError as e:
         raise ConfigError(f"{str(where)!r}: {e}") from None
 

@@ -41,5 +41,6 @@ def get_size(name: str) -> LlamaSize:
 
 
 def size_from_mapping(cfg) -> LlamaSize:
-    """Accepts the Hydra `model` node (or a plain dict) so CLI overrides of dims apply."""
-    return LlamaSize(**{k: cfg[k] for k in LlamaSize.__dataclass_fields__})
+    """The size a `model` section describes (a ModelConfig or a plain dict), so CLI overrides of dims apply."""
+    get = cfg.__getitem__ if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    return LlamaSize(**{k: get(k) for k in LlamaSize.__dataclass_fields__})

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 import dlr
 from dlr.model_dir import load_model_dir, read_config, save_model_dir
-from dlr.cli._common import compose
+from dlr.config import from_overrides
 from dlr.cli.finetune import main as finetune_cli
 from dlr.data import load_tokenizer
 from dlr.finetune import finetune
@@ -136,7 +136,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(folded, data, tmp_path):
                 raise KeyboardInterrupt
 
     def cfg(out):
-        return compose("finetune", [f"ckpt={folded}", f"train_data={data[0]}", f"out_dir={out}", *BASE])
+        return from_overrides("finetune", [f"ckpt={folded}", f"train_data={data[0]}", f"out_dir={out}", *BASE])
 
     finetune(cfg(tmp_path / "straight"))
     with pytest.raises(KeyboardInterrupt):
@@ -189,7 +189,7 @@ def test_lora_targets_dense_projections_as_modules_and_factors_as_parameters(met
 
     model = dlr.build_model("llama_tiny", method=method)
     n = sum(p.numel() for p in model.parameters())
-    lc = lora_config(model, compose("finetune", ["ckpt=x", "train_data=y", "lora_rank=2"]))
+    lc = lora_config(model, from_overrides("finetune", ["ckpt=x", "train_data=y", "lora_rank=2"]))
     if method == "full":
         assert set(lc.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         assert not lc.target_parameters

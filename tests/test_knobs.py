@@ -286,21 +286,6 @@ def test_a_model_dir_written_before_the_knobs_loads_with_its_permutation(tmp_pat
             assert torch.equal(a, b), name
 
 
-def test_a_run_started_before_the_knobs_resumes_as_permuted(tmp_path):
-    from omegaconf import OmegaConf
-
-    from dlr.train.rundir import check_run_dir, upgrade_legacy_config
-
-    old = {"method": "dlr", "alpha": 1.0, "expand": "random_reuse", "scope": "all", "seed": 0, "rank": 16}
-    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
-    new = {**old, "expand": "permuted", "variance_correction": True, "trainable_alpha": False, "latent_alpha": None,
-           "trainable_latent_scale": False, "bias": False}
-    check_run_dir(tmp_path, new)  # the same run
-    with pytest.raises(ConfigError, match="expand"):
-        check_run_dir(tmp_path, {**new, "expand": "random_reuse"})
-    assert upgrade_legacy_config(new) is new  # a current config is left alone
-
-
 # ---------------------------------------------------------------- bad values
 
 
@@ -314,7 +299,7 @@ def test_a_run_started_before_the_knobs_resumes_as_permuted(tmp_path):
 ])
 def test_bad_knob_values_are_one_line_errors(kwargs, needle):
     with pytest.raises(ConfigError) as e:
-        dlr.make_config("llama_tiny", "dlr", **kwargs)
+        dlr.make_config("llama_tiny", dlr.factorization("dlr", **kwargs))
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -323,18 +308,16 @@ def test_bad_knob_values_are_one_line_errors(kwargs, needle):
 
 def test_training_learns_alpha_and_scale_then_folds_them_away(tmp_path):
     """dlr-train with every scalar knob: alpha and the latent scale move, the fold is exact and leaves none."""
-    from hydra import compose, initialize_config_module
+    from dlr.config import from_overrides
     from safetensors.torch import load_file
 
-    import dlr.cli.train  # noqa: F401  (registers the run-dir resolver)
     from dlr.train.loop import train
 
     overrides = ["model=llama_tiny", "data=c4_sample", "steps=3", "global_batch=4", "micro_batch=4", "lr=0.05",
                  "data.val_tokens=1000", "data.num_workers=0", "eval_every=3", "save_every=3", "log_every=1",
                  "method=dlr", "activation=relu", "expand=random_reuse", "variance_correction=false",
                  "trainable_alpha=true", "trainable_latent_scale=true", "bias=true", f"out_dir={tmp_path / 'run'}"]
-    with initialize_config_module("dlr.configs", version_base="1.3"):
-        summary = train(compose("train", overrides=overrides))
+    summary = train(from_overrides("train", overrides))
     weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     alphas = [t for n, t in weights.items() if n.endswith(".dlr_alpha")]
     scales = [t for n, t in weights.items() if n.endswith(".latent_scale_raw")]

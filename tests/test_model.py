@@ -33,7 +33,7 @@ def test_ids_match_the_t5_tokenizer():
 def test_zoo_dimensions_and_default_rank(size, dims):
     s = dlr.get_size(size)
     assert (s.hidden_size, s.intermediate_size, s.num_attention_heads, s.num_hidden_layers, s.default_rank) == dims
-    assert dlr.make_config(size, "lowrank").dlr_rank == dims[-1]
+    assert dlr.make_config(size, dlr.factorization("lowrank")).dlr_rank == dims[-1]
 
 
 def test_cola_init_is_not_overwritten_by_hf_init():

@@ -11,17 +11,17 @@ from torch import nn
 import dlr
 from dlr.errors import ConfigError
 from dlr.optim import Spectron, build_optimizer, find_factor_pairs
-from dlr.schema import OPTIMIZER_SCHEMAS
+from dlr.config import OPTIMIZER_SCHEMAS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "optimizer"
 
 
 def optimizer_cfg(config: str, top_lr: float = 0.02, **overrides):
-    """The optimizer group as the trainer sees it: its schema (dlr/schema.py) merged with the
-    YAML's values, `${lr}` resolved against a top-level lr."""
+    """The optimizer group as the trainer sees it: its schema (dlr/config/) merged with the
+    YAML's values, `${schedule.lr}` resolved against the schedule."""
     values = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{config}.yaml")).items() if k != "defaults"}
     node = OmegaConf.merge(OmegaConf.structured(OPTIMIZER_SCHEMAS[config]), values)
-    root = OmegaConf.create({"lr": top_lr, "optimizer": node})
+    root = OmegaConf.create({"schedule": {"lr": top_lr}, "optimizer": node})
     for key, value in overrides.items():
         root.optimizer[key] = value
     return root.optimizer

@@ -23,9 +23,8 @@ def test_non_editable_install_finds_configs_and_assets(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     probe = (
         "import dlr, json; from importlib import resources; "
-        "from hydra import compose, initialize_config_module; "
-        "initialize_config_module('dlr.configs', version_base='1.3').__enter__(); "
-        "c = compose('train', overrides=['model=llama_130m', 'data=c4_sample']); "
+        "from dlr.config import from_overrides; "
+        "c = from_overrides('train', ['model=llama_130m', 'data=c4_sample']); "
         "print(json.dumps({'file': dlr.__file__, 'sizes': dlr.size_names(), 'hidden': c.model.hidden_size, "
         "'sample': resources.files('dlr.assets').joinpath('c4_sample').is_dir(), "
         "'task': sorted(p.name for p in resources.files('dlr.assets').joinpath('tasks', 'c4_cloze').iterdir())}))"

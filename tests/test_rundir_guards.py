@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from dlr.config import from_overrides
 
 from dlr.cli.evaluate import main as eval_cli
 from dlr.errors import ConfigError, TrainingDiverged
@@ -23,8 +23,7 @@ TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4",
 
 
 def cfg(*overrides):
-    with initialize_config_module("dlr.configs", version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+    return from_overrides("train", [*TINY, *overrides])
 
 
 def snapshot(d: Path) -> dict:

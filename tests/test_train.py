@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
+from dlr.config import from_overrides
 
-import dlr.cli.train  # noqa: F401  (registers the run-dir resolver)
 from dlr.train.loop import TrainingDiverged, train
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=8", "micro_batch=4", "log_every=1",
@@ -19,8 +18,7 @@ TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=8", "micro_batch=4",
 
 
 def cfg(*overrides):
-    with initialize_config_module("dlr.configs", version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+    return from_overrides("train", [*TINY, *overrides])
 
 
 def cli(*args, check=True, timeout=300, launcher=(sys.executable, "-m", "dlr.cli.train")):
@@ -98,11 +96,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.json")) == ["data_0.json", "data_1.json"]
-    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run,
-    # here with fuse_latents=true (a compute layout: DDP sees the same parameters, the same losses).
+    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run.
     from test_train_fsdp2 import accelerate2
 
-    cli(*common, "micro_batch=2", "fuse_latents=true", f"out_dir={tmp_path / 'accelerate'}",
+    cli(*common, "micro_batch=2", f"out_dir={tmp_path / 'accelerate'}",
         launcher=accelerate2("ddp.yaml"))
     assert json.loads((tmp_path / "accelerate" / "summary.json").read_text())["processes"] == 2
     via_accelerate = records(tmp_path / "accelerate")
@@ -160,8 +157,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, override, needle):
 
 
 def test_dry_run_plans_7b_without_allocating():
-    with initialize_config_module("dlr.configs", version_base="1.3"):
-        plan = train(compose("train", overrides=["model=llama_7b", "dry_run=true", "plan_processes=64"]))
+    plan = train(from_overrides("train", ["model=llama_7b", "dry_run=true", "plan_processes=64"]))
     assert plan["train_params"] == plan["deploy_params"] == 2_820_935_680
     assert (plan["global_batch"], plan["micro_batch"], plan["grad_accum"], plan["steps"]) == (512, 8, 1, 150_000)
     assert plan["memory_estimate_per_process_gib"]["total_gib"] > 40
@@ -183,17 +179,6 @@ def test_compile_gives_the_same_losses(tmp_path):
     train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
     train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "compile=true"))
     assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-4)
-
-
-def test_compile_region_reaches_the_decoder_compile(tmp_path, monkeypatch):
-    # What compile_decoder(region=True) computes is checked through inductor, gradient by gradient,
-    # in tests/test_fuse_latents.py; here only that the setting gets there (the model runs eager).
-    import dlr.train.loop as loop
-
-    seen = []
-    monkeypatch.setattr(loop, "compile_decoder", lambda model, region=False: seen.append(region))
-    summary = train(cfg("steps=1", f"out_dir={tmp_path / 'r'}", "method=dlr", "compile=true", "compile_region=true"))
-    assert seen == [True] and summary["compile_region"] is True
 
 
 def test_wandb_offline_logs_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dlr.cli._common import run_cli
 from dlr.errors import ConfigError
-from dlr.schema import CompareConfig, validate
+from dlr.config import CompareConfig, build
 
 PROG = "dlr-compare"
 
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    """Built from dlr.schema.CompareConfig: `runs` positional, every other field a --flag."""
+    """Built from dlr.config.CompareConfig: `runs` positional, every other field a --flag."""
     ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(CompareConfig):
         doc = f.metadata["doc"]
@@ -55,7 +55,7 @@ def compare_main(argv: list[str]) -> int:
     from dlr import compare
 
     args = _parser().parse_args(argv)
-    validate(CompareConfig, vars(args))
+    build(CompareConfig, vars(args))
     out = Path(args.out) if args.out is not None else None
     runs = compare.load_runs(args.runs)
     groups = compare.group_runs(runs)

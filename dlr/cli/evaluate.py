@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+import dataclasses
 
 from dlr.model_dir import DTYPES, describe, load_model_dir, read_config
-from dlr.cli._common import dist_env, load_config, required, run_cli, write_json
+from dlr.cli._common import dist_env, from_overrides, required, run_cli, write_json
 from dlr.errors import ConfigError, bad_value
 
 PROG = "dlr-eval"
@@ -46,7 +46,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def _validate(cfg) -> None:
-    # Types and ranges: dlr.schema.EvalConfig (load_config). Checked now, not after a long evaluation:
+    # Types and ranges: dlr.config.EvalConfig (from_overrides). Checked now, not after a long evaluation:
     if cfg.out and Path(str(cfg.out)).expanduser().is_dir():
         raise ConfigError(f"out={str(cfg.out)!r} is a directory; give a JSON file name, e.g. out=eval.json")
 
@@ -57,7 +57,7 @@ def eval_main(args: list[str]) -> int:
     from dlr.harness import split_task_override
 
     args = split_task_override(args)
-    cfg = load_config("eval", args)
+    cfg = from_overrides("eval", args)
     _validate(cfg)
     ckpt = Path(str(required(cfg, "ckpt", "runs/x/final"))).expanduser()
     rank, world, local_rank = dist_env()
@@ -76,9 +76,7 @@ def eval_main(args: list[str]) -> int:
     want_ppl = tasks is None or any(a.split("=", 1)[0].lstrip("+") in ("data", "eval_tokens", "protocol") for a in args)
     spec = None
     if want_ppl:
-        data = OmegaConf.to_container(cfg.data, resolve=False)
-        if cfg.eval_tokens is not None:
-            data["val_tokens"] = int(cfg.eval_tokens)
+        data = cfg.data if cfg.eval_tokens is None else dataclasses.replace(cfg.data, val_tokens=int(cfg.eval_tokens))
         spec = data_spec(data)
     protocol = str(cfg.protocol)
     if protocol == "auto" and spec is not None:

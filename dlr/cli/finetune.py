@@ -16,7 +16,7 @@ import logging
 
 from omegaconf import OmegaConf
 
-from dlr.cli._common import compose, required, run_cli
+from dlr.cli._common import compose, required, run_cli, typed
 
 PROG = "dlr-finetune"
 USAGE = __doc__
@@ -25,14 +25,16 @@ USAGE = __doc__
 def finetune_main(args: list[str]) -> int:
     # `data=` is what users type; Hydra would take it for the pre-training `data` config group.
     args = [f"train_data={a[5:]}" if a.startswith("data=") else a for a in args]
-    cfg = compose("finetune", args)
-    required(cfg, "ckpt", "runs/x/folded")
-    if OmegaConf.is_missing(cfg, "train_data") or cfg.get("train_data") in (None, ""):
+    raw = compose("finetune", args)
+    if OmegaConf.is_missing(raw, "train_data") or raw.get("train_data") in (None, ""):
         from dlr.errors import ConfigError
 
         raise ConfigError("data is required; e.g. data=pairs.jsonl (a .jsonl of {prompt, response} records) or a hub dataset id")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dlr.finetune import finetune
+
+    cfg = typed("finetune", raw)
+    required(cfg, "ckpt", "runs/x/folded")
 
     summary = finetune(cfg)  # checks every setting (dlr.finetune.validate) before anything is read
     print(json.dumps({k: summary[k] for k in ("train_loss", "eval_loss_before", "eval_loss_after", "params",

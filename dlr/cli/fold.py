@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+import dataclasses
 
 from dlr.model_dir import describe, load_model_dir, read_config, read_meta, residual_layers, save_model_dir
-from dlr.cli._common import EXIT_CHECK_FAILED, load_config, required, run_cli
+from dlr.cli._common import EXIT_CHECK_FAILED, from_overrides, required, run_cli
 from dlr.counting import model_stats
 from dlr.errors import ConfigError
 from dlr.fold import fold_model
@@ -53,9 +53,8 @@ def resolve_out(ckpt: Path, out: str | None, dense: bool, overwrite: bool) -> Pa
 def check_batches(cfg, tokenizer, n: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     from dlr.data import data_spec, validation_batches
 
-    data = OmegaConf.to_container(cfg.data, resolve=False)
     # Only the first few batches are used, so only tokenize about that much.
-    data["val_tokens"] = n * batch_size * int(data.get("seq_len") or 256)
+    data = dataclasses.replace(cfg.data, val_tokens=n * batch_size * cfg.data.seq_len)
     batches = validation_batches(data_spec(data), tokenizer, batch_size)[:n]
     if not batches:
         raise ConfigError("the data config's validation split is empty; the fold cannot be verified (choose data=)")
@@ -80,7 +79,7 @@ def peak_rss_mb() -> float:
 
 
 def _validate(cfg) -> tuple[Path, int, int, float, torch.device]:
-    # Types and ranges: dlr.schema.FoldConfig (load_config); here what needs the machine.
+    # Types and ranges: dlr.config.FoldConfig (from_overrides); here what needs the machine.
     ckpt = Path(str(required(cfg, "ckpt", "runs/x/final"))).expanduser()
     dev = str(cfg.device)
     if dev == "auto":
@@ -97,7 +96,7 @@ def foldable(config) -> bool:
 
 
 def fold_main(args: list[str]) -> int:
-    cfg = load_config("fold", args)
+    cfg = from_overrides("fold", args)
     ckpt, n, bs, tol, device = _validate(cfg)
     config = read_config(ckpt)
     dense = cfg.dense

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 
-from dlr.cli._common import load_config, required, run_cli
+from dlr.cli._common import from_overrides, required, run_cli
 
 PROG = "dlr-prepare"
 USAGE = __doc__
 
 
 def prepare_main(args: list[str]) -> int:
-    cfg = load_config("prepare", args)  # keys, types and ranges: dlr.schema.PrepareConfig
+    cfg = from_overrides("prepare", args)  # keys, types and ranges: dlr.config.PrepareConfig
     out = required(cfg, "out", "tokens/c4_sample")
     from dlr.data import data_spec
     from dlr.data.prepare import prepare

@@ -16,20 +16,21 @@ from omegaconf import DictConfig
 
 import dlr.configs  # noqa: F401  (registers the schemas and the run-dir resolver)
 
-from ._common import EXIT_BAD_INPUT, guarded, load_config, parse_overrides
+from ._common import EXIT_BAD_INPUT, USAGE_FLAGS, canonical_overrides, guarded, from_overrides, parse_overrides, typed
 
 PROG = "dlr-train"
 MAX_CHECKED_COMBINATIONS = 256
 
 
-def _run(cfg: DictConfig) -> int:
+def _run(raw: DictConfig) -> int:
     from ..train.loop import train
 
+    cfg = typed("train", raw)
     result = train(cfg)
-    if cfg.dry_run:
+    if cfg.system.dry_run:
         print(json.dumps(result, indent=2))
     elif result.get("already_finished"):
-        print(f"{PROG}: {cfg.out_dir} has finished; nothing changed (its summary.json):", file=sys.stderr)
+        print(f"{PROG}: {cfg.checkpoint.out_dir} has finished; nothing changed (its summary.json):", file=sys.stderr)
         print(json.dumps({k: v for k, v in result.items() if k != "already_finished"}, indent=2))
     else:
         print(json.dumps({k: result[k] for k in ("val_ppl", "val_loss", "tokens", "wall_s") if k in result}
@@ -64,13 +65,21 @@ def precheck(argv: list[str]) -> None:
         return  # Hydra's own flags (--cfg, --info, -cn ...): Hydra handles them
     overrides = [a for a in argv if not a.startswith("-")]
     for combo in combinations(overrides):
-        load_config("train", combo)
+        from_overrides("train", combo)
 
 
 def main() -> None:
-    code = guarded(PROG, lambda: precheck(sys.argv[1:]) or 0)
+    args = sys.argv[1:]
+    if any(a in USAGE_FLAGS for a in args):
+        from dlr.config.help import command_help
+
+        print(command_help("train"))
+        sys.exit(0)
+    code = guarded(PROG, lambda: precheck(args) or 0)
     if code:
         sys.exit(code if code != 0 else EXIT_BAD_INPUT)
+    # Hydra reads sys.argv itself: hand it the settings' full keys (`rank=8` -> `factorization.rank=8`).
+    sys.argv[1:] = [a if a.startswith("-") else canonical_overrides("train", [a])[0] for a in args]
     _main()
 
 

@@ -5,16 +5,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dlr.config import DataConfig, build
 from dlr.errors import ConfigError, bad_value
-
-SOURCES = ("hub", "json", "text", "tokens")
-MODES = ("paper", "packed")
-SAMPLE_BY = ("paragraph", "line")
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A validated data config; each field's meaning: dlr.schema.DataConfig."""
+    """A validated data config; each field's meaning: dlr.config.DataConfig."""
 
     source: str = "hub"
     path: str = "allenai/c4"
@@ -44,21 +41,14 @@ def _example(key: str) -> str:
     return "<the directory dlr-prepare wrote>" if key == "path" else "<path or glob>"
 
 
-def data_spec(cfg: Mapping[str, Any]) -> DataSpec:
-    """Validate a data config (dict or DictConfig) into a DataSpec; ConfigError on bad values.
+def data_spec(cfg: DataConfig | Mapping[str, Any]) -> DataSpec:
+    """A data config (typed, or a mapping such as a configs/data/*.yaml file) as a DataSpec;
+    ConfigError on bad values.
 
-    Keys, types and ranges are checked by the schema (dlr.schema.DataConfig: an unknown key such
-    as data.seq_lenn is refused); what ties several keys together is checked here.
+    Keys, types and ranges are checked where they are declared (dlr.config.DataConfig: an
+    unknown key such as data.seq_lenn is refused); what ties several keys together is checked here.
     """
-    from dlr.schema import DataConfig, load
-
-    if hasattr(cfg, "get") and cfg.get("source") == "tokens" and "tokenizer" not in cfg:
-        # Token shards carry their tokenizer: an unset one means that one, not the default t5.
-        from omegaconf import DictConfig, OmegaConf
-
-        plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
-        cfg = {**plain, "tokenizer": None}
-    c = load(DataConfig, cfg, "data.")
+    c = cfg if isinstance(cfg, DataConfig) else build(DataConfig, cfg, "data.")
     if c.source == "tokens":
         return _tokens_spec(c)
     train_files, validation_files = _files(c.train_files), _files(c.validation_files)

@@ -7,13 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dlr.config import OPTIMIZER_SCHEMAS, build
+from dlr.config.choices import FACTORIZED_METHODS, METHODS, OPTIMIZERS
 from dlr.errors import ConfigError, bad_value
 from dlr.optim.spectron import Spectron
-
-OPTIMIZERS = ("adamw", "spectron")
-METHODS = ("full", "lowrank", "dlr")
-# Methods whose projections are factor pairs Spectron can step.
-FACTORIZED_METHODS = ("lowrank", "dlr")
 
 
 def find_factor_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
@@ -74,18 +71,17 @@ def spectron_param_groups(
 def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model` trained with `method` ("full" | "lowrank" | "dlr").
 
-    cfg: the optimizer group (configs/optimizer/*.yaml, or a dict); its keys, defaults and
-    ranges are dlr.schema.AdamWConfig / SpectronConfig. Unknown keys are refused. fused: AdamW's
-    single-kernel implementation (the trainer asks for it on CUDA); Spectron ignores it.
+    cfg: the optimizer section (a dlr.config.AdamWConfig / SpectronConfig, or a mapping with
+    their keys, checked there; unknown keys are refused). fused: AdamW's single-kernel
+    implementation (the trainer asks for it on CUDA); Spectron ignores it.
     """
-    from dlr.schema import OPTIMIZER_SCHEMAS, load
-
-    name = cfg.get("name") if hasattr(cfg, "get") else None
+    name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
     if name not in OPTIMIZERS:
         raise bad_value("optimizer", name, OPTIMIZERS)
     if method not in METHODS:
         raise bad_value("method", method, METHODS)
-    c = load(OPTIMIZER_SCHEMAS[name], cfg, "optimizer.")
+    schema = OPTIMIZER_SCHEMAS[name]
+    c = cfg if isinstance(cfg, schema) else build(schema, {k: v for k, v in cfg.items() if k != "defaults"}, "optimizer.")
     betas = tuple(float(b) for b in c.betas)
 
     if name == "adamw":

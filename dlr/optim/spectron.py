@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dlr.config.choices import NS_DTYPES
+
 # Quintic Newton-Schulz coefficients popularised by Muon (Jordan et al., 2024). They trade
 # exact convergence for speed: after ~5 steps every singular value of a full-rank input
 # lands in roughly [0.7, 1.2] instead of exactly 1, which is all a step direction needs.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-NS_DTYPES = ("float32", "bfloat16")
 
 _TINY = 1e-12
 

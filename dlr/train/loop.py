@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -21,14 +20,14 @@ from ..errors import ConfigError, TrainingDiverged
 from ..evaluation import evaluate
 from ..fold import fold_model
 from ..loss import DEFAULT_CHUNK_TOKENS, make_loss_fn, resolve_loss_impl
-from ..model import build_from_config, make_config, set_fuse_latents
+from ..config import FactorizationConfig, TrainConfig, to_dict
+from ..model import build_from_config, make_config
 from ..optim import build_optimizer
-from ..schema import TrainConfig, validate
 from ..zoo import size_from_mapping
 from .finite import last_finite_checkpoint, training_state_nonfinite
 from .plan import TrainPlan, make_plan, memory_estimate_gib
 from .preflight import check_data_files, check_out_dir, check_resume
-from .rundir import KNOB_DEFAULTS, MetricsLog, RunLock, check_run_dir, finished_summary, tidy, write_config, write_summary
+from .rundir import MetricsLog, RunLock, check_run_dir, finished_summary, tidy, write_config, write_summary
 from .sharding import check_parallelism, clip_grad_norm, equal_batch_count, no_sync, save_final, shard_model
 from .training_state import check_checkpoint, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .telemetry import peak_flops, peak_memory_gib
@@ -37,30 +36,23 @@ log = logging.getLogger("dlr.train")
 __all__ = ["TrainingDiverged", "train"]
 
 
-def _model_config(cfg: DictConfig, tokenizer):
+def _model_config(cfg: TrainConfig, tokenizer):
     # The whole model node (not just its name), so model.hidden_size=... overrides apply.
-    config = make_config(size_from_mapping(cfg.model), cfg.method, cfg.rank, cfg.alpha,
-                         activation=cfg.activation, expand=cfg.expand, scope=cfg.scope, seed=cfg.seed,
-                         vocab_size=tokenizer.vocab_size, **model_knobs(cfg))
+    config = make_config(size_from_mapping(cfg.model), cfg.factorization, seed=cfg.seed, vocab_size=tokenizer.vocab_size)
     # The ids the data pipeline writes are the ids the model (and generate()) must use.
     config.pad_token_id, config.eos_token_id = tokenizer.pad_id, tokenizer.eos_id
     return config
 
 
-def model_knobs(cfg: DictConfig) -> dict:
-    """The reference layer's knobs (configs/train.yaml); absent keys (an older config) take the defaults."""
-    return {k: cfg.get(k, v) for k, v in KNOB_DEFAULTS.items()}
-
-
-def _precision(cfg: DictConfig) -> str:
-    if cfg.precision == "auto":
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.system.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
-    return "no" if cfg.precision == "fp32" else "bf16"
+    return "no" if cfg.system.precision == "fp32" else "bf16"
 
 
-def _compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
+def _compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     """compile=auto: on for CUDA (2x+ the eager step, docs/benchmarks.md), off on CPU (compile time dominates)."""
-    return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
+    return device.type == "cuda" if cfg.system.compile == "auto" else bool(cfg.system.compile)
 
 
 # Inductor options for a decoder whose layers are one nested_compile_region. On torch 2.13 a
@@ -132,55 +124,55 @@ def _fused_adamw(optimizer) -> torch.optim.Optimizer | None:
     return inner if isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused") else None
 
 
-def _memory_estimate(cfg: DictConfig, plan: TrainPlan, config, stats, parallelism: str) -> dict:
+def _memory_estimate(cfg: TrainConfig, plan: TrainPlan, config, stats, parallelism: str) -> dict:
     # A plan for several processes is a GPU plan: bf16 there, unless fp32 is asked for.
     on_gpu = torch.cuda.is_available() or plan.processes > 1
-    bf16 = _precision(cfg) == "bf16" or (plan.processes > 1 and cfg.precision != "fp32")
-    loss = cfg.get("loss", "plain")
+    bf16 = _precision(cfg) == "bf16" or (plan.processes > 1 and cfg.system.precision != "fp32")
+    loss = cfg.system.loss
     compiled_loss = loss == "liger" or _compile_enabled(cfg, torch.device("cuda" if on_gpu else "cpu"))
     memory = memory_estimate_gib(stats, plan, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                                 config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+                                 config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.system.gradient_checkpointing,
                                  parallelism=parallelism, optimizer_bytes_per_param=8,
                                  fused_loss=loss != "plain", loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
                                  compiled_loss=compiled_loss)
     return {k: round(v, 2) for k, v in memory.items()}
 
 
-def describe_plan(cfg: DictConfig, plan: TrainPlan, config) -> dict:
+def describe_plan(cfg: TrainConfig, plan: TrainPlan, config) -> dict:
     """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
     train_model = build_from_config(config, device="meta")
-    knobs = model_knobs(cfg)
+    fact = cfg.factorization
     # A DLR model deploys folded: no residual, alpha or latent scale; the bias stays.
-    deploy_knobs = {"bias": knobs["bias"]} if cfg.method == "dlr" else knobs
-    deploy_config = make_config(config.dlr_size, "lowrank" if cfg.method == "dlr" else cfg.method, cfg.rank,
-                                activation=cfg.activation, vocab_size=config.vocab_size, **deploy_knobs)
+    deployed = FactorizationConfig(method="lowrank", rank=fact.rank, activation=fact.activation, bias=fact.bias) \
+        if fact.method == "dlr" else fact
+    deploy_config = make_config(size_from_mapping(cfg.model), deployed, vocab_size=config.vocab_size)
     train_stats = model_stats(train_model, plan.seq_len)
     deploy_stats = model_stats(build_from_config(deploy_config, device="meta"), plan.seq_len)
     memory = {p: _memory_estimate(cfg, plan, config, train_stats, p) for p in ("ddp", "fsdp2")}
     return {
-        "model": config.dlr_size, "method": cfg.method, "rank": config.dlr_rank, "alpha": cfg.alpha,
+        "model": config.dlr_size, "method": cfg.factorization.method, "rank": config.dlr_rank, "alpha": cfg.factorization.alpha,
         "train_params": train_stats.total_params, "train_non_embedding_params": train_stats.non_embedding_params,
         "deploy_params": deploy_stats.total_params, "deploy_non_embedding_params": deploy_stats.non_embedding_params,
         "forward_flops_per_token": train_stats.forward_flops_per_token,
         "train_flops_per_token": train_stats.train_flops_per_token,
         "total_train_flops": train_stats.train_flops_per_token * plan.total_tokens,
         **plan.as_dict(),
-        "parallelism": cfg.parallelism,
-        "memory_estimate_per_process_gib": memory[cfg.parallelism],
+        "parallelism": cfg.system.parallelism,
+        "memory_estimate_per_process_gib": memory[cfg.system.parallelism],
         "memory_estimate_per_process_gib_by_parallelism": memory,
-        "out_dir": cfg.out_dir,
+        "out_dir": cfg.checkpoint.out_dir,
     }
 
 
-def _resume_point(cfg: DictConfig, out_dir: Path) -> Path | None:
+def _resume_point(cfg: TrainConfig, out_dir: Path) -> Path | None:
     existing = checkpoint_dirs(out_dir)
-    if cfg.resume == "auto":
+    if cfg.checkpoint.resume == "auto":
         return existing[-1] if existing else None
-    if cfg.resume == "never":
+    if cfg.checkpoint.resume == "never":
         if existing:
             raise ConfigError(f"resume='never' but out_dir={str(out_dir)!r} has checkpoints; accepted: resume=auto or another out_dir")
         return None
-    return check_resume(cfg.resume)
+    return check_resume(cfg.checkpoint.resume)
 
 
 def _data_state(data, accelerator, device) -> dict:
@@ -190,7 +182,7 @@ def _data_state(data, accelerator, device) -> dict:
     return {"process": data.state_dict(), "global": data.global_state(positions)}
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Run (or dry-run) one training job described by the resolved Hydra config.
 
     Everything that can be wrong with the input is refused (ConfigError, one line) before
@@ -198,33 +190,32 @@ def train(cfg: DictConfig) -> dict:
     resume value, out_dir, and every data file. A finished run (resume=auto) is returned
     as it is, with "already_finished": True, and nothing is written.
     """
-    validate(TrainConfig, cfg)
     spec = data_spec(cfg.data)
     tokenizer = load_tokenizer(spec.tokenizer)
     config = _model_config(cfg, tokenizer)
     check_vocab(tokenizer, config.vocab_size)
     parallelism = check_parallelism(cfg)
     # Method/optimizer combinations (e.g. spectron on a full model) on a meta copy: no memory.
-    build_optimizer(cfg.optimizer, build_from_config(config, device="meta"), cfg.method)
-    check_resume(cfg.resume)
-    if cfg.dry_run:
-        processes = cfg.plan_processes or 1
+    build_optimizer(cfg.optimizer, build_from_config(config, device="meta"), cfg.factorization.method)
+    check_resume(cfg.checkpoint.resume)
+    if cfg.system.dry_run:
+        processes = cfg.system.plan_processes or 1
         return describe_plan(cfg, make_plan(cfg, processes, spec.seq_len), config)
 
     mixed = _precision(cfg)
     # cpu=True is what makes accelerate pick gloo for a torchrun-launched CPU job. Under FSDP2
     # the sharding's MixedPrecisionPolicy casts for compute, so accelerate's autocast stays off.
     accelerator = Accelerator(mixed_precision=mixed if parallelism == "ddp" else "no", cpu=not torch.cuda.is_available(),
-                              log_with="wandb" if cfg.logger == "wandb" else None)
+                              log_with="wandb" if cfg.logging.logger == "wandb" else None)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("accelerate's own FSDP (distributed_type: FSDP in the accelerate config) is not used by dlr-train; "
                           "accepted: distributed_type MULTI_GPU with parallelism=fsdp2 (configs/accelerate/fsdp2.yaml)")
     plan = make_plan(cfg, accelerator.num_processes, spec.seq_len)
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.checkpoint.out_dir)
     check_out_dir(out_dir)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = to_dict(cfg)
     check_run_dir(out_dir, resolved)
-    done = finished_summary(out_dir) if cfg.resume == "auto" else None
+    done = finished_summary(out_dir) if cfg.checkpoint.resume == "auto" else None
     if done is not None:
         log.info("%s has finished; nothing to do (resume=auto leaves a finished run as it is)", out_dir)
         return {**done, "already_finished": True}
@@ -249,12 +240,11 @@ def train(cfg: DictConfig) -> dict:
 
 def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolved, resume_from) -> dict:
     """Train from the start or `resume_from` to the end of the plan, then _finish; holds the run lock."""
-    parallelism = cfg.parallelism  # checked by train() (check_parallelism)
+    parallelism = cfg.system.parallelism  # checked by train() (check_parallelism)
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(config)
-    set_fuse_latents(model, cfg.get("fuse_latents", False))  # an older run's config.yaml has no key
     stats = model_stats(model, plan.seq_len)
-    if cfg.gradient_checkpointing:
+    if cfg.system.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes away in v6); 4.x has only the old one.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -262,7 +252,7 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = _compile_enabled(cfg, accelerator.device)
     device = accelerator.device
-    loss_impl = resolve_loss_impl(cfg.loss, device)
+    loss_impl = resolve_loss_impl(cfg.system.loss, device)
     model.fused_loss = make_loss_fn(loss_impl, compiled=compiled)
     if compiled:
         # FSDP2's units are the decoder layers: each is compiled in place before it is sharded
@@ -270,14 +260,14 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
         if parallelism == "fsdp2":
             compile_layers(model)
         else:
-            compile_decoder(model, region=bool(cfg.get("compile_region", False)))
+            compile_decoder(model)
     if parallelism == "fsdp2":  # before the optimizer: it must hold the sharded parameters
         model = shard_model(model, device, bf16=mixed == "bf16")
     # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
     # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.method, fused=device.type == "cuda")
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.factorization.method, fused=device.type == "cuda")
     # Not passed to prepare(): accelerate would step it once per process per step.
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps, min_lr_rate=cfg.min_lr_ratio)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps, min_lr_rate=cfg.schedule.min_lr_ratio)
     if parallelism == "ddp":
         model, optimizer = accelerator.prepare(model, optimizer)
     # Under FSDP2 the MixedPrecisionPolicy computes in bf16; autocast stays off.
@@ -299,13 +289,13 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
         data.restore(data_state["process"], data_state["global"])
         step, wall_before, wandb_id = trainer_state["step"], trainer_state["wall_s"], trainer_state.get("wandb_id")
         log.info("resumed from %s at step %d", resume_from, step)
-    if cfg.logger == "wandb":
+    if cfg.logging.logger == "wandb":
         # Our own id (wandb's generator moved between releases), kept in every checkpoint so
         # a resumed run continues the same wandb run.
         wandb_id = wandb_id or uuid.uuid4().hex[:8]
-        accelerator.init_trackers(cfg.wandb.project, config=resolved, init_kwargs={"wandb": {
-            "name": cfg.wandb.name or out_dir.name, "id": wandb_id, "resume": "allow", "entity": cfg.wandb.entity,
-            "dir": str(out_dir), **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}})
+        accelerator.init_trackers(cfg.logging.wandb.project, config=resolved, init_kwargs={"wandb": {
+            "name": cfg.logging.wandb.name or out_dir.name, "id": wandb_id, "resume": "allow", "entity": cfg.logging.wandb.entity,
+            "dir": str(out_dir), **({"mode": cfg.logging.wandb.mode} if cfg.logging.wandb.mode else {})}})
     metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator.is_main_process, start_step=step)
 
     def run_eval(at_step: int, eval_model=None, prefix: str = "val") -> dict:
@@ -325,16 +315,16 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
         # Never a checkpoint with NaN/inf in it: resume=auto would fail on it again. (DDP: the
         # whole model is local; FSDP2 shards are left to the step's own refusal.)
         bad = training_state_nonfinite(accelerator.unwrap_model(model, keep_torch_compile=False), optimizer) \
-            if cfg.parallelism == "ddp" else []
+            if cfg.system.parallelism == "ddp" else []
         if bad:
             good = last_finite_checkpoint(checkpoint_dirs(out_dir))
             raise TrainingDiverged(
                 f"non-finite weights or optimizer state at step {at_step} ({len(bad)} tensors, e.g. {bad[0]}); "
-                f"not saved. Last finite checkpoint: {good or 'none'} (try a lower lr={cfg.lr})")
+                f"not saved. Last finite checkpoint: {good or 'none'} (try a lower lr={cfg.schedule.lr})")
         saved = save_checkpoint(accelerator, out_dir, at_step, model, optimizer, scheduler,
                                 _data_state(data, accelerator, device),
                                 {"step": at_step, "tokens": at_step * plan.tokens_per_step, "wall_s": wall,
-                                 "wandb_id": wandb_id}, cfg.keep_last)
+                                 "wandb_id": wandb_id}, cfg.checkpoint.keep_last)
         if accelerator.is_main_process:
             normalize_modes(saved)  # safetensors writes 0600; every file of a run gets one mode
 
@@ -351,7 +341,7 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
     def check_finite(at_step: int) -> None:
         bad = int(refused_at) if fused_adamw is not None else 0
         if bad:
-            raise TrainingDiverged(_diverged_message(out_dir, bad, at_step, cfg.lr))
+            raise TrainingDiverged(_diverged_message(out_dir, bad, at_step, cfg.schedule.lr))
 
     while step < plan.steps:
         micro = [next(data) for _ in range(plan.grad_accum)]
@@ -369,7 +359,7 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
                 # DDP averages gradients over processes; undo that, the count is global.
                 accelerator.backward(out.loss * accelerator.num_processes)
             loss_sum += out.loss.detach().float()
-        grad_norm = clip_grad_norm(accelerator, model, cfg.grad_clip)
+        grad_norm = clip_grad_norm(accelerator, model, cfg.schedule.grad_clip)
         step += 1
         # A non-finite loss anywhere makes every process's gradient (all-reduced) non-finite.
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
@@ -377,14 +367,14 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
             fused_adamw.found_inf = (~finite).float()  # the kernel then leaves weights and moments alone
             refused_at = torch.where((refused_at == 0) & ~finite, step, refused_at)
         elif not bool(finite):  # no fused kernel (CPU, Spectron): refuse on the host before the update
-            raise TrainingDiverged(_diverged_message(out_dir, step, step, cfg.lr))
+            raise TrainingDiverged(_diverged_message(out_dir, step, step, cfg.schedule.lr))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         if speed.step_done() and accelerator.is_main_process:
             tqdm.write(f"first step (compile + warm-up): {speed.first_step_s:.1f} s, kept out of tokens/s")
-        if step % cfg.log_every == 0 or step == plan.steps:
+        if step % cfg.logging.log_every == 0 or step == plan.steps:
             check_finite(step)
             loss = accelerator.reduce(loss_sum, "sum").item()  # the one host sync per log interval
             tok_s = speed.window_tokens_per_s()
@@ -400,11 +390,11 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                  tok_s=f"{tok_s:,.0f}" if tok_s else "-")
             speed.new_window()
-        if step % cfg.eval_every == 0 or step == plan.steps:
+        if step % cfg.logging.eval_every == 0 or step == plan.steps:
             check_finite(step)
             with speed.paused():
                 last_eval = run_eval(step)
-        if step % cfg.save_every == 0 or step == plan.steps:
+        if step % cfg.checkpoint.save_every == 0 or step == plan.steps:
             check_finite(step)
             with speed.paused():
                 checkpoint(step, wall_before + time.perf_counter() - t_start)
@@ -490,7 +480,7 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
     Under FSDP2 the model stays sharded throughout: evaluation runs sharded, the fold works on
     each process's rows of B, and final/ and folded/ are streamed from the shards.
     """
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.checkpoint.out_dir)
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # What docs/checkpoints.md promises in dlr_checkpoint.json: where in training this model is.
@@ -498,20 +488,19 @@ def _finish(cfg, accelerator, model, tokenizer, stats, plan, run_eval, last_eval
              "val_tokens": last_eval["val_tokens"]}
     save_final(unwrapped, tokenizer, out_dir / "final", accelerator.is_main_process, extra=extra)
     summary = {
-        "model": unwrapped.config.dlr_size, "method": cfg.method, "rank": unwrapped.config.dlr_rank,
-        "alpha": cfg.alpha, "seed": cfg.seed, "optimizer": cfg.optimizer.name, "steps": plan.steps,
+        "model": unwrapped.config.dlr_size, "method": cfg.factorization.method, "rank": unwrapped.config.dlr_rank,
+        "alpha": cfg.factorization.alpha, "seed": cfg.seed, "optimizer": cfg.optimizer.name, "steps": plan.steps,
         "tokens": plan.total_tokens, "processes": plan.processes,
         "val_loss": last_eval["val_loss"], "val_ppl": last_eval["val_ppl"], "val_tokens": last_eval["val_tokens"],
         "train_params": stats.total_params, "train_non_embedding_params": stats.non_embedding_params,
         "deploy_params": stats.total_params, "train_flops_per_token": stats.train_flops_per_token,
         "wall_s": wall, "mean_tokens_per_s": speed.mean_tokens_per_s(), "first_step_s": speed.first_step_s,
-        "compile": compiled, "loss_impl": loss_impl, "fuse_latents": bool(cfg.get("fuse_latents", False)),
-        "compile_region": bool(compiled and cfg.get("compile_region", False)),
+        "compile": compiled, "loss_impl": loss_impl,
         "peak_mem_gib": peak_memory_gib(device),
-        "parallelism": cfg.parallelism, "memory_estimate_per_process_gib": memory_estimate,
+        "parallelism": cfg.system.parallelism, "memory_estimate_per_process_gib": memory_estimate,
     }
     accelerator.wait_for_everyone()
-    if cfg.method == "dlr":
+    if cfg.factorization.method == "dlr":
         folded = fold_model(unwrapped)
         folded_eval = run_eval(plan.steps, eval_model=unwrapped, prefix="folded_val")
         deploy = model_stats(unwrapped, plan.seq_len)

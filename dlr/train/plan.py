@@ -27,25 +27,25 @@ class TrainPlan:
 def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
     """Derive accumulation and steps; every inconsistency is a one-line ConfigError.
 
-    Each value's type and range is checked by the schema (dlr.schema.TrainConfig) before this.
+    Each value's type and range is checked by the schema (dlr.config) before this.
     """
-    if cfg.global_batch % processes:
-        raise bad_value("global_batch", cfg.global_batch, f"a multiple of the number of processes ({processes})")
-    per_process = cfg.global_batch // processes
-    if per_process % cfg.micro_batch:
+    if cfg.schedule.global_batch % processes:
+        raise bad_value("global_batch", cfg.schedule.global_batch, f"a multiple of the number of processes ({processes})")
+    per_process = cfg.schedule.global_batch // processes
+    if per_process % cfg.schedule.micro_batch:
         divisors = [d for d in range(1, per_process + 1) if per_process % d == 0]
-        raise bad_value("micro_batch", cfg.micro_batch, f"a divisor of global_batch/processes = {per_process}: {divisors}")
-    per_forward = cfg.micro_batch * processes
-    tokens_per_step = cfg.global_batch * seq_len
-    steps = math.ceil(cfg.tokens / tokens_per_step) if cfg.get("tokens") is not None else cfg.steps
+        raise bad_value("micro_batch", cfg.schedule.micro_batch, f"a divisor of global_batch/processes = {per_process}: {divisors}")
+    per_forward = cfg.schedule.micro_batch * processes
+    tokens_per_step = cfg.schedule.global_batch * seq_len
+    steps = math.ceil(cfg.schedule.tokens / tokens_per_step) if cfg.schedule.tokens is not None else cfg.schedule.steps
     return TrainPlan(
         processes=processes,
-        global_batch=cfg.global_batch,
-        micro_batch=cfg.micro_batch,
-        grad_accum=cfg.global_batch // per_forward,
+        global_batch=cfg.schedule.global_batch,
+        micro_batch=cfg.schedule.micro_batch,
+        grad_accum=cfg.schedule.global_batch // per_forward,
         seq_len=seq_len,
         steps=steps,
-        warmup_steps=int(cfg.warmup * steps),
+        warmup_steps=int(cfg.schedule.warmup * steps),
         tokens_per_step=tokens_per_step,
         total_tokens=steps * tokens_per_step,
     )

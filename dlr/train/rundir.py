@@ -14,56 +14,28 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from ..atomic import file_mode, remove_stale_temps, write_atomic
+from ..config import TrainConfig, runtime_keys, to_dict
 from ..errors import ConfigError
 
-# Keys that may change between a run and its resumption without making it another run.
-# out_dir is one: a run directory that was copied or moved resumes where it now is.
-RUNTIME_KEYS = {"resume", "dry_run", "plan_processes", "log_every", "eval_every", "save_every", "keep_last",
-                "logger", "wandb", "micro_batch", "compile", "compile_region", "loss", "fuse_latents",
-                "gradient_checkpointing", "parallelism", "out_dir"}
 LOCK_FILE = ".lock"
-RUNTIME_DATA_KEYS = {"num_workers"}
-# The reference layer's knobs (configs/train.yaml) with their defaults: a config.yaml written
-# before they existed trained with exactly these.
-KNOB_DEFAULTS = {"variance_correction": True, "trainable_alpha": False, "latent_alpha": None,
-                 "trainable_latent_scale": False, "bias": False}
+# Settings that may change between a run and its resumption without making it another run
+# (declared `runtime` where they are declared); out_dir is one: a run directory that was
+# copied or moved resumes where it now is.
+RUNTIME_KEYS = frozenset(runtime_keys(TrainConfig))
 
 
-def upgrade_legacy_config(cfg: dict) -> dict:
-    """A run config from before the knobs: their defaults, and its `random_reuse` is `permuted`.
-
-    (`random_reuse` was the balanced permutation then; it now draws with replacement.) So an
-    old run resumes with `expand=permuted` and dlr-compare groups it under the right name.
-    """
-    if not isinstance(cfg, dict) or "method" not in cfg or "variance_correction" in cfg:
-        return cfg
-    out = {**cfg, **KNOB_DEFAULTS}
-    if out.get("expand") == "random_reuse":
-        out["expand"] = "permuted"
+def _identity(cfg: dict, prefix: str = "") -> dict:
+    """The settings that make a run this run: every key but the runtime ones."""
+    out = {}
+    for key, value in cfg.items():
+        dotted = prefix + str(key)
+        if dotted in RUNTIME_KEYS:
+            continue
+        out[key] = _identity(value, dotted + ".") if isinstance(value, dict) else value
     return out
-
-
-def run_name(model: str, method: str, rank: int, alpha: float, seed: int, optimizer: str) -> str:
-    """Deterministic (never a timestamp) so that every process and every resume agree."""
-    parts = [model, method]
-    if method != "full":
-        parts.append(f"r{rank}")
-    if method == "dlr":
-        parts.append(f"a{alpha:g}")
-    if optimizer != "adamw":
-        parts.append(optimizer)
-    parts.append(f"s{seed}")
-    return "runs/" + "-".join(parts)
-
-
-def _identity(cfg: dict) -> dict:
-    ident = {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}
-    if isinstance(ident.get("data"), dict):
-        ident["data"] = {k: v for k, v in ident["data"].items() if k not in RUNTIME_DATA_KEYS}
-    return ident
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -82,7 +54,7 @@ def check_run_dir(out_dir: Path, resolved: dict) -> None:
     saved = Path(out_dir) / "config.yaml"
     if not saved.exists():
         return
-    previous = upgrade_legacy_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    previous = yaml.safe_load(saved.read_text()) or {}
     diff = _differences(_identity(previous), _identity(resolved))
     if diff:
         raise ConfigError(
@@ -91,10 +63,10 @@ def check_run_dir(out_dir: Path, resolved: dict) -> None:
         )
 
 
-def write_config(out_dir: Path, cfg: DictConfig) -> None:
+def write_config(out_dir: Path, cfg: TrainConfig) -> None:
     """config.yaml, atomically, and only when its content changes (a resume rewrites nothing)."""
     path = Path(out_dir) / "config.yaml"
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if not (path.is_file() and path.read_text() == text):
         write_atomic(path, text)
 

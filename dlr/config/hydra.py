@@ -1,0 +1,37 @@
+"""The schemas as Hydra structured configs, and the run-directory name resolver.
+
+configs/<command>.yaml start with `- <command>_schema`; group option files with
+`- <group>_schema` (configs/model/llama_tiny.yaml), so every key and type comes from here.
+"""
+from __future__ import annotations
+
+from .commands import COMMAND_SCHEMAS
+from .sections import OPTIMIZER_SCHEMAS, ModelConfig
+
+
+def run_name(model: str, method: str, rank: int, alpha: float, seed: int, optimizer: str) -> str:
+    """The default out_dir: deterministic (never a timestamp), so every process and every resume agree."""
+    parts = [model, method]
+    if method != "full":
+        parts.append(f"r{rank}")
+    if method == "dlr":
+        parts.append(f"a{alpha:g}")
+    if optimizer != "adamw":
+        parts.append(optimizer)
+    parts.append(f"s{seed}")
+    return "runs/" + "-".join(parts)
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore and the `dlr_run_dir` resolver (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    cs = ConfigStore.instance()
+    for name, node in COMMAND_SCHEMAS.items():
+        if name != "compare":
+            cs.store(name=f"{name}_schema", node=node)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    for name, node in OPTIMIZER_SCHEMAS.items():
+        cs.store(group="optimizer", name=f"{name}_schema", node=node)
+    OmegaConf.register_new_resolver("dlr_run_dir", lambda *parts: run_name(*parts), replace=True)

@@ -1,0 +1,96 @@
+"""The layout rules of the package, checked on the source: imports flow one way, functions stay
+small enough to read, the user-facing folders hold what they say."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "dlr"
+MAX_LINES, MAX_POSITIONAL = 60, 6
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        if "assets" in path.parts:
+            continue
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """dlr modules `name` imports, at module level or inside functions."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_no_import_cycle():
+    g = graph()
+    # A package's __init__ re-exporting its modules is a face, not a dependency of them.
+    edges = {m: {t for t in ts if not (m.startswith(t + ".") and (PACKAGE.parent / t.replace(".", "/") / "__init__.py").exists())}
+             for m, ts in g.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for t in edges[m]:
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t, stack + [t])
+        state[m] = 2
+
+    for m in edges:
+        if m not in state:
+            visit(m, [m])
+
+
+def test_layers_import_downwards_only():
+    g = graph()
+    for m, targets in g.items():
+        if m.startswith("dlr.config"):
+            assert targets <= {t for t in g if t.startswith("dlr.config")} | {"dlr.errors", "dlr"}, (m, targets)
+        if m.startswith("dlr.hf"):
+            assert all(t.startswith("dlr.hf") for t in targets), (m, targets)
+        if not m.startswith("dlr.cli"):
+            assert not any(t.startswith("dlr.cli") for t in targets), (m, "imports the CLI")
+
+
+def test_functions_are_short_with_few_positional_parameters():
+    too_long, too_many = [], []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if lines > MAX_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+                if len(positional) > MAX_POSITIONAL:
+                    too_many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({len(positional)})")
+    assert not too_long, too_long
+    assert not too_many, too_many
+
+
+def test_scripts_holds_only_user_tools():
+    files = [p for p in (ROOT / "scripts").iterdir() if p.is_file()]
+    assert len(files) <= 6, sorted(p.name for p in files)
