@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Training-step benchmarks on one GPU, as in docs/benchmarks.md ("GPU"): bf16, every method,
+# Training-step benchmarks on one GPU (benchmarks/README.md, "Training step"): bf16, every method,
 # eager at micro-batch 128 and 32; lowrank vs dlr under torch.compile; then the trainer itself.
 # Writes under ${OUT:-gpu_out} (7 files).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
-# (which has no dlr.configs) must not shadow it.
-cd "$(mktemp -d)"
+# (which has no dlr.configs) must not shadow it. Only the benchmarks package is linked in.
+cd "$(mktemp -d)" && ln -s "$REPO/benchmarks" benchmarks
 export PYTHONUNBUFFERED=1
-BENCH="python3 $REPO/scripts/bench_train.py --device cuda --dtype bf16"
+BENCH="python3 -m benchmarks.bench_train --device cuda --dtype bf16"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/gpu.txt"
 # The zoo recipe's micro-batch (what `dlr-train model=llama_60m` runs), then the
