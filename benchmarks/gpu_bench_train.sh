@@ -24,11 +24,12 @@ $BENCH --sizes llama_60m --methods lowrank,dlr --compile --micro-batch 128 --rep
     --json "$OUT/train_mb128_compile.json" 2>&1 | tee -a "$OUT/train.md"
 # The trainer end to end at the recipe micro-batch (data, logging, eval and fold included),
 # each method twice, alternating: summary.json of every run, gathered into one file.
+# TRAINER_EXTRA adds dlr-train overrides, e.g. "compile=false loss=plain" for the eager trainer.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 for i in 1 2; do
   for m in lowrank dlr; do
     python3 -m dlr.cli.train model=llama_60m data=c4_sample method=$m steps=60 global_batch=128 micro_batch=128 \
-        eval_every=1000 save_every=1000 out_dir=trainer/$m-$i > trainer-$m-$i.log 2>&1 || tail -5 trainer-$m-$i.log
+        eval_every=1000 save_every=1000 ${TRAINER_EXTRA:-} out_dir=trainer/$m-$i > trainer-$m-$i.log 2>&1 || tail -5 trainer-$m-$i.log
   done
 done
 python3 - "$OUT/trainer_mb128.json" <<'PY'
