@@ -7,7 +7,7 @@ One training step = forward + backward + AdamW step on `micro-batch x seq` rando
 the trainer's precision handling (fp32 weights, bf16 autocast when --dtype bf16). Methods:
 
   full, lowrank, dlr      the zoo models as dlr-train builds them (dlr: residual through B + sR)
-  dlr_scatter             the first DLR layer: F.linear(z, B.scatter_add(1, index, torch.full(...)))
+  dlr_scatter             the residual as a scatter: F.linear(z, B.scatter_add(1, index, torch.full(...)))
                           in every precision (no cached operands, no fp32 rebuild, no compile path)
   dlr_ri                  reference DLR that expands the latent per token:
                           y = B z + s * z.repeat_interleave(K)[..., :d_out]
@@ -63,7 +63,7 @@ class RepeatInterleaveDLR(LowRankLinear):
 
 
 class ScatterAddDLR(LowRankLinear):
-    """The first DLR layer: a fill, a scatter and autocast's cast per call, whatever the precision."""
+    """B + sR as a fill, a scatter and autocast's cast per call, whatever the precision."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.latent(x)

@@ -93,8 +93,7 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
         where = manifest.get("gpu") or f"CPU ({manifest.get('cpu_count')} cores)"
         lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, commit "
                      f"`{(manifest.get('git_commit') or 'unknown')[:10]}`, {len(manifest.get('finished', []))} finished runs "
-                     f"({args.get('jobs')} at a time; the last `study.py` call took {manifest.get('wall_s', 0) / 60:.1f} min "
-                     f"of wall time, runs finished by earlier calls not included); model {args.get('model')}, "
+                     f"({args.get('jobs')} at a time); model {args.get('model')}, "
                      f"{args.get('steps')} steps x {args.get('global_batch')} sequences, lr {args.get('lr')}, seeds "
                      f"{args.get('seeds')}. The files behind this page are in [docs/ablations/](ablations/).\n")
     else:
