@@ -28,6 +28,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
+# A quick CPU run of the step benchmark; benchmarks/README.md lists the full ones.
+bench: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m benchmarks.bench_train --device cpu --sizes llama_tiny --micro-batch 2 --repeats 3 --warmup 1
+
 docs-tables: $(STAMP)
 	$(BIN)/python scripts/model_table.py
 

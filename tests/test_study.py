@@ -130,11 +130,11 @@ def test_bad_study_arguments(studies, values, needle):
 def test_study_runs_renders_bundles_and_skips_finished_runs(tmp_path):
     """A real (tiny) alpha study: 1 seed, 2 values; the second call trains nothing."""
     out = tmp_path / "st"
-    args = [sys.executable, str(REPO / "scripts" / "study.py"), "alpha", "--model", "llama_tiny", "--steps", "2",
+    args = [sys.executable, "-m", "experiments.study", "alpha", "--model", "llama_tiny", "--steps", "2",
             "--global-batch", "4", "--eval-every", "2", "--seeds", "0", "--values", "0.5,2", "--val-tokens", "1000",
             "--num-workers", "0", "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent.name for p in (out / "runs").glob("*/summary.json"))
     assert runs == ["dlr-r16-a0.5-vc1-all-uniform-s0", "dlr-r16-a2-vc1-all-uniform-s0", "lowrank-r16-s0"]
@@ -147,15 +147,14 @@ def test_study_runs_renders_bundles_and_skips_finished_runs(tmp_path):
     assert "study/studies/alpha/by_alpha.png" in names and "study/manifest.json" in names
     assert not any("/final/" in n or "/checkpoints/" in n for n in names)  # no weights
     stamps = {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished before, skipped") == 3
     assert stamps == {r: (out / "runs" / r / "summary.json").stat().st_mtime_ns for r in runs}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["studies"]["alpha"]["key"] == "alpha" and len(manifest["finished"]) == 3
     # docs/ablations.md is rendered from these files, every number from by_alpha.csv.
-    sys.path.insert(0, str(REPO / "scripts"))
-    import render_ablations
+    from experiments import render_ablations
 
     text = render_ablations.render(out, tmp_path / "ablations.md", tmp_path / "ablations")
     assert "Status:** run on CPU" in text and "| 0.5 | dlr | 1 |" in text and "*Not run yet.*" in text
@@ -163,8 +162,7 @@ def test_study_runs_renders_bundles_and_skips_finished_runs(tmp_path):
 
 
 def test_render_ablations_says_plainly_when_no_results_are_in(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import render_ablations
+    from experiments import render_ablations
 
     text = render_ablations.render(None, tmp_path / "ablations.md", tmp_path / "ablations")
     assert "not in yet" in text and text.count("*Not run yet.*") == len(study.STUDIES)
@@ -172,7 +170,7 @@ def test_render_ablations_says_plainly_when_no_results_are_in(tmp_path):
 
 
 def test_bundle_keeps_small_files_and_leaves_out_weights_and_token_shards(tmp_path):
-    """The one bundle of scripts/study.py and scripts/run_results.py: the archive's root folder
+    """The one bundle of experiments/study.py and experiments/run_results.py: the archive's root folder
     and whether dlr-prepare's shards go in are its parameters."""
     import tarfile
 

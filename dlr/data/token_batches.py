@@ -22,10 +22,11 @@ windows in packed mode), after n local batches per process the run has consumed 
 first n*B*W global items, whatever W: `global_state` records that count, and a run on another
 number of processes (or micro-batch) continues at local batch items / (B*W) (`restore`).
 Batches are built in a background thread `prefetch` batches ahead, so reading the shards never sits
-in the training step's critical path: next() takes a ready batch (~0.05 ms, scripts/bench_loader.py).
-A thread, not a DataLoader worker process: the process was measured slower (2-10 ms per next() in
-IPC on 2 cores), and the thread's numpy work is short; it polls for room in the queue instead of
-being woken by get(), which would make it take the GIL just as next() returns to the step.
+in the training step's critical path: next() takes a ready batch (figures in benchmarks/README.md,
+"Data loader"). A thread, not a DataLoader worker process: a worker hands every batch over through
+inter-process communication, which costs more than the thread's short numpy work; the thread polls
+for room in the queue instead of being woken by get(), which would make it take the GIL just as
+next() returns to the step.
 """
 from __future__ import annotations
 

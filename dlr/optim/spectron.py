@@ -202,8 +202,8 @@ class Spectron(torch.optim.Optimizer):
             return
 
         # Same-shaped factors (e.g. every q/k/v/o A of every layer) are processed as one
-        # batch: a handful of batched matmuls instead of thousands of small kernel launches
-        # (the per-matrix loop was launch-bound on GPU). The stacks are transient copies of
+        # batch: a handful of batched matmuls instead of thousands of small kernel launches,
+        # which would bound the step on a GPU. The stacks are transient copies of
         # the factors and their momenta, never anything of size d_out x d_in.
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(active):

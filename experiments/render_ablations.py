@@ -1,8 +1,8 @@
-"""Write docs/ablations.md (and docs/ablations/) from the results of scripts/study.py.
+"""Write docs/ablations.md (and docs/ablations/) from the results of experiments/study.py.
 
-    python scripts/render_ablations.py runs/studies            # a study --out directory
-    tar xzf study_bundle.tar.gz -C /tmp && python scripts/render_ablations.py /tmp/study
-    python scripts/render_ablations.py                          # no results yet: the page says so
+    python -m experiments.render_ablations runs/studies            # a study --out directory
+    tar xzf study_bundle.tar.gz -C /tmp && python -m experiments.render_ablations /tmp/study
+    python -m experiments.render_ablations                          # no results yet: the page says so
 
 Every number on the page comes from the study directory (studies/<name>/by_<key>.csv and
 manifest.json); the "reading" of each value is the interval's, not ours: a paired
@@ -17,9 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from dlr.study import BASE, ORDER, STUDIES
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from dlr.study import BASE, ORDER, STUDIES  # noqa: E402
 
 INTRO = """# Ablations: how the DLR gain depends on alpha and the other choices
 
@@ -40,20 +40,19 @@ clear it.
 REPRODUCE = """## Reproduce
 
 ```bash
-python scripts/study.py all --device cuda --jobs 12      # 45 runs; alpha first; resumable
-python scripts/study.py alpha                            # one study, on CPU (slow: hours)
-python scripts/study.py all --dry-run                    # the runs and their names
-python scripts/render_ablations.py runs/studies          # this page
+python -m experiments.study all --device cuda --jobs 12   # 45 runs; alpha first; resumable
+python -m experiments.study alpha                         # one study, on CPU (slow: hours)
+python -m experiments.study all --dry-run                 # the runs and their names
+python -m experiments.render_ablations runs/studies       # this page
 dlr-compare runs/studies/runs/lowrank-r32-s* runs/studies/runs/dlr-r32-a*-vc1-all-uniform-s* --by alpha
 ```
 
-`scripts/study.py` runs `dlr-train model=llama_demo data=c4_sample` per run (the docs/results.md
+`experiments/study.py` runs `dlr-train model=llama_demo data=c4_sample` per run (the docs/results.md
 budget: 300 steps x 32 sequences x 256 tokens, lr 3e-3, AdamW, cosine, eval every 50 steps on
 the whole held-out split, bf16 autocast on a GPU), skips finished runs, resumes interrupted ones,
 then `dlr-compare --by KEY` per study. `expand=random_reuse` is the reference implementation's
 ablation (each output draws its latent with replacement, seeded per layer); `expand=permuted` is
-the balanced permutation (every latent keeps its multiplicity), which dlr called random_reuse
-before.
+the balanced permutation (every latent keeps its multiplicity).
 
 **Caveat on scale.** llama_demo is a 9M-parameter model (most of it embeddings), trained on 2.5M
 tokens that repeat a 460k-token sample about 5 times. A difference, or none, here says little
@@ -94,14 +93,13 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
         where = manifest.get("gpu") or f"CPU ({manifest.get('cpu_count')} cores)"
         lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, commit "
                      f"`{(manifest.get('git_commit') or 'unknown')[:10]}`, {len(manifest.get('finished', []))} finished runs "
-                     f"({args.get('jobs')} at a time; the last `study.py` call took {manifest.get('wall_s', 0) / 60:.1f} min "
-                     f"of wall time, runs finished by earlier calls not included); model {args.get('model')}, "
+                     f"({args.get('jobs')} at a time); model {args.get('model')}, "
                      f"{args.get('steps')} steps x {args.get('global_batch')} sequences, lr {args.get('lr')}, seeds "
                      f"{args.get('seeds')}. The files behind this page are in [docs/ablations/](ablations/).\n")
     else:
         lines.append("> **Status: the GPU results are not in yet.** The study is defined and tested end to end "
                      "(tiny CPU runs in tests/test_study.py); the tables below fill in when "
-                     "`python scripts/render_ablations.py <study dir>` is run on its results. Nothing on this "
+                     "`python -m experiments.render_ablations <study dir>` is run on its results. Nothing on this "
                      "page is a measured number until then.\n")
     lines.append(f"Base setting: {', '.join(f'{k}={v}' for k, v in BASE.items())}, rank = the model's default_rank.\n")
     summary = [(name, reading(name, _rows(study_dir / "studies" / name / f"by_{STUDIES[name].key}.csv")))
@@ -142,12 +140,12 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study_dir", nargs="?", type=Path, default=None, help="scripts/study.py --out (or the extracted bundle)")
+    ap.add_argument("study_dir", nargs="?", type=Path, default=None, help="experiments/study.py --out (or the extracted bundle)")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "ablations.md")
     ap.add_argument("--assets", type=Path, default=REPO / "docs" / "ablations")
     args = ap.parse_args(argv)
     if args.study_dir is not None and not (args.study_dir / "studies").is_dir():
-        sys.exit(f"render_ablations.py: error: {str(args.study_dir)!r} holds no studies/ (a scripts/study.py --out "
+        sys.exit(f"render_ablations.py: error: {str(args.study_dir)!r} holds no studies/ (a experiments/study.py --out "
                  "directory, or the extracted study_bundle.tar.gz)")
     render(args.study_dir, args.doc, args.assets)
     print(f"wrote {args.doc}")

@@ -1,19 +1,16 @@
 """Training step time and peak memory of full / lowrank / dlr, and an explicit-expansion DLR reference.
 
-    python scripts/bench_train.py --device cpu --sizes llama_tiny,llama_60m --micro-batch 4 --repeats 7
-    python scripts/bench_train.py --device cuda --dtype bf16 --sizes llama_60m,llama_130m --micro-batch 32 --json out.json
+    python -m benchmarks.bench_train --device cpu --sizes llama_tiny,llama_60m --micro-batch 4 --repeats 7
+    python -m benchmarks.bench_train --device cuda --dtype bf16 --sizes llama_60m,llama_130m --micro-batch 32 --json out.json
 
 One training step = forward + backward + AdamW step on `micro-batch x seq` random tokens,
 the trainer's precision handling (fp32 weights, bf16 autocast when --dtype bf16). Methods:
 
   full, lowrank, dlr      the zoo models as dlr-train builds them (dlr: residual through B + sR)
-  dlr_scatter             the first DLR layer: F.linear(z, B.scatter_add(1, index, torch.full(...)))
+  dlr_scatter             the residual as a scatter: F.linear(z, B.scatter_add(1, index, torch.full(...)))
                           in every precision (no cached operands, no fp32 rebuild, no compile path)
   dlr_ri                  reference DLR that expands the latent per token:
                           y = B z + s * z.repeat_interleave(K)[..., :d_out]
-  lowrank_fused,          lowrank / dlr with fuse_latents (dlr-train fuse_latents=true): q/k/v and
-  dlr_fused               gate/up latents from one GEMM each; --fuse-latents adds them beside
-                          lowrank / dlr
 
 Time: all methods of a size stay resident and are stepped round-robin (one step of each per
 round), so load drift on a shared machine hits every method alike; the median over rounds
@@ -44,13 +41,13 @@ import torch.nn.functional as F
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
-from dlr.train.loop import compile_decoder, compile_layers, compile_model
+from dlr.train.loop import compile_decoder, compile_layers
 from dlr.train.telemetry import peak_flops
 
-METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri", "lowrank_fused", "dlr_fused")
-DEFAULT_METHODS = METHODS[:5]
-FUSED = {"lowrank_fused": "lowrank", "dlr_fused": "dlr"}  # fuse_latents=True twins
-SEQ = 256
+from .recipe import SEQ, recipe_micro_batch
+
+METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
+REPO = Path(__file__).resolve().parent.parent
 
 
 class RepeatInterleaveDLR(LowRankLinear):
@@ -66,7 +63,7 @@ class RepeatInterleaveDLR(LowRankLinear):
 
 
 class ScatterAddDLR(LowRankLinear):
-    """The first DLR layer: a fill, a scatter and autocast's cast per call, whatever the precision."""
+    """B + sR as a fill, a scatter and autocast's cast per call, whatever the precision."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.latent(x)
@@ -79,8 +76,13 @@ class ScatterAddDLR(LowRankLinear):
 VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 
-COMPILE_SCOPE = {"decoder": compile_decoder, "decoder_region": lambda model: compile_decoder(model, region=True),
-                 "layers": compile_layers, "model": compile_model}
+def compile_model(model) -> None:
+    """Whole-model compilation, in place: one graph from the embedding to the loss. The trainer
+    keeps the loss out of its graph (compile_decoder); this scope is here to compare against."""
+    model.compile()
+
+
+COMPILE_SCOPE = {"decoder": compile_decoder, "layers": compile_layers, "model": compile_model}
 SCOPE = ["decoder"]  # --compile-scope; a list so the memory child and build() share it
 FIRST_STEP_S: dict[tuple[str, str], float] = {}
 MODE: list[str | None] = [None]  # --compile-mode (None: torch.compile's default, what dlr-train uses)
@@ -88,8 +90,7 @@ PROFILE: list[Path | None] = [None]  # --profile
 
 
 def build(size: str, method: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
-    base = FUSED.get(method, method)
-    model = build_model(size, "dlr" if base in VARIANTS else base, device=device, fuse_latents=method in FUSED)
+    model = build_model(size, "dlr" if method in VARIANTS else method, device=device)
     if method in VARIANTS:
         for m in model.modules():
             if isinstance(m, LowRankLinear) and m.has_residual:
@@ -157,9 +158,10 @@ def peak_memory(size: str, method: str, device: torch.device, dtype: str, batch:
         # it on free, so peak RSS is the peak of live tensors. With its default dynamic
         # threshold, reuse of freed heap made the same measurement vary by 20% run to run.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run([sys.executable, __file__, "--_memory-child", size, method, "--dtype", dtype,
-                               "--micro-batch", str(batch), "--loss", loss] + (["--compile"] if compile else []),
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--_memory-child", size, method,
+                               "--dtype", dtype, "--micro-batch", str(batch), "--loss", loss]
+                              + (["--compile"] if compile else []), capture_output=True, text=True, env=env,
+                              cwd=REPO)
         if proc.returncode != 0:
             sys.exit(f"memory child {size} {method} failed:\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_gib"], None
@@ -251,8 +253,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     for size in dict.fromkeys(r["size"] for r in rows):
         by = {r["method"]: r for r in rows if r["size"] == size}
         entry = {"size": size}
-        for num, den in (("dlr", "lowrank"), ("dlr_scatter", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full"),
-                         ("lowrank_fused", "lowrank"), ("dlr_fused", "dlr"), ("lowrank_fused", "full")):
+        for num, den in (("dlr", "lowrank"), ("dlr_scatter", "lowrank"), ("dlr_ri", "lowrank"), ("lowrank", "full")):
             if num in by and den in by:
                 entry[f"{num}/{den}_time"] = by[num]["ms_per_step"] / by[den]["ms_per_step"]
                 entry[f"{num}/{den}_mem"] = by[num]["peak_mem_gib"] / by[den]["peak_mem_gib"]
@@ -283,22 +284,10 @@ def markdown(rows: list[dict], rat: list[dict]) -> str:
                      f"{first} |")
     cols = ["dlr/lowrank_time", "dlr/lowrank_mem", "dlr_scatter/lowrank_time", "dlr_scatter/lowrank_mem",
             "dlr_ri/lowrank_time", "dlr_ri/lowrank_mem", "lowrank/full_time", "lowrank/full_flops"]
-    fused = ["lowrank_fused/lowrank_time", "lowrank_fused/lowrank_mem", "dlr_fused/dlr_time", "dlr_fused/dlr_mem",
-             "lowrank_fused/full_time"]
-    cols += [c for c in fused if any(c in e for e in rat)]
     lines += ["", "| size | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for e in rat:
         lines.append(f"| {e['size']} | " + " | ".join(f"{e[c]:.3f}" if c in e else "—" for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-def recipe_micro_batch(size: str) -> int:
-    """The micro-batch `dlr-train model=<size>` runs with (configs/model/<size>.yaml)."""
-    from importlib import resources
-
-    import yaml
-
-    return int(yaml.safe_load((resources.files("dlr.configs") / "model" / f"{size}.yaml").read_text())["micro_batch"])
 
 
 def main() -> None:
@@ -306,16 +295,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--sizes", default="llama_tiny,llama_60m")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
-    ap.add_argument("--fuse-latents", action="store_true",
-                    help="also run the fuse_latents twin of lowrank / dlr (lowrank_fused, dlr_fused), side by side")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--micro-batch", type=int, default=4, help="0: each size's recipe micro-batch")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="compile each decoder layer (as dlr-train compile=true / auto on CUDA)")
+    ap.add_argument("--compile", action="store_true", help="compile as --compile-scope says (dlr-train compile=true, and compile=auto on CUDA, compiles the decoder)")
     ap.add_argument("--compile-scope", default="decoder", choices=tuple(COMPILE_SCOPE),
-                    help="decoder: the decoder as one graph, loss outside (dlr-train); decoder_region: the same graph, the "
-                         "layer body one nested_compile_region (dlr-train compile_region=true); layers: each decoder layer; "
+                    help="decoder: the decoder as one graph, loss outside (dlr-train); layers: each decoder layer; "
                          "model: the whole forward with its loss (plain or chunked loss only)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: none, as dlr-train)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -347,9 +333,6 @@ def main() -> None:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         sys.exit(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
-    if args.fuse_latents:
-        twins = {base: fused for fused, base in FUSED.items()}
-        methods = list(dict.fromkeys(x for m in methods for x in ((m, twins[m]) if m in twins else (m,))))
     rows = []
     for size in args.sizes.split(","):
         batch = args.micro_batch or recipe_micro_batch(size)

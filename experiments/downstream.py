@@ -1,8 +1,8 @@
 """docs/downstream.md, reproduced: full vs lowrank vs folded dlr through the bundled task and a
 tiny fine-tuning, before and after. CPU-sized by default (llama_demo, bundled C4 sample).
 
-    python scripts/downstream.py                      # runs/downstream/, prints the table
-    python scripts/downstream.py pretrain_steps=400 sft_steps=160
+    python -m experiments.downstream                      # runs/downstream/, prints the table
+    python -m experiments.downstream pretrain_steps=400 sft_steps=160
 
 Runs the real commands a user would type: dlr-train, dlr-eval tasks=c4_cloze, dlr-finetune.
 The fine-tuning data are next-sentence pairs made from the C4 *train* documents
@@ -44,7 +44,7 @@ def main() -> None:
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     sft = out / "sft_train.jsonl"
-    run(sys.executable, str(ROOT / "scripts/make_c4_cloze.py"), f"sft={sft}")
+    run(sys.executable, str(ROOT / "scripts" / "make_c4_cloze.py"), f"sft={sft}")
     results = {"options": opts, "runs": {}}
     for method in METHODS:
         t0 = time.time()

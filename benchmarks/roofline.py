@@ -8,18 +8,16 @@ casts, the optimizer and the host are left out, so the result is a lower bound o
 time and an upper bound on MFU. What it answers: whether a time ratio such as lowrank/full
 <= FLOP ratio + 0.10 is reachable at all at a size's rank and micro-batch, and how far a
 measured step (--measured, bench_train.py's JSON) is from its bound. With --traffic (the
-JSON of scripts/traffic.py) the bytes of the kernels inductor generates for the compiled
+JSON of traffic.py) the bytes of the kernels inductor generates for the compiled
 step (norms, activations, adds, casts, the loss's softmax) join it at full bandwidth: still a
 lower bound, for the step as the trainer compiles it.
 
 Low-rank projections are two GEMMs whose inner dimension is the rank, so their arithmetic
 intensity is about r (d_in + d_out) / (d_in + d_out + 2r) FLOPs per byte: near or below the
 GPU's ridge point (peak / bandwidth, ~206 on an H200) at the zoo's ranks up to llama_350m.
-The "lowrank fused" column is the layout of `fuse_latents=true` (q/k/v and gate/up share one
-latent GEMM, which reads x once).
 
-    python scripts/roofline.py --gpu h200 --measured docs/benchmarks/h200_issue12/step_default_large.json \
-        --traffic docs/benchmarks/traffic_cpu.json
+    python -m benchmarks.roofline --gpu h200 --measured benchmarks/results/h200_default/step_default_60m.json \
+        --traffic benchmarks/results/traffic_cpu.json
 """
 from __future__ import annotations
 
@@ -30,11 +28,12 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from bench_train import SEQ, recipe_micro_batch
-from dlr.hf.lowrank import SIBLINGS, LowRankLinear
+from dlr.hf.lowrank import LowRankLinear
 from dlr.model import build_model
 from dlr.train.telemetry import PEAK_BF16
 from dlr.zoo import get_size
+
+from .recipe import SEQ, recipe_micro_batch
 
 # Dense bf16 peak (the one MFU is reported against) and HBM bandwidth (SXM parts, vendor figures).
 GPUS = {"h100": (PEAK_BF16["H100"], 3.35e12), "h200": (PEAK_BF16["H200"], 4.8e12), "a100": (PEAK_BF16["A100"], 2.04e12)}
@@ -63,29 +62,23 @@ def linear_step(tokens: int, d_in: int, d_out: int, peak: float, bandwidth: floa
     return 6 * tokens * d_in * d_out, seconds
 
 
-def linear_maps(model: nn.Module, fuse_latents: bool) -> list[tuple[int, int]]:
+def linear_maps(model: nn.Module) -> list[tuple[int, int]]:
     """(d_in, d_out) of every GEMM-shaped map a forward runs: a LowRankLinear is two of them."""
-    maps, fused = [], {}
-    for name, m in model.named_modules():
+    maps = []
+    for m in model.modules():
         if isinstance(m, LowRankLinear):
-            group = next((g for g in SIBLINGS if name.rsplit(".", 1)[-1] in g), None) if fuse_latents else None
-            if group is None:
-                maps.append((m.in_features, m.rank))
-            else:  # one latent GEMM per group: x [A_1; ...; A_n]^T
-                key = (name.rsplit(".", 1)[0], group)
-                fused[key] = (m.in_features, fused.get(key, (0, 0))[1] + m.rank)
-            maps.append((m.rank, m.out_features))
+            maps += [(m.in_features, m.rank), (m.rank, m.out_features)]
         elif isinstance(m, nn.Linear):
             maps.append((m.in_features, m.out_features))
-    return maps + list(fused.values())
+    return maps
 
 
-def step_bound(size: str, method: str, micro_batch: int, gpu: str, fuse_latents: bool = False) -> Bound:
+def step_bound(size: str, method: str, micro_batch: int, gpu: str) -> Bound:
     peak, bandwidth = GPUS[gpu]
     model = build_model(size, method, device="meta")
     tokens = micro_batch * SEQ
     bound = Bound()
-    for d_in, d_out in linear_maps(model, fuse_latents):
+    for d_in, d_out in linear_maps(model):
         bound.add(*linear_step(tokens, d_in, d_out, peak, bandwidth))
     cfg = model.config
     attention = 3 * 4 * cfg.num_hidden_layers * SEQ * cfg.hidden_size * tokens  # PaLM's term, forward + backward
@@ -102,13 +95,12 @@ def table(sizes: list[str], gpu: str, measured: dict[tuple[str, str], float],
     extra = " | + generated kernels: full ms (MFU ceiling), lowrank ms (MFU ceiling), lowrank/full" if with_traffic else ""
     lines = [f"GEMM + attention roofline, {gpu.upper()} ({peak / 1e12:.0f} TFLOP/s bf16, "
              f"{bandwidth / 1e12:.2f} TB/s), seq {SEQ}, recipe micro-batch; a lower bound on the step time\n",
-             "| size | rank | micro-batch | full ms (MFU ceiling) | lowrank ms (MFU ceiling) | lowrank fused ms | "
+             "| size | rank | micro-batch | full ms (MFU ceiling) | lowrank ms (MFU ceiling) | "
              f"lowrank/full: FLOPs, roofline{extra} | measured full ms (x bound) | measured lowrank ms (x bound) |",
-             "|---|---|---|---|---|---|---|" + ("---|" if with_traffic else "") + "---|---|"]
+             "|---|---|---|---|---|---|" + ("---|" if with_traffic else "") + "---|---|"]
     for size in sizes:
         mb = recipe_micro_batch(size)
         full, low = step_bound(size, "full", mb, gpu), step_bound(size, "lowrank", mb, gpu)
-        fused = step_bound(size, "lowrank", mb, gpu, fuse_latents=True)
         bound = {"full": full.seconds, "lowrank": low.seconds}
         cell = ""
         if with_traffic:
@@ -122,7 +114,7 @@ def table(sizes: list[str], gpu: str, measured: dict[tuple[str, str], float],
             cells.append(f"{ms:.1f} ({ms / (bound[method] * 1e3):.1f}x)" if ms else "—")
         lines.append(
             f"| {size} | {get_size(size).default_rank} | {mb} | {full.seconds * 1e3:.1f} ({full.flops / full.seconds / peak:.0%}) | "
-            f"{low.seconds * 1e3:.1f} ({low.flops / low.seconds / peak:.0%}) | {fused.seconds * 1e3:.1f} | "
+            f"{low.seconds * 1e3:.1f} ({low.flops / low.seconds / peak:.0%}) | "
             f"{low.flops / full.flops:.2f}, {low.seconds / full.seconds:.2f}{cell} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
@@ -144,7 +136,7 @@ def main() -> None:
     traffic = {}
     if args.traffic:
         for row in json.loads(args.traffic.read_text())["rows"]:
-            if not row["fuse_latents"] and not row.get("bf16_weights") and row["micro_batch"] == recipe_micro_batch(row["size"]):
+            if not row.get("bf16_weights") and row["micro_batch"] == recipe_micro_batch(row["size"]):
                 traffic[(row["size"], row["method"])] = row["generated_bytes"]
     print(table(args.sizes.split(","), args.gpu, measured, traffic))
 

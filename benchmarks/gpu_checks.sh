@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Reproduces the GPU figures in docs/benchmarks.md, docs/results.md and docs/spectron.md
-# on one GPU (an H100 80GB; the training-step tables on an H200): training-step benchmarks in bf16, the 3-seed
-# full/lowrank/dlr comparison, and the AdamW vs Spectron runs. Writes under ${OUT:-gpu_out}.
+# Reproduces the GPU figures of benchmarks/README.md ("Training step"), docs/results.md and
+# docs/spectron.md on one GPU: training-step benchmarks in bf16, the 3-seed full/lowrank/dlr
+# comparison, and the AdamW vs Spectron runs. Writes under ${OUT:-gpu_out}.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 mkdir -p "$OUT/logs"
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
-# (which has no dlr.configs) must not shadow it.
-cd "$(mktemp -d)"
+# (which has no dlr.configs) must not shadow it. Only the experiments package is linked in.
+cd "$(mktemp -d)" && ln -s "$REPO/experiments" experiments
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-OUT="$OUT/bench_train" bash "$REPO/scripts/gpu_bench_train.sh"
+OUT="$OUT/bench_train" bash "$REPO/benchmarks/gpu_bench_train.sh"
 
 # AdamW vs Spectron on the same setting as the results runs (seed 0); AdamW runs come from above.
 for lr in 0.02 0.05; do
@@ -23,7 +23,7 @@ for lr in 0.02 0.05; do
       out_dir=/tmp/spectron/runs/$method-lr$lr > "$OUT/logs/spectron-$method-$lr.log" 2>&1 &
   done
 done
-python3 "$REPO/scripts/run_results.py" --device cuda --jobs ${JOBS:-3} --out /tmp/results > "$OUT/logs/run_results.log" 2>&1
+python3 -m experiments.run_results --device cuda --jobs ${JOBS:-3} --out /tmp/results > "$OUT/logs/run_results.log" 2>&1
 cp /tmp/results/results_bundle.tar.gz "$OUT/" 2>/dev/null
 wait
 python3 -m dlr.cli.compare /tmp/spectron/runs /tmp/results/runs/lowrank-s0 /tmp/results/runs/dlr-s0 \

@@ -1,7 +1,7 @@
 """Measured peak GPU memory next to dlr's estimate, for DDP and FSDP2 (docs/training.md, "Memory").
 
-    python scripts/measure_memory.py --model llama_1b --micro-batch 16 --steps 3
-    python scripts/measure_memory.py --model llama_7b --nproc 8 --micro-batch 8 --parallelism fsdp2
+    python -m benchmarks.measure_memory --model llama_1b --micro-batch 16 --steps 3
+    python -m benchmarks.measure_memory --model llama_7b --nproc 8 --micro-batch 8 --parallelism fsdp2
 
 Runs `dlr-train` (through torchrun when --nproc > 1) for a few steps on the bundled C4 sample
 (no network) with each parallelism asked for, then prints, per run, the estimate that

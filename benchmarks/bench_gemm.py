@@ -1,6 +1,6 @@
 """Every GEMM of a training step, timed alone at its real shape, against its roofline.
 
-scripts/roofline.py bounds a step by FLOPs and bytes. A GEMM can still miss that bound by far:
+roofline.py bounds a step by FLOPs and bytes. A GEMM can still miss that bound by far:
 a weight gradient dW = dY^T X of a low-rank factor reduces over all the micro-batch's tokens
 (K = 16,384 at llama_350m) into a [r, d] output of only 16 tiles of 128 x 128, so without
 split-K most of an H100/H200's 132 SMs idle. This script times each distinct GEMM of a step
@@ -9,7 +9,7 @@ as often as a step runs it, and prints achieved TFLOP/s and time / roofline per 
 --split-k S it also times the weight gradients as S partial products summed (what split-K
 does), to see whether that layout would pay.
 
-    python scripts/bench_gemm.py --device cuda --sizes llama_350m --methods full,lowrank --split-k 8
+    python -m benchmarks.bench_gemm --device cuda --sizes llama_350m --methods full,lowrank --split-k 8
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from dlr.model import build_model
-from bench_train import SEQ, recipe_micro_batch
-from roofline import GPUS, gemm_seconds, linear_maps
+
+from .recipe import SEQ, recipe_micro_batch
+from .roofline import GPUS, gemm_seconds, linear_maps
 
 
 def timeit(fn, device: torch.device, repeats: int) -> float:
@@ -63,10 +64,10 @@ def gemms(tokens: int, d_in: int, d_out: int, device: torch.device, dtype: torch
 
 
 def bench(size: str, method: str, device: torch.device, dtype: torch.dtype, micro_batch: int, repeats: int,
-          split_k: int, fuse_latents: bool, gpu: str | None) -> list[dict]:
+          split_k: int, gpu: str | None) -> list[dict]:
     peak, bandwidth = GPUS[gpu] if gpu else (None, None)
     tokens = micro_batch * SEQ
-    shapes = Counter(linear_maps(build_model(size, method, device="meta"), fuse_latents))
+    shapes = Counter(linear_maps(build_model(size, method, device="meta")))
     rows = []
     for (d_in, d_out), count in sorted(shapes.items()):
         for kind, (m, k, n, fn) in gemms(tokens, d_in, d_out, device, dtype, split_k).items():
@@ -104,7 +105,6 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=0, help="0: each size's recipe micro-batch")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--split-k", type=int, default=0, help="also time each weight gradient as S partial products")
-    ap.add_argument("--fuse-latents", action="store_true", help="the GEMM shapes of fuse_latents=true")
     ap.add_argument("--gpu", default=None, choices=tuple(GPUS), help="roofline of this GPU (default: from the device name)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -120,7 +120,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         for method in args.methods.split(","):
             rows += bench(size, method, device, dtype, args.micro_batch or recipe_micro_batch(size), args.repeats,
-                          args.split_k, args.fuse_latents, gpu)
+                          args.split_k, gpu)
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{hw}, torch {torch.__version__}, {dtype}, roofline: {gpu or 'none'}\n")
     print(summary(rows))

@@ -1,10 +1,10 @@
 """Run a named sensitivity study (alpha, variance_correction, scope, expand, rank, or all).
 
-    python scripts/study.py alpha --device cuda --jobs 10
-    python scripts/study.py all --dry-run
+    python -m experiments.study alpha --device cuda --jobs 10
+    python -m experiments.study all --dry-run
 
 See dlr/study.py for what each study runs, the run naming, resuming and the bundle;
-scripts/render_ablations.py turns the results into docs/ablations.md.
+experiments/render_ablations.py turns the results into docs/ablations.md.
 """
 from dlr.study import cli
 

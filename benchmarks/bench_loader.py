@@ -1,7 +1,7 @@
 """Loader throughput, streaming vs token shards, side by side in one run (bundled C4 sample).
 
-    python scripts/bench_loader.py [--modes paper packed] [--workers 0 2] [--batch-size 64] [--batches 200]
-    python scripts/bench_loader.py --tokens-dir DIR       # shards already written by dlr-prepare
+    python -m benchmarks.bench_loader [--modes paper packed] [--workers 0 2] [--batch-size 64] [--batches 200]
+    python -m benchmarks.bench_loader --tokens-dir DIR       # shards already written by dlr-prepare
 
 1. dlr-prepare of the sample (unless --tokens-dir): tokens/s of the one-time tokenization.
 2. Throughput: positions/s (B*T per batch, what the GPU consumes) and real (non-pad) tokens/s of

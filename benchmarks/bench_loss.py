@@ -1,7 +1,7 @@
 """The LM loss alone: plain (lm_head + fp32 logits + CE) vs chunked (eager / compiled) vs Liger.
 
-    python scripts/bench_loss.py --device cuda --tokens 32768 --hidden 512,768
-    python scripts/bench_loss.py --device cpu --tokens 2048 --hidden 256 --repeats 3
+    python -m benchmarks.bench_loss --device cuda --tokens 32768 --hidden 512,768
+    python -m benchmarks.bench_loss --device cpu --tokens 2048 --hidden 256 --repeats 3
 
 One measurement = forward + backward of the loss from hidden states [tokens, hidden] and the
 lm_head weight [32000, hidden], under bf16 autocast on CUDA (as the trainer runs it). Reports

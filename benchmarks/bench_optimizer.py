@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time optimizer.step() for AdamW vs Spectron on lowrank models; prints a markdown table.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_optimizer.py --sizes llama_tiny llama_60m
+    python -m benchmarks.bench_optimizer --sizes llama_tiny llama_60m
 
 Gradients are fixed random tensors (the step cost does not depend on their values), so
 only the optimizer is timed. Reported: median wall time of `--repeats` steps after

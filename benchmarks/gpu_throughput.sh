@@ -1,37 +1,29 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md ("Default run") and docs/training.md ("Memory"), on one
+# The GPU figures of docs/performance.md and benchmarks/README.md ("Default run", "Memory"), on one
 # GPU, in one call. Sections, in priority order (run those named in SECTIONS):
-#   tests    the CUDA tests (flash attention, no host sync in a compiled step, compile_region gradients,
-#            the compiled loss chunk against the plain loss)
-#   memory   llama_1b: dlr-train's memory estimate vs the measured peak, ddp and fsdp2 (issue 15)
+#   tests    the CUDA tests (flash attention, no host sync in a compiled step, the compiled loss
+#            chunk against the plain loss)
+#   memory   llama_1b: dlr-train's memory estimate vs the measured peak, ddp and fsdp2
 #   fsdp2    dlr-train parallelism=fsdp2 under torchrun (nccl, bf16 mixed precision), train + eval + fold
-#   small    the isolated step, the default (compiled decoder, fused loss) vs the old eager default
-#            (plain loss), side by side at each size's recipe micro-batch: $SMALL_SIZES (llama_60m,llama_130m)
-#   loss     the loss alone (bench_loss.py: the compiled chunk against Liger), then the step at llama_60m
+#   small    the isolated step, the default (compiled decoder, chunked loss) vs eager with the plain
+#            loss, side by side at each size's recipe micro-batch: $SMALL_SIZES (llama_60m,llama_130m)
+#   loss     the loss alone (bench_loss: the compiled chunk against Liger), then the step at llama_60m
 #            with loss=liger in place of the default chunked loss, the decoder compiled the same way:
 #            which fused loss is faster inside the whole step, host sync included
 #   trainer  dlr-train end to end, default vs compile=false loss=plain, on token shards
 #   gemm     every GEMM of a llama_350m full and lowrank step timed alone at its shape, against its
-#            roofline, with weight gradients also split-K (scripts/bench_gemm.py; seconds)
-#   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): $LARGE_METHODS (full,lowrank), with a kernel
-#            profile. Each model compiles its decoder as one graph: ~2 min per model at 24 layers
-#            (llama_1b's first step took 113 s on an H200), so LARGE_SIZES=llama_350m fits a short lease
-#   region   compile_region=true (the layer body one nested_compile_region inside the decoder graph)
-#            at $REGION_SIZES (llama_350m), $REGION_METHODS (full,lowrank): compile time, step and
-#            memory against the one-graph rows of `large`
-#   explore  fuse_latents (one latent GEMM for q/k/v and one for gate/up) vs unfused at $EXPLORE_SIZES
-#            (llama_350m,llama_1b), lowrank and dlr side by side (issue 12); compiled per layer ($EXPLORE_SCOPE,
-#            default layers: seconds to compile, and the same scope on both sides of each ratio)
+#            roofline, with weight gradients also split-K (bench_gemm; seconds)
+#   large    the default step at $LARGE_SIZES (llama_350m,llama_1b): $LARGE_METHODS (full,lowrank), with a
+#            kernel profile. Each model compiles its decoder as one graph, about 5 s per layer on an
+#            H200, so LARGE_SIZES=llama_350m fits a short call
+#   scopes   llama_60m compiled per layer (with Liger) and as a whole model (with the plain loss), each
+#            with a kernel profile: where a compiled step spends its time outside the GPU
 #   autotune llama_350m lowrank under other compile settings (max-autotune)
 # Sections past BUDGET_S seconds are skipped. Text goes to $OUT/report.txt, figures to $OUT/*.json
-# (and a kernel profile); past 7 files they are packed into $OUT/figures.tgz (8 files come back a call).
-# Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash scripts/gpu_throughput.sh
-# What issue 12 still needs, in a 15-min lease (60M's step is measured; a decoder compile costs
-# roughly 5 s per layer, so order by what the targets need), two chained calls:
-#   1. TOKENS=.whl/c4tok SMALL_SIZES=llama_130m BUDGET_S=560 SECTIONS="tests small loss trainer gemm"
-#   2. LARGE_SIZES=llama_350m EXPLORE_SIZES=llama_350m BUDGET_S=<what is left> SECTIONS="large region explore"
+# (and kernel profiles); past 7 files they are packed into $OUT/figures.tgz.
+# Usage: OUT=gpu_out BUDGET_S=500 SECTIONS="tests memory fsdp2 small trainer" bash benchmarks/gpu_throughput.sh
 # Token shards for the trainer runs: TOKENS=DIR (dlr-prepare data=c4_sample out=DIR), else prepared here.
-# On the lent GPU machine (torch and transformers there; no network): carry a git-ignored .whl/ with
+# On a GPU machine without network (torch and transformers installed): carry a git-ignored .whl/ with
 # wheels of hydra-core, omegaconf, antlr4-python3-runtime, datasets, dill, multiprocess,
 # liger-kernel and dlr itself (`pip wheel --no-deps --no-build-isolation -w .whl .`), and start with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -39,12 +31,12 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 BUDGET_S=${BUDGET_S:-500}
-SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer gemm large region explore autotune"}
+SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer gemm large scopes autotune"}
 START=$(date +%s)
 TOKENS=${TOKENS:+$(cd "$TOKENS" && pwd)}
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
-# (which has no dlr.configs) must not shadow it.
-cd "$(mktemp -d)"
+# (which has no dlr.configs) must not shadow it. Only the benchmarks package is linked in.
+cd "$(mktemp -d)" && ln -s "$REPO/benchmarks" benchmarks
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 want() { [[ " $SECTIONS " == *" $1 "* ]] && { [ "$(left)" -gt "${2:-30}" ] || { echo "skipped $1: $(left) s left" | tee -a "$OUT/report.txt"; false; }; }; }
@@ -63,7 +55,7 @@ fi
 
 if want memory 150; then
   stamp memory
-  timeout $(( $(left) - 10 )) python3 "$REPO/scripts/measure_memory.py" --model llama_1b --micro-batch 16 --steps 3 --parallelism ${MEM_PAR:-ddp fsdp2} \
+  timeout $(( $(left) - 10 )) python3 -m benchmarks.measure_memory --model llama_1b --micro-batch 16 --steps 3 --parallelism ${MEM_PAR:-ddp fsdp2} \
     --out mem 2>&1 | tee "$OUT/memory.log" | grep -v "it/s\]" | tail -6 | tee -a "$OUT/report.txt"
   python3 - "$OUT/memory.json" <<'PY'
 import json, pathlib, sys
@@ -90,7 +82,7 @@ if want fsdp2 70; then
   ls trainer/llama_60m-fsdp2 trainer/llama_60m-fsdp2/folded 2>&1 | tee -a "$OUT/report.txt"
 fi
 
-BENCH="python3 $REPO/scripts/bench_train.py --device cuda --dtype bf16 --micro-batch 0"
+BENCH="python3 -m benchmarks.bench_train --device cuda --dtype bf16 --micro-batch 0"
 if want small 120; then
   stamp small
   timeout $(( $(left) - 5 )) $BENCH --sizes "${SMALL_SIZES:-llama_60m,llama_130m}" --methods full,lowrank,dlr --compile --loss auto \
@@ -102,8 +94,7 @@ fi
 
 if want loss 90; then
   stamp loss-alone
-  # The compiled chunk is written out of place since the H200 loss table (~8 bytes per logit, was ~24).
-  timeout 60 python3 "$REPO/scripts/bench_loss.py" --device cuda --hidden 512,1024 --impls chunked_compiled,liger \
+  timeout 60 python3 -m benchmarks.bench_loss --device cuda --hidden 512,1024 --impls chunked_compiled,liger \
     --json "$OUT/loss_alone.json" 2>&1 | tail -6 | tee -a "$OUT/report.txt"
   stamp loss
   timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m --methods full,lowrank --compile --loss liger \
@@ -140,7 +131,7 @@ fi
 
 if want gemm 40; then
   stamp gemm
-  timeout $(( $(left) - 5 )) python3 "$REPO/scripts/bench_gemm.py" --device cuda --sizes llama_350m --methods full,lowrank \
+  timeout $(( $(left) - 5 )) python3 -m benchmarks.bench_gemm --device cuda --sizes llama_350m --methods full,lowrank \
     --split-k 8 --json "$OUT/gemm_350m.json" 2>&1 | tail -6 | tee -a "$OUT/report.txt"
 fi
 
@@ -151,19 +142,13 @@ if want large 100; then
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
 
-if want region 60; then
-  stamp region
-  timeout $(( $(left) - 5 )) $BENCH --sizes "${REGION_SIZES:-llama_350m}" --methods "${REGION_METHODS:-full,lowrank}" --compile \
-    --compile-scope decoder_region --loss auto --repeats 6 --warmup 2 --json "$OUT/step_region.json" 2>&1 \
+if want scopes 150; then
+  stamp scopes
+  timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m --methods lowrank --compile --loss liger --compile-scope layers \
+    --repeats 8 --warmup 3 --profile "$OUT/profile_scopes.txt" --json "$OUT/step_scope_layers.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
-fi
-
-if want explore 100; then
-  stamp explore
-  # Each method compiles its own graph: 4 per size. The fused/unfused ratios close the table.
-  timeout $(( $(left) - 5 )) $BENCH --sizes "${EXPLORE_SIZES:-llama_350m,llama_1b}" --methods lowrank,dlr --fuse-latents --compile \
-    --compile-scope "${EXPLORE_SCOPE:-layers}" \
-    --loss auto --repeats 6 --warmup 2 --json "$OUT/step_fused_large.json" 2>&1 \
+  timeout $(( $(left) - 5 )) $BENCH --sizes llama_60m --methods full,lowrank --compile --loss plain --compile-scope model \
+    --repeats 8 --warmup 3 --profile "$OUT/profile_scopes.txt" --json "$OUT/step_scope_model.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
 

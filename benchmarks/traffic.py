@@ -19,9 +19,9 @@ kernel list would show. A generated kernel does not run at the same time as a GE
 training stream, so its time at full bandwidth adds to the GEMM roofline: `roofline.py
 --traffic FILE`.
 
-    python scripts/traffic.py --json traffic.json   # docs/benchmarks/traffic_cpu.json: this run
-    python scripts/traffic.py --sizes llama_350m,llama_1b --methods full,lowrank --bf16-weights  # + these rows
-    python scripts/traffic.py --sizes llama_350m --methods lowrank --kernels   # one layer, by kernel
+    python -m benchmarks.traffic --json traffic.json   # benchmarks/results/traffic_cpu.json: this run
+    python -m benchmarks.traffic --sizes llama_350m,llama_1b --methods full,lowrank --bf16-weights  # + these rows
+    python -m benchmarks.traffic --sizes llama_350m --methods lowrank --kernels   # one layer, by kernel
 """
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ import torch._inductor.config as inductor_config
 from torch._inductor import metrics
 from torch._inductor.scheduler import ExternKernelSchedulerNode
 
-from bench_train import SEQ, recipe_micro_batch
 from dlr.loss import make_loss_fn
 from dlr.model import build_model
 from dlr.train.loop import compile_decoder
 from dlr.zoo import VOCAB_SIZE, get_size
+
+from .recipe import SEQ, recipe_micro_batch
 
 KINDS = ("generated", "gemm", "other_extern")
 
@@ -72,8 +73,7 @@ def counting_kernels():
         log.removeFilter(quiet)
 
 
-def step_bytes(size: str, method: str, layers: int, sequences: int, fuse_latents: bool = False,
-               bf16_weights: bool = False) -> collections.Counter:
+def step_bytes(size: str, method: str, layers: int, sequences: int, bf16_weights: bool = False) -> collections.Counter:
     """Inductor's byte count, by (kind, kernel), of one compiled forward + backward of `size`
     cut to `layers` layers on `sequences` sequences. bf16_weights: the weights cast to bf16 and
     no autocast (what parallelism=fsdp2's MixedPrecisionPolicy computes with), in place of
@@ -81,7 +81,7 @@ def step_bytes(size: str, method: str, layers: int, sequences: int, fuse_latents
     torch._dynamo.reset()
     metrics.reset()
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(get_size(size), num_hidden_layers=layers), method, fuse_latents=fuse_latents)
+    model = build_model(dataclasses.replace(get_size(size), num_hidden_layers=layers), method)
     if bf16_weights:
         model.to(torch.bfloat16)
     compile_decoder(model)
@@ -105,10 +105,10 @@ def _combine(terms: list[tuple[float, collections.Counter]]) -> dict:
     return out
 
 
-def extrapolate(size: str, method: str, micro_batch: int, fuse_latents: bool = False, bf16_weights: bool = False) -> dict:
+def extrapolate(size: str, method: str, micro_batch: int, bf16_weights: bool = False) -> dict:
     """Bytes per step by kind at the size's depth and `micro_batch`, from four compiled steps,
     and one layer's bytes per token by kernel."""
-    m = {(l, s): step_bytes(size, method, l, s, fuse_latents, bf16_weights) for l in (1, 2) for s in (1, 2)}
+    m = {(l, s): step_bytes(size, method, l, s, bf16_weights) for l in (1, 2) for s in (1, 2)}
     # bytes(L, S) = fixed + L per_layer + S per_seq + L S per_layer_seq, so
     # bytes(D, B) = m11 + (D - 1)(m21 - m11) + (B - 1)(m12 - m11) + (D - 1)(B - 1) per_layer_seq.
     per_layer_seq = _combine([(1, m[2, 2]), (-1, m[2, 1]), (-1, m[1, 2]), (1, m[1, 1])])
@@ -119,7 +119,7 @@ def extrapolate(size: str, method: str, micro_batch: int, fuse_latents: bool = F
     by_kind = {kind: sum(v for (k, _), v in step.items() if k == kind) for kind in KINDS}
     layer = {kind: sum(v for (k, _), v in per_layer_seq.items() if k == kind) / SEQ for kind in KINDS}
     kernels = sorted(((v / SEQ, kind, name) for (kind, name), v in per_layer_seq.items() if abs(v) >= SEQ), reverse=True)
-    return {"size": size, "method": method, "fuse_latents": fuse_latents, "bf16_weights": bf16_weights,
+    return {"size": size, "method": method, "bf16_weights": bf16_weights,
             "micro_batch": micro_batch, "layers": depth,
             **{f"{kind}_bytes": round(v) for kind, v in by_kind.items()},
             **{f"layer_{kind}_bytes_per_token": round(v) for kind, v in layer.items()},
@@ -129,7 +129,7 @@ def extrapolate(size: str, method: str, micro_batch: int, fuse_latents: bool = F
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="llama_60m,llama_130m,llama_350m,llama_1b")
-    ap.add_argument("--methods", default="full,lowrank,dlr", help="also lowrank_fused, dlr_fused (fuse_latents=true)")
+    ap.add_argument("--methods", default="full,lowrank,dlr")
     ap.add_argument("--bf16-weights", action="store_true", help="bf16 weights without autocast (fsdp2's compute "
                     "dtypes) in place of fp32 weights under autocast (the trainer's ddp path)")
     ap.add_argument("--kernels", action="store_true", help="print one layer's bytes per token, kernel by kernel")
@@ -138,8 +138,7 @@ def main() -> None:
     rows, start = [], time.time()
     for size in args.sizes.split(","):
         for method in args.methods.split(","):
-            base, fused = method.removesuffix("_fused"), method.endswith("_fused")
-            row = extrapolate(size, base, recipe_micro_batch(size), fuse_latents=fused, bf16_weights=args.bf16_weights)
+            row = extrapolate(size, method, recipe_micro_batch(size), bf16_weights=args.bf16_weights)
             rows.append(row)
             label = f"{size} {method}{' bf16 weights' if args.bf16_weights else ''} (micro-batch {row['micro_batch']})"
             print(f"{label}: per step {row['generated_bytes'] / 1e9:.1f} GB in generated kernels, "

@@ -1,8 +1,8 @@
 """Reproduce docs/results.md: full vs lowrank vs dlr on the bundled C4 sample, 3 seeds each.
 
-    python scripts/run_results.py                                  # CPU, the documented budget (slow: hours)
-    python scripts/run_results.py --device cuda --jobs 3           # one GPU, 3 trainings at a time
-    python scripts/run_results.py --steps 3 --eval-every 3 --seeds 0 --out /tmp/smoke   # smoke test
+    python -m experiments.run_results                                  # CPU, the documented budget (slow: hours)
+    python -m experiments.run_results --device cuda --jobs 3           # one GPU, 3 trainings at a time
+    python -m experiments.run_results --steps 3 --eval-every 3 --seeds 0 --out /tmp/smoke   # smoke test
 
 First `dlr-prepare data=c4_sample out=OUT/tokens`: the sample is tokenized once, not once per
 run (and per process). Then for each method and seed: `dlr-train model=llama_demo data=tokens

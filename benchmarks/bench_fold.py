@@ -1,11 +1,11 @@
 """Benchmark dlr-fold (and load / eval throughput) on a zoo size, on this machine.
 
-    python scripts/bench_fold.py --size llama_1b [--workdir /tmp/dlr_bench] [--keep]
+    python -m benchmarks.bench_fold --size llama_1b [--workdir /tmp/dlr_bench] [--keep]
 
 Builds a random `method=dlr` model of that size, saves it with save_model_dir, then runs
 `dlr-fold` in a fresh process under /usr/bin/time -v (wall time, peak RSS of the fold
 alone, not of this script) and one short `dlr-eval`; prints a markdown block for
-docs/benchmarks.md. The few-GB checkpoints are deleted afterwards unless --keep.
+benchmarks/README.md. The few-GB checkpoints are deleted afterwards unless --keep.
 """
 from __future__ import annotations
 
