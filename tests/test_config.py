@@ -51,6 +51,7 @@ def test_short_names_are_unique_across_sections():
     ("wandb.projct=x", "did you mean 'wandb.project'?"),
     ("method=foo", "method='foo' is not valid; accepted: full, lowrank, dlr"),
     ("lr=1e38", "lr=1e+38 is not valid"),
+    ("lr=1e31", "lr=1e+31 is not valid"),
     ("alpha=1e39", "alpha=1e+39 is not valid"),
     ("grad_clip=1e39", "grad_clip=1e+39 is not valid"),
     ("rank=abc", "rank='abc' is not valid"),

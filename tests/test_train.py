@@ -41,7 +41,7 @@ def test_run_dir_contract_and_exact_fold(tmp_path):
                  "folded/model.safetensors", "checkpoints/step_4/trainer_state.json"):
         assert (out / name).exists(), name
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["rank"] == 16 and saved["model"]["name"] == "llama_tiny"  # fully resolved
+    assert saved["factorization"]["rank"] == 16 and saved["model"]["name"] == "llama_tiny"  # fully resolved
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in lines if "loss" in r]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..atomic import file_mode, remove_stale_temps, write_atomic
-from ..config import TrainConfig, runtime_keys, to_dict
+from ..config import TrainConfig, display_key, runtime_keys, to_dict
 from ..errors import ConfigError
 
 LOCK_FILE = ".lock"
@@ -55,7 +55,7 @@ def check_run_dir(out_dir: Path, resolved: dict) -> None:
     if not saved.exists():
         return
     previous = yaml.safe_load(saved.read_text()) or {}
-    diff = _differences(_identity(previous), _identity(resolved))
+    diff = sorted(display_key("train", k) for k in _differences(_identity(previous), _identity(resolved)))
     if diff:
         raise ConfigError(
             f"out_dir={str(out_dir)!r} holds a run with a different config (differs in: {', '.join(diff[:8])}); "
