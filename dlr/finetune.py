@@ -157,7 +157,7 @@ def finetune(cfg: DictConfig, callbacks: list | tuple = ()) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from dlr.model_dir import describe, load_model_dir, read_config, save_model_dir
-    from dlr.cli.evaluate import pick_device
+    from dlr.device import pick_device
 
     validate(cfg)
     ckpt = Path(str(cfg.ckpt)).expanduser()
