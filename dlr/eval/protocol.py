@@ -31,7 +31,7 @@ from dlr.errors import ConfigError
 from dlr.eval.corpus import CorpusMetrics
 from dlr.eval.harness import TaskRequest
 
-PROTOCOLS = ("auto", "rows", "sliding")
+PROTOCOLS = ("auto", "sliding", "rows")
 DTYPE_NAMES = ("fp32", "bf16")
 
 
