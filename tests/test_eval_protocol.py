@@ -77,8 +77,11 @@ def test_bad_input_is_refused_before_the_weights_are_read(run, tmp_path):
 def test_library_defaults_are_the_settings_defaults():
     """One default per setting: the keyword defaults of the library equal dlr-eval's."""
     defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
-    for fn in (evaluate_checkpoint, rows_perplexity, sliding_perplexity):
-        for name, p in inspect.signature(fn).parameters.items():
-            if name in defaults and name not in ("data", "device", "progress") and p.default is not inspect.Parameter.empty:
-                assert p.default == defaults[name], (fn.__name__, name)
+    shared = {evaluate_checkpoint: ("protocol", "stride", "tasks", "batch_size", "device", "dtype", "verify",
+                                    "min_coverage"),
+              rows_perplexity: ("batch_size", "min_coverage"), sliding_perplexity: ("stride", "batch_size", "min_coverage")}
+    for fn, names in shared.items():
+        params = inspect.signature(fn).parameters
+        for name in names:
+            assert params[name].default == defaults[name], (fn.__name__, name)
     assert set(dlr.eval.__all__) >= {"evaluate_checkpoint", "rows_perplexity", "sliding_perplexity", "EvalReport"}
