@@ -15,7 +15,7 @@ from dlr.model_dir import load_model_dir, read_config, save_model_dir
 from dlr.cli.evaluate import main as eval_cli
 from dlr.cli.fold import main as fold_cli
 from dlr.data import data_spec, load_tokenizer, validation_batches
-from dlr.evaluation import evaluate
+from dlr.eval.loss import evaluate
 
 EVAL = ["data=c4_sample", "eval_tokens=2000", "batch_size=4", "progress=false"]
 

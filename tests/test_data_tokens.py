@@ -144,7 +144,7 @@ def test_validation_rows_equal_the_streaming_path_on_the_bundled_sample(tok, sam
 def test_validation_perplexity_agrees_exactly(tok, sample_dir):
     import dlr
     from dlr.data import validation_batches
-    from dlr.evaluation import evaluate
+    from dlr.eval.loss import evaluate
 
     torch.manual_seed(0)
     model = dlr.build_model("llama_tiny", method="dlr", vocab_size=tok.vocab_size)

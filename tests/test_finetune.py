@@ -172,6 +172,31 @@ def test_bad_input_is_one_line_and_writes_nothing(folded, data, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("content,needle", [
+    ("", r"data='.*empty.jsonl' holds no records"),
+    ("\n  \n", r"data='.*empty.jsonl' holds no records"),
+    ('{"prompt": "a", "response": " b"}\n{not json\n', r"data='.*empty.jsonl' is not JSON lines \(JSON parse error"),
+])
+def test_empty_or_malformed_data_is_the_only_stderr_line(folded, tmp_path, capsys, content, needle):
+    bad = tmp_path / "empty.jsonl"
+    bad.write_text(content)
+    code, out, err = call(finetune_cli, [f"ckpt={folded}", f"data={bad}", f"out_dir={tmp_path / 'o'}", *BASE], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("dlr-finetune: error: ") and re.search(needle, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_an_out_dir_that_is_a_file_is_refused(folded, data, tmp_path, capsys, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me\n")
+    out = blocker if where == "file" else blocker / "sub"
+    code, _, err = call(finetune_cli, [f"ckpt={folded}", f"data={data[0]}", f"out_dir={out}", *BASE], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("dlr-finetune: error: ") and f"{str(blocker)!r} is a file, not a directory" in err, err
+    assert blocker.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 def test_another_config_in_out_dir_is_refused(folded, data, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from dlr import build_model
 from dlr.errors import ConfigError
-from dlr.evaluation import evaluate
+from dlr.eval.loss import evaluate
 from dlr.loss import chunked_linear_cross_entropy, make_loss_fn, resolve_loss_impl, shift_labels
 
 

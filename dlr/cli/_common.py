@@ -36,11 +36,6 @@ def required(cfg: Any, key: str, example: str) -> Any:
     return value
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as torchrun / accelerate launch export them."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
     """Write strict JSON atomically (temp file + rename) so a reader never sees half a file."""
     from dlr.atomic import write_atomic

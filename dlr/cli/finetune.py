@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-
-from omegaconf import OmegaConf
+from typing import Any
 
 from dlr.cli._common import compose, required, run_cli, typed
 
@@ -22,11 +21,21 @@ PROG = "dlr-finetune"
 USAGE = __doc__
 
 
+def _given(cfg: Any, key: str) -> bool:
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        value = getattr(cfg, key)
+    except MissingMandatoryValue:  # a required setting left unset
+        return False
+    return value not in (None, "", "???")
+
+
 def finetune_main(args: list[str]) -> int:
     # `data=` is what users type; Hydra would take it for the pre-training `data` config group.
     args = [f"train_data={a[5:]}" if a.startswith("data=") else a for a in args]
     raw = compose("finetune", args)
-    if OmegaConf.is_missing(raw, "train_data") or raw.get("train_data") in (None, ""):
+    if not _given(raw, "train_data"):
         from dlr.errors import ConfigError
 
         raise ConfigError("data is required; e.g. data=pairs.jsonl (a .jsonl of {prompt, response} records) or a hub dataset id")

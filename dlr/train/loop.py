@@ -17,7 +17,7 @@ from ..atomic import normalize_modes
 from ..counting import model_stats
 from ..data import check_vocab, data_spec, load_tokenizer, train_batches, validation_batches
 from ..errors import ConfigError, TrainingDiverged
-from ..evaluation import evaluate
+from ..eval.loss import evaluate
 from ..fold import fold_model
 from ..loss import DEFAULT_CHUNK_TOKENS, make_loss_fn, resolve_loss_impl
 from ..config import FactorizationConfig, TrainConfig, to_dict

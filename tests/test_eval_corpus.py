@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import dlr
 from dlr.model_dir import load_model_dir, save_model_dir
 from dlr.cli.evaluate import main as eval_cli
-from dlr.corpus_eval import window_spans
+from dlr.eval.corpus import window_spans
 from dlr.data import load_tokenizer
 from dlr.errors import ConfigError
 from test_cli_eval_fold import call

@@ -12,7 +12,7 @@ one of the transformers perplexity guide and of GPT-2's WikiText numbers) is use
 - windows of `window` tokens move by `stride` tokens; each scores only the tokens the
   previous window did not, so every token is scored exactly once, with at least
   `window - stride` tokens of context (fewer only inside the first window);
-- the loss is summed over tokens (`dlr.evaluation.evaluate`, token-weighted, all-reduced),
+- the loss is summed over tokens (`dlr.eval.loss.evaluate`, token-weighted, all-reduced),
   so token perplexity = exp(sum NLL / tokens), word perplexity = exp(sum NLL / words) and
   bits per byte = sum NLL / (ln 2 * UTF-8 bytes), the last two tokenizer-independent.
 """
@@ -143,10 +143,10 @@ def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
     return spans
 
 
-def sliding_batches(ids: torch.Tensor, window: int, stride: int, batch_size: int, pad_id: int,
+def sliding_batches(ids: torch.Tensor, window: int, stride: int, batch_size: int, pad_id: int, *,
                     rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
     """This process's windows (every world_size-th), as {"input_ids", "labels"} rows of `window`
-    (right-padded, -100 on context and padding), for `dlr.evaluation.evaluate`."""
+    (right-padded, -100 on context and padding), for `dlr.eval.loss.evaluate`."""
     spans = window_spans(int(ids.numel()), window, stride)[rank::world_size]
     for i in range(0, len(spans), batch_size):
         chunk = spans[i: i + batch_size]
@@ -158,19 +158,36 @@ def sliding_batches(ids: torch.Tensor, window: int, stride: int, batch_size: int
         yield {"input_ids": x, "labels": y}
 
 
-def corpus_metrics(loss: float, scored: int, corpus: Corpus) -> dict:
+@dataclass(frozen=True)
+class CorpusMetrics:
+    """What the sliding protocol adds to the token-weighted loss. The word and byte figures are
+    None unless the whole corpus was scored: a share of them would not be comparable."""
+
+    token_ppl: float
+    scored_tokens: int
+    corpus_tokens: int | None  # None when a hub/JSON split was read only up to the budget
+    documents: int
+    words: int | None
+    word_ppl: float | None
+    bytes: int | None
+    bits_per_byte: float | None
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+def corpus_metrics(loss: float, scored: int, corpus: Corpus) -> CorpusMetrics:
     """Token perplexity; word perplexity and bits per byte when the whole corpus was scored."""
-    out: dict = {"token_ppl": math.exp(loss) if loss < 700 else float("inf"), "scored_tokens": scored,
-                 "corpus_tokens": corpus.corpus_tokens if corpus.complete else None,
-                 "documents": corpus.documents}
     whole = corpus.complete and scored == corpus.corpus_tokens
     nll = loss * scored
-    out["words"] = corpus.words if whole else None
-    out["word_ppl"] = (math.exp(nll / corpus.words) if nll / corpus.words < 700 else float("inf")) \
-        if whole and corpus.words else None
-    out["bytes"] = corpus.bytes if whole else None
-    out["bits_per_byte"] = nll / (math.log(2) * corpus.bytes) if whole and corpus.bytes else None
-    return out
+    return CorpusMetrics(
+        token_ppl=_exp(loss), scored_tokens=scored, corpus_tokens=corpus.corpus_tokens if corpus.complete else None,
+        documents=corpus.documents, words=corpus.words if whole else None,
+        word_ppl=_exp(nll / corpus.words) if whole and corpus.words else None,
+        bytes=corpus.bytes if whole else None,
+        bits_per_byte=nll / (math.log(2) * corpus.bytes) if whole and corpus.bytes else None,
+    )
 
 
 def split_tokens(spec: DataSpec, tokenizer: Tokenizer) -> int:

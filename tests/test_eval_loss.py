@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dlr.evaluation import evaluate
+from dlr.eval.loss import evaluate
 
 
 def _model():
