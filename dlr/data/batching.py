@@ -63,7 +63,7 @@ def paper_batch(ids: list[list[int]], seq_len: int, pad_id: int, eos_id: int) ->
 class _TrainIterable(torch.utils.data.IterableDataset):
     """Yields batches (with their `_state`) for the logical workers given per DataLoader slot."""
 
-    def __init__(self, stream: DocStream, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
+    def __init__(self, stream: DocStream, tokenizer: Tokenizer, *, batch_size: int, rank: int, world_size: int,
                  num_logical: int, logical: list[int], starts: list[dict | None]) -> None:
         # rank/world_size split the stream's documents; (0, 1) when the stream is already this
         # process's file shard.
@@ -192,8 +192,8 @@ class TrainBatches:
         first = self._n % self._K
         logical = [(first + i) % self._K for i in range(self._K)]
         starts = [self._worker_states[w] for w in logical]
-        ds = _TrainIterable(self.stream, self.tokenizer, self.batch_size, self._doc_rank, self._doc_world,
-                            self._K, logical, starts)
+        ds = _TrainIterable(self.stream, self.tokenizer, batch_size=self.batch_size, rank=self._doc_rank,
+                            world_size=self._doc_world, num_logical=self._K, logical=logical, starts=starts)
         if self.num_workers == 0:
             self._it = iter(ds)
         else:

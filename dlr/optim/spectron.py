@@ -108,6 +108,7 @@ class Spectron(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[dict[str, Any]],
+        *,
         lr: float = 1e-3,
         momentum: float = 0.9,
         ns_steps: int = 5,
