@@ -28,7 +28,7 @@ from dlr.data.shards import (FORMAT, FORMAT_VERSION, IDX_DTYPE, MANIFEST, SPLITS
                              dtype_for, shard_stem)
 from dlr.data.sources import check_local_file, iter_file, resolve_files
 from dlr.data.spec import DataSpec
-from dlr.data.tokenizer import load_tokenizer, tokenizer_hash
+from dlr.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 from dlr.errors import ConfigError, bad_value
 
 log = logging.getLogger(__name__)
@@ -116,20 +116,39 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem: str, limit: Limit,
-                  report: _Report, threads: int) -> dict:
-    """Tokenize one input file into shard `stem` (stopping early once `limit` alone is met)."""
-    if threads == 1:
+@dataclass(frozen=True, kw_only=True)
+class ShardJob:
+    """One input file to tokenize into one shard. Frozen and plain so that it pickles: a pool
+    hands it to a spawned worker process."""
+
+    spec: DataSpec
+    tokenizer_dir: str
+    path: str
+    root: str
+    stem: str
+    limit: Limit
+    threads: int  # tokenizer threads; 1 in a pool, whose processes are the parallelism, -1 = its default
+
+
+def _job_tokenizer(job: ShardJob) -> Tokenizer:
+    if job.threads == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(job.tokenizer_dir)
     if hasattr(tok, "num_threads"):
-        tok.num_threads = threads
+        tok.num_threads = job.threads
+    return tok
+
+
+def tokenize_file(job: ShardJob, report: _Report) -> dict:
+    """Tokenize one input file into shard `job.stem` (stopping early once `job.limit` alone is met)."""
+    tok = _job_tokenizer(job)
+    limit = job.limit
     dtype = dtype_for(tok.vocab_size)
     lengths: list[int] = []
     counts = np.zeros(4, dtype=np.int64)
     chunk: list[str] = []
     # Tokens go to disk chunk by chunk: a C4 file (~170M tokens) never sits in memory whole.
-    out = open(Path(root) / f"{stem}.bin.tmp", "wb")
+    out = open(Path(job.root) / f"{job.stem}.bin.tmp", "wb")
 
     def flush() -> bool:
         """Tokenize the chunk; True when the limit fell inside it (documents after it dropped)."""
@@ -149,7 +168,7 @@ def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem
         return keep is not None and keep < n
 
     with out:
-        records = iter_file(spec, path)
+        records = iter_file(job.spec, job.path)
         cut = False  # whether the limit stopped us before the end of the file
         for _, text in records:
             chunk.append(text)
@@ -163,7 +182,7 @@ def tokenize_file(spec: DataSpec, tokenizer_dir: str, path: str, root: str, stem
                 cut = flush()
     offsets = np.zeros(len(lengths) + 1, dtype=IDX_DTYPE)
     np.cumsum(lengths, out=offsets[1:])
-    return _write_shard(Path(root), stem, path, None, offsets, {"cut": cut})
+    return _write_shard(Path(job.root), job.stem, job.path, None, offsets, {"cut": cut})
 
 
 def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
@@ -202,76 +221,110 @@ class _Progress:
         self.bar.close()
 
 
-def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], limit: Limit, num_proc: int,
-                   dtype: np.dtype, progress: bool) -> dict:
-    stems = [shard_stem(split, k) for k in range(len(files))]
-    bar = _Progress(progress, split)
-    before = np.zeros(4, dtype=np.int64)
-    shards: list[dict] = []
-    stopped_at: int | None = None
-    tok_dir = str(root / TOKENIZER_DIR)
-    pool: ProcessPoolExecutor | None = None
-    manager = queue = None
-    futures: dict[int, Future] = {}
-    next_submit = 0
-    threads = 1 if num_proc > 1 else -1  # in a pool the processes are the parallelism
-    try:
+class _ShardMaker:
+    """Hands out the finished record of shard k, k = 0, 1, ...: the one an earlier run left, or one
+    tokenized now, in a pool of `num_proc` spawned processes or (num_proc=1) in this one.
+
+    A pool is kept 2 files per process ahead of the shard asked for, skipping finished shards:
+    enough that no process waits for its next file, few enough that little work past the split's
+    limit is thrown away. Shard k is then either finished, in flight, or made here when asked for."""
+
+    def __init__(self, jobs: list[ShardJob], root: Path, dtype: np.dtype, bar: _Progress) -> None:
+        self.jobs, self.root, self.dtype, self.bar = jobs, root, dtype, bar
+        self.pool: ProcessPoolExecutor | None = None
+        self.manager: Any = None
+        self.queue: Any = None
+        self.futures: dict[int, Future] = {}
+        self.next_submit = 0
+        self.ahead = 0
+
+    def start(self, num_proc: int) -> None:
         if num_proc > 1:
             ctx = multiprocessing.get_context("spawn")  # no forked copies of tokenizer threads or locks
-            manager = ctx.Manager()
-            queue = manager.Queue()
-            pool = ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx)
-        for k, (path, stem) in enumerate(zip(files, stems)):
-            # Keep 2 files per process in flight, in file order, skipping the finished ones; so
-            # shard k is either finished, in flight, or (no pool) made here.
-            while pool is not None and len(futures) < 2 * num_proc and next_submit < len(files):
-                j = next_submit
-                next_submit += 1
-                if _done(root, stems[j], dtype) is None:
-                    futures[j] = pool.submit(tokenize_file, spec, tok_dir, files[j], str(root), stems[j], limit,
-                                             _Report(queue=queue), threads)
-            future = futures.pop(k, None)
-            if future is not None:
-                while True:
-                    while not queue.empty():
-                        bar.update(queue.get())
-                    try:
-                        record = future.result(timeout=0.2)
-                        break
-                    except FutureTimeout:
-                        continue
-                while not queue.empty():
-                    bar.update(queue.get())
-            else:
-                record = _done(root, stem, dtype)
-                if record is not None:
-                    bar.update(record["tokens"])
-                else:
-                    record = tokenize_file(spec, tok_dir, path, str(root), stem, limit, _Report(callback=bar.update), threads)
-            lengths = np.diff(np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE))
-            keep = limit.keep(lengths, before)
-            if keep is not None:
-                if keep < record["documents"]:
-                    record = _trim(root, record, keep, dtype)
-                    lengths = lengths[:keep]
-                stopped_at = k
-            before += limit.counts(lengths)
-            shards.append(record)
-            if stopped_at is not None:
-                break
+            self.manager = ctx.Manager()
+            self.queue = self.manager.Queue()
+            self.pool = ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx)
+            self.ahead = 2 * num_proc
+
+    def shard(self, k: int) -> dict:
+        self._submit_ahead()
+        future = self.futures.pop(k, None)
+        if future is not None:
+            return self._wait(future)
+        record = _done(self.root, self.jobs[k].stem, self.dtype)
+        if record is not None:
+            self.bar.update(record["tokens"])
+            return record
+        return tokenize_file(self.jobs[k], _Report(callback=self.bar.update))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.manager is not None:
+            self.manager.shutdown()
+
+    def _submit_ahead(self) -> None:
+        while self.pool is not None and len(self.futures) < self.ahead and self.next_submit < len(self.jobs):
+            j = self.next_submit
+            self.next_submit += 1
+            if _done(self.root, self.jobs[j].stem, self.dtype) is None:
+                self.futures[j] = self.pool.submit(tokenize_file, self.jobs[j], _Report(queue=self.queue))
+
+    def _wait(self, future: Future) -> dict:
+        # Waits in short slices so that the workers' token counts reach the bar while they work.
+        while True:
+            self._drain()
+            try:
+                record = future.result(timeout=0.2)
+            except FutureTimeout:
+                continue
+            self._drain()
+            return record
+
+    def _drain(self) -> None:
+        while not self.queue.empty():
+            self.bar.update(self.queue.get())
+
+
+def _take_until_limit(maker: _ShardMaker, limit: Limit) -> tuple[list[dict], np.ndarray, int | None]:
+    """The shards of the split in file order up to the one where `limit` falls (trimmed there),
+    their counts, and that shard's index (None when the files ran out first)."""
+    counts = np.zeros(4, dtype=np.int64)
+    shards: list[dict] = []
+    for k, job in enumerate(maker.jobs):
+        record = maker.shard(k)
+        lengths = np.diff(np.fromfile(maker.root / f"{job.stem}.idx", dtype=IDX_DTYPE))
+        keep = limit.keep(lengths, counts)
+        if keep is not None and keep < record["documents"]:
+            record = _trim(maker.root, record, keep, maker.dtype)
+            lengths = lengths[:keep]
+        counts += limit.counts(lengths)
+        shards.append(record)
+        if keep is not None:
+            return shards, counts, k
+    return shards, counts, None
+
+
+def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], limit: Limit, *, num_proc: int,
+                   dtype: np.dtype, progress: bool) -> dict:
+    jobs = [ShardJob(spec=spec, tokenizer_dir=str(root / TOKENIZER_DIR), path=path, root=str(root),
+                     stem=shard_stem(split, k), limit=limit, threads=1 if num_proc > 1 else -1)
+            for k, path in enumerate(files)]
+    bar = _Progress(progress, split)
+    maker = _ShardMaker(jobs, root, dtype, bar)
+    try:
+        maker.start(num_proc)
+        shards, counts, stopped_at = _take_until_limit(maker, limit)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        if manager is not None:
-            manager.shutdown()
+        maker.close()
         bar.close()
     if stopped_at is not None:
-        for k in range(stopped_at + 1, len(files)):  # speculative work past the limit, or an older run's
-            _remove_shard(root, stems[k])
+        for job in jobs[stopped_at + 1:]:  # speculative work past the limit, or an older run's
+            _remove_shard(root, job.stem)
     complete = stopped_at is None or (stopped_at == len(files) - 1 and not shards[-1].get("cut"))
-    if before[0] == 0:
+    if counts[0] == 0:
         raise ConfigError(f"the {split} split has no documents (files: {', '.join(files[:3])})")
-    return {"documents": int(before[0]), "tokens": int(before[1]), "complete": bool(complete), "shards": shards}
+    return {"documents": int(counts[0]), "tokens": int(counts[1]), "complete": bool(complete), "shards": shards}
 
 
 def _splits(spec: DataSpec) -> list[str]:
@@ -303,9 +356,7 @@ def _check_plan(root: Path, plan: dict, have: dict, what: str) -> None:
                           f"use another out, or delete it to start over")
 
 
-def prepare(spec: DataSpec, out: str | os.PathLike, tokens: int | None = None, documents: int | None = None,
-            num_proc: int = 1, progress: bool = True) -> dict:
-    """Tokenize `spec`'s splits into `out`; returns the manifest (also when it was already done)."""
+def _check_request(spec: DataSpec, *, tokens: int | None, documents: int | None, num_proc: int) -> None:
     if spec.source == "tokens":
         raise ConfigError("data=tokens is already prepared; give dlr-prepare the data config it came from (c4, c4_local, c4_sample, text)")
     for key, value in (("tokens", tokens), ("documents", documents)):
@@ -315,22 +366,22 @@ def prepare(spec: DataSpec, out: str | os.PathLike, tokens: int | None = None, d
         raise ConfigError(f"tokens={tokens} and documents={documents} both set; accepted: one of them (or neither)")
     if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
         raise bad_value("num_proc", num_proc, "an integer >= 1")
+
+
+def _out_root(out: str | os.PathLike) -> Path:
+    """`out` as a directory path, refused while it holds anything but a (finished or unfinished) prepare."""
     root = Path(out).expanduser()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"out={str(root)!r} is a file; give a directory")
     if root.is_dir() and any(root.iterdir()) and not (root / PLAN).is_file():
         raise ConfigError(f"out={str(root)!r} exists and is not a dlr-prepare directory; give a new or empty directory")
+    return root
 
-    tokenizer = load_tokenizer(spec.tokenizer)
-    splits = _splits(spec)
-    files = {s: resolve_files(spec, s) for s in splits}
-    for s in splits:
-        for f in files[s]:
-            check_local_file(spec, f)
-    limits = {"train": Limit(documents=documents, tokens=tokens),
-              "validation": Limit(val_tokens=spec.val_tokens, seq_len=spec.seq_len)}
-    dtype = dtype_for(tokenizer.vocab_size)
-    plan = {
+
+def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[str]], *, tokens: int | None,
+          documents: int | None) -> dict:
+    """Everything the shards depend on: a re-run continues or reuses `out` only when this is equal."""
+    return {
         "source": {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
                    "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
                    "validation_files": list(spec.validation_files), "text_field": spec.text_field,
@@ -338,9 +389,14 @@ def prepare(spec: DataSpec, out: str | os.PathLike, tokens: int | None = None, d
         "files": files,
         "tokenizer": {"name": spec.tokenizer, "class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "sha256": tokenizer_hash(tokenizer)},
-        "dtype": dtype.name,
+        "dtype": dtype_for(tokenizer.vocab_size).name,
         "limits": {"tokens": tokens, "documents": documents, "val_tokens": spec.val_tokens, "val_seq_len": spec.seq_len},
     }
+
+
+def _finished(root: Path, plan: dict, dtype: np.dtype) -> dict | None:
+    """The manifest when `root` holds a finished prepare of `plan` with intact shards, else None
+    (after removing damaged shards, so that this run redoes just them). Refuses another plan's work."""
     if (root / MANIFEST).is_file():
         manifest = json.loads((root / MANIFEST).read_text())
         _check_plan(root, plan, manifest, "a finished prepare")
@@ -356,19 +412,47 @@ def prepare(spec: DataSpec, out: str | os.PathLike, tokens: int | None = None, d
     elif (root / PLAN).is_file():
         _check_plan(root, plan, json.loads((root / PLAN).read_text()), "an unfinished prepare")
         log.info("resuming the unfinished prepare in %s", root)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / PLAN, plan)
+    return None
+
+
+def _save_tokenizer(root: Path, tokenizer: Tokenizer, spec: DataSpec, sha256: str) -> None:
+    """Save the tokenizer beside the shards (via a temporary name), and check that it loads back as
+    the same tokenizer, so that `data=tokens` never decodes with another one."""
     if not (root / TOKENIZER_DIR).is_dir():
         tmp = root / (TOKENIZER_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tokenizer.save(tmp)
         os.replace(tmp, root / TOKENIZER_DIR)
     saved = load_tokenizer(str(root / TOKENIZER_DIR))
-    if tokenizer_hash(saved) != plan["tokenizer"]["sha256"]:
+    if tokenizer_hash(saved) != sha256:
         raise ConfigError(f"the tokenizer saved in {str(root / TOKENIZER_DIR)!r} differs from data.tokenizer={spec.tokenizer!r}; delete out and start over")
 
+
+def prepare(spec: DataSpec, out: str | os.PathLike, *, tokens: int | None = None, documents: int | None = None,
+            num_proc: int = 1, progress: bool = True) -> dict:
+    """Tokenize `spec`'s splits into `out`; returns the manifest (also when it was already done)."""
+    _check_request(spec, tokens=tokens, documents=documents, num_proc=num_proc)
+    root = _out_root(out)
+    tokenizer = load_tokenizer(spec.tokenizer)
+    splits = _splits(spec)
+    files = {s: resolve_files(spec, s) for s in splits}
+    for s in splits:
+        for f in files[s]:
+            check_local_file(spec, f)
+    limits = {"train": Limit(documents=documents, tokens=tokens),
+              "validation": Limit(val_tokens=spec.val_tokens, seq_len=spec.seq_len)}
+    dtype = dtype_for(tokenizer.vocab_size)
+    plan = _plan(spec, tokenizer, files, tokens=tokens, documents=documents)
+    manifest = _finished(root, plan, dtype)
+    if manifest is not None:
+        return manifest
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json(root / PLAN, plan)
+    _save_tokenizer(root, tokenizer, spec, plan["tokenizer"]["sha256"])
+
     t0 = time.perf_counter()
-    out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc, dtype, progress) for s in splits}
+    out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc=num_proc, dtype=dtype, progress=progress)
+                  for s in splits}
     for tmp in root.glob("*.tmp"):
         tmp.unlink()
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, **plan, "splits": out_splits,
