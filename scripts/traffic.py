@@ -42,7 +42,7 @@ from torch._inductor.scheduler import ExternKernelSchedulerNode
 from bench_train import SEQ, recipe_micro_batch
 from dlr.loss import make_loss_fn
 from dlr.model import build_model
-from dlr.train.loop import compile_decoder
+from dlr.train.compile import compile_decoder
 from dlr.zoo import VOCAB_SIZE, get_size
 
 KINDS = ("generated", "gemm", "other_extern")

@@ -131,7 +131,6 @@ CASES = [
     (T, ["dry_run=true", "resume=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (T, ["dry_run=true", "plan_processes=0"], "plan_processes=0"),
     (T, ["optimizer=spectron", "parallelism=fsdp2"], "optimizer=spectron is not supported with parallelism='fsdp2'"),
-    (T, ["compile_region=true", "parallelism=fsdp2"], "compile_region=true is not supported with parallelism='fsdp2'"),
     (T, ["compile_region=maybe"], "compile_region='maybe'"),
     # the run directory and the data, checked before anything is written
     (T, ["resume=never"], "resume='never'"),

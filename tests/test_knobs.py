@@ -286,21 +286,6 @@ def test_a_model_dir_written_before_the_knobs_loads_with_its_permutation(tmp_pat
             assert torch.equal(a, b), name
 
 
-def test_a_run_started_before_the_knobs_resumes_as_permuted(tmp_path):
-    from omegaconf import OmegaConf
-
-    from dlr.train.rundir import check_run_dir, upgrade_legacy_config
-
-    old = {"method": "dlr", "alpha": 1.0, "expand": "random_reuse", "scope": "all", "seed": 0, "rank": 16}
-    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
-    new = {**old, "expand": "permuted", "variance_correction": True, "trainable_alpha": False, "latent_alpha": None,
-           "trainable_latent_scale": False, "bias": False}
-    check_run_dir(tmp_path, new)  # the same run
-    with pytest.raises(ConfigError, match="expand"):
-        check_run_dir(tmp_path, {**new, "expand": "random_reuse"})
-    assert upgrade_legacy_config(new) is new  # a current config is left alone
-
-
 # ---------------------------------------------------------------- bad values
 
 

@@ -98,11 +98,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     state = json.loads((tmp_path / "two" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["processes"] == 2
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_4").glob("data_*.json")) == ["data_0.json", "data_1.json"]
-    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run,
-    # here with fuse_latents=true (a compute layout: DDP sees the same parameters, the same losses).
+    # The same run under `accelerate launch` (the shipped DDP config, 2 processes): the same run.
     from test_train_fsdp2 import accelerate2
 
-    cli(*common, "micro_batch=2", "fuse_latents=true", f"out_dir={tmp_path / 'accelerate'}",
+    cli(*common, "micro_batch=2", f"out_dir={tmp_path / 'accelerate'}",
         launcher=accelerate2("ddp.yaml"))
     assert json.loads((tmp_path / "accelerate" / "summary.json").read_text())["processes"] == 2
     via_accelerate = records(tmp_path / "accelerate")
@@ -183,17 +182,6 @@ def test_compile_gives_the_same_losses(tmp_path):
     train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
     train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "compile=true"))
     assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-4)
-
-
-def test_compile_region_reaches_the_decoder_compile(tmp_path, monkeypatch):
-    # What compile_decoder(region=True) computes is checked through inductor, gradient by gradient,
-    # in tests/test_fuse_latents.py; here only that the setting gets there (the model runs eager).
-    import dlr.train.loop as loop
-
-    seen = []
-    monkeypatch.setattr(loop, "compile_decoder", lambda model, region=False: seen.append(region))
-    summary = train(cfg("steps=1", f"out_dir={tmp_path / 'r'}", "method=dlr", "compile=true", "compile_region=true"))
-    assert seen == [True] and summary["compile_region"] is True
 
 
 def test_wandb_offline_logs_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):

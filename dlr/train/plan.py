@@ -37,7 +37,7 @@ def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
         raise bad_value("micro_batch", cfg.micro_batch, f"a divisor of global_batch/processes = {per_process}: {divisors}")
     per_forward = cfg.micro_batch * processes
     tokens_per_step = cfg.global_batch * seq_len
-    steps = math.ceil(cfg.tokens / tokens_per_step) if cfg.get("tokens") is not None else cfg.steps
+    steps = math.ceil(cfg.tokens / tokens_per_step) if cfg.tokens is not None else cfg.steps
     return TrainPlan(
         processes=processes,
         global_batch=cfg.global_batch,

@@ -26,20 +26,16 @@ PARALLELISMS = ("ddp", "fsdp2")
 
 
 def check_parallelism(cfg) -> str:
-    value = cfg.get("parallelism", "ddp")
+    value = cfg.parallelism
     if value not in PARALLELISMS:
         raise bad_value("parallelism", value, PARALLELISMS)
     if value == "fsdp2" and cfg.optimizer.name == "spectron":
         # Newton-Schulz and the power iteration need each factor whole; FSDP2 shards its rows.
         raise ConfigError("optimizer=spectron is not supported with parallelism='fsdp2' (it needs whole factors); "
                           "accepted: optimizer=adamw with fsdp2, or spectron with parallelism=ddp")
-    if value == "fsdp2" and cfg.get("compile_region"):
-        # FSDP2 compiles layer by layer already (each layer its own graph, compiled code shared).
-        raise ConfigError("compile_region=true is not supported with parallelism='fsdp2' (its layers are compiled one "
-                          "by one already); accepted: compile_region=false with fsdp2, or parallelism=ddp")
     if value == "fsdp2":
-        for key in ("trainable_alpha", "trainable_latent_scale"):
-            if cfg.get(key):
+        for key, on in (("trainable_alpha", cfg.trainable_alpha), ("trainable_latent_scale", cfg.trainable_latent_scale)):
+            if on:
                 # Folding it removes a per-layer Parameter that FSDP2 keeps in its group and would
                 # register again (and apply again) at the next gather, e.g. the folded evaluation.
                 raise ConfigError(f"{key}=true is not supported with parallelism='fsdp2' (its fold removes a parameter "

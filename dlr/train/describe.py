@@ -1,0 +1,55 @@
+"""The dry run: what a run would be (sizes, FLOPs, plan, memory), built on `meta`, nothing allocated."""
+from __future__ import annotations
+
+import torch
+
+from ..counting import ModelStats, model_stats
+from ..loss import DEFAULT_CHUNK_TOKENS
+from ..model import build_from_config, make_config
+from .compile import compile_enabled
+from .plan import TrainPlan, memory_estimate_gib
+from .setup import precision
+
+
+def memory_estimate(cfg, plan: TrainPlan, config, stats: ModelStats, parallelism: str) -> dict:
+    """memory_estimate_gib for these settings, rounded to 0.01 GiB."""
+    # A plan for several processes is a GPU plan: bf16 there, unless fp32 is asked for.
+    on_gpu = torch.cuda.is_available() or plan.processes > 1
+    bf16 = precision(cfg) == "bf16" or (plan.processes > 1 and cfg.precision != "fp32")
+    compiled_loss = cfg.loss == "liger" or compile_enabled(cfg.compile, torch.device("cuda" if on_gpu else "cpu"))
+    memory = memory_estimate_gib(stats, plan, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                                 config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+                                 parallelism=parallelism, optimizer_bytes_per_param=8,
+                                 fused_loss=cfg.loss != "plain", loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
+                                 compiled_loss=compiled_loss)
+    return {k: round(v, 2) for k, v in memory.items()}
+
+
+def _deploy_config(cfg, config):
+    # A DLR model deploys folded: no residual, alpha or latent scale; the bias stays.
+    if cfg.method == "dlr":
+        return make_config(config.dlr_size, "lowrank", cfg.rank, activation=cfg.activation,
+                           vocab_size=config.vocab_size, bias=cfg.bias)
+    return make_config(config.dlr_size, cfg.method, cfg.rank, activation=cfg.activation, vocab_size=config.vocab_size,
+                       variance_correction=cfg.variance_correction, trainable_alpha=cfg.trainable_alpha,
+                       latent_alpha=cfg.latent_alpha, trainable_latent_scale=cfg.trainable_latent_scale, bias=cfg.bias)
+
+
+def describe_plan(cfg, plan: TrainPlan, config) -> dict:
+    """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
+    train_stats = model_stats(build_from_config(config, device="meta"), plan.seq_len)
+    deploy_stats = model_stats(build_from_config(_deploy_config(cfg, config), device="meta"), plan.seq_len)
+    memory = {p: memory_estimate(cfg, plan, config, train_stats, p) for p in ("ddp", "fsdp2")}
+    return {
+        "model": config.dlr_size, "method": cfg.method, "rank": config.dlr_rank, "alpha": cfg.alpha,
+        "train_params": train_stats.total_params, "train_non_embedding_params": train_stats.non_embedding_params,
+        "deploy_params": deploy_stats.total_params, "deploy_non_embedding_params": deploy_stats.non_embedding_params,
+        "forward_flops_per_token": train_stats.forward_flops_per_token,
+        "train_flops_per_token": train_stats.train_flops_per_token,
+        "total_train_flops": train_stats.train_flops_per_token * plan.total_tokens,
+        **plan.as_dict(),
+        "parallelism": cfg.parallelism,
+        "memory_estimate_per_process_gib": memory[cfg.parallelism],
+        "memory_estimate_per_process_gib_by_parallelism": memory,
+        "out_dir": cfg.out_dir,
+    }
