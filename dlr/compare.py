@@ -24,7 +24,7 @@ import yaml
 
 from .atomic import write_atomic
 from .errors import ConfigError
-from .train.rundir import RUNTIME_DATA_KEYS, RUNTIME_KEYS, upgrade_legacy_config
+from .train.rundir import RUNTIME_DATA_KEYS, RUNTIME_KEYS
 
 # Beyond the runtime keys: what makes a run one sample of a group rather than another group.
 SAMPLE_KEYS = {"seed", "out_dir"}
@@ -132,7 +132,7 @@ def find_run_dirs(args: Sequence[str]) -> list[Path]:
 def load_run(path: Path) -> Run:
     path = Path(path)
     try:
-        config = upgrade_legacy_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         summary = json.loads((path / "summary.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError(f"{str(path)!r} has an unreadable config.yaml or summary.json: {err}") from None
