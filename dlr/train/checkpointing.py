@@ -55,8 +55,9 @@ def save(state: TrainerState, wall_s: float) -> None:
                      "wandb_id": state.wandb_id, "last_eval": state.last_eval,
                      # What metrics.jsonl holds at this point: a resume drops what came after.
                      "metrics_lines": state.metrics.lines if state.metrics is not None else 0}
-    saved = save_checkpoint(state.accelerator, state.out_dir, state.step, state.model, state.optimizer,
-                            state.scheduler, _data_state(state), trainer_state, state.cfg.keep_last)
+    saved = save_checkpoint(state.accelerator, state.out_dir, state.step, model=state.model, optimizer=state.optimizer,
+                            scheduler=state.scheduler, data_state=_data_state(state), trainer_state=trainer_state,
+                            keep_last=state.cfg.keep_last)
     if state.is_main:
         normalize_modes(saved)  # safetensors writes 0600; every file of a run gets one mode
 

@@ -17,8 +17,8 @@ def memory_estimate(cfg, plan: TrainPlan, config, stats: ModelStats, parallelism
     on_gpu = torch.cuda.is_available() or plan.processes > 1
     bf16 = precision(cfg) == "bf16" or (plan.processes > 1 and cfg.precision != "fp32")
     compiled_loss = cfg.loss == "liger" or compile_enabled(cfg.compile, torch.device("cuda" if on_gpu else "cpu"))
-    memory = memory_estimate_gib(stats, plan, config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                                 config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+    memory = memory_estimate_gib(stats, plan, hidden=config.hidden_size, layers=config.num_hidden_layers,
+                                 heads=config.num_attention_heads, vocab=config.vocab_size, bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
                                  parallelism=parallelism, optimizer_bytes_per_param=8,
                                  fused_loss=cfg.loss != "plain", loss_chunk_tokens=DEFAULT_CHUNK_TOKENS,
                                  compiled_loss=compiled_loss)

@@ -182,7 +182,7 @@ def _quiet_single_process():
         yield
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, scheduler,
+def save_checkpoint(accelerator, out_dir: Path, step: int, *, model, optimizer, scheduler,
                     data_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Write checkpoints/step_<step> from every process; ConfigError (one line) if it cannot."""
     import torch.distributed.checkpoint as dcp
