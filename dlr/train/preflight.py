@@ -38,7 +38,10 @@ def check_out_dir(out_dir: Path) -> None:
         if len(os.fsencode(part)) > name_max:
             raise ConfigError(f"out_dir={str(out_dir)!r} has a path component of {len(os.fsencode(part))} bytes; "
                               f"accepted: components of at most {name_max} bytes")
-    existing = _nearest_existing(p)
+    try:
+        existing = _nearest_existing(p)
+    except OSError as e:  # e.g. the whole path longer than the system allows
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be named ({e.strerror}); accepted: a shorter path") from None
     if existing == p and not p.is_dir():
         raise ConfigError(f"out_dir={str(out_dir)!r} is a file; accepted: a directory (new, or a run of this config)")
     if not existing.is_dir():
