@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
-from dlr.train.loop import compile_decoder, compile_layers, compile_model
+from dlr.train.compile import compile_decoder, compile_layers
 from dlr.train.telemetry import peak_flops
 
 METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri", "lowrank_fused", "dlr_fused")
@@ -80,7 +80,7 @@ VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 
 COMPILE_SCOPE = {"decoder": compile_decoder, "decoder_region": lambda model: compile_decoder(model, region=True),
-                 "layers": compile_layers, "model": compile_model}
+                 "layers": compile_layers, "model": lambda model: model.compile()}
 SCOPE = ["decoder"]  # --compile-scope; a list so the memory child and build() share it
 FIRST_STEP_S: dict[tuple[str, str], float] = {}
 MODE: list[str | None] = [None]  # --compile-mode (None: torch.compile's default, what dlr-train uses)
