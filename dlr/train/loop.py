@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from ..errors import TrainingDiverged
 from .checkpointing import due, restore, resume_point, save, wall_clock
 from .describe import describe_plan, memory_estimate
+from .finish import finish
 from .plan import TrainPlan, make_plan
 from .preflight import check_data_files, check_out_dir
 from .reporting import TrainLogger, open_metrics
@@ -28,7 +29,6 @@ from .step import FiniteGuard, next_batches, train_step
 from .telemetry import Throughput
 from .training_state import check_checkpoint
 from .validation import run_eval
-from .finish import finish
 
 log = logging.getLogger("dlr.train")
 __all__ = ["TrainingDiverged", "train"]

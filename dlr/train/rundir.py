@@ -241,6 +241,18 @@ class MetricsLog:
             self.lines += 1
 
 
+def read_metrics(out_dir: Path) -> list[dict]:
+    """metrics.jsonl's records, oldest first; a line torn by a kill is skipped."""
+    path = Path(out_dir) / METRICS_FILE
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def write_summary(out_dir: Path, summary: dict) -> None:
     """summary.json, atomically, with this run directory's format_version."""
     record = {**summary, "format_version": RUN_FORMAT_VERSION}
