@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
-from dlr.train.loop import compile_decoder, compile_layers
+from dlr.train.compile import compile_decoder, compile_layers
 from dlr.train.telemetry import peak_flops
 
 from .recipe import SEQ, recipe_micro_batch

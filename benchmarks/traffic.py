@@ -41,7 +41,7 @@ from torch._inductor.scheduler import ExternKernelSchedulerNode
 
 from dlr.loss import make_loss_fn
 from dlr.model import build_model
-from dlr.train.loop import compile_decoder
+from dlr.train.compile import compile_decoder
 from dlr.zoo import VOCAB_SIZE, get_size
 
 from .recipe import SEQ, recipe_micro_batch

@@ -199,45 +199,6 @@ def test_the_compiled_decoder_is_one_fused_graph_with_the_same_numbers():
         torch._dynamo.reset()
 
 
-def test_the_decoder_compiled_with_a_layer_region_has_eager_gradients():
-    # compile_region=true (compile_decoder: one graph, the layer body one nested_compile_region)
-    # through inductor itself: on torch 2.13 its buffer reuse corrupted the tensors a region saves
-    # for backward (wrong gradients, same loss), which aot_eager does not show.
-    from torch._dynamo.utils import counters
-
-    from dlr.train.loop import compile_decoder
-
-    plain, fused = pair("dlr")
-    reference = loss_and_grads(plain)
-    torch._dynamo.reset()
-    counters.clear()
-    compile_decoder(fused, region=True)
-    try:
-        assert_same(loss_and_grads(fused), reference, rtol=1e-5, atol=1e-6)
-        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
-    finally:
-        torch._dynamo.reset()
-
-
-def test_dlr_train_with_fuse_latents_and_recompute_gives_the_same_losses(tmp_path, monkeypatch):
-    # Eager: the compiled decoder is checked above (aot_eager); inductor costs ~50 s of CPU here.
-    from test_train import cfg, records, train  # the hydra config of the trainer's tests
-
-    fused_calls = []
-    latent = LatentGroup.latent
-    monkeypatch.setattr(LatentGroup, "latent", lambda self, slot, x: fused_calls.append(self.active) or latent(self, slot, x))
-    train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
-    assert not fused_calls
-    train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "fuse_latents=true", "gradient_checkpointing=true"))
-    assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-5)
-    assert any(fused_calls)
-    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in "ab"]
-    assert [s["fuse_latents"] for s in summaries] == [False, True]
-    # A compute layout: the model directory is the unfused run's.
-    config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
-    assert not any("fuse" in k for k in config)
-
-
 def saved_bytes(model, bf16: bool) -> int:
     """Bytes autograd keeps for backward that are not parameters or buffers."""
     from test_layers import saved_for_backward

@@ -16,7 +16,7 @@ from dlr.cli.evaluate import main as eval_cli
 from dlr.errors import ConfigError, TrainingDiverged
 from dlr.train.finite import checkpoint_is_finite, nonfinite
 from dlr.train.loop import train
-from dlr.train.rundir import MetricsLog, RunLock
+from dlr.train.rundir import MetricsLog, RunLock, read_metrics
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4", "log_every=1",
         "data.val_tokens=1000", "data.num_workers=0", "eval_every=2", "save_every=2", "method=dlr"]
@@ -100,6 +100,21 @@ def test_metrics_are_strict_json(tmp_path):
     rec = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert rec["grad_norm"] is None and rec["lr"] is None and rec["loss"] == 2.0
     assert rec["nonfinite"] == {"grad_norm": "nan", "lr": "inf"}
+
+
+def test_a_resumed_metrics_log_keeps_exactly_the_lines_its_checkpoint_counted(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    for step in (1, 2, 2, 3):
+        log.write({"step": step})
+    assert log.lines == 4
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # torn by a kill
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, keep_lines=3)
+    assert resumed.lines == 3 and [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 2]
+    resumed.write({"step": 3})
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 2, 3]
+    MetricsLog(tmp_path / "metrics.jsonl", enabled=True)  # a fresh run starts a fresh log
+    assert read_metrics(tmp_path) == []
 
 
 def test_no_checkpoint_with_non_finite_weights_and_the_named_one_is_finite(tmp_path):

@@ -51,7 +51,7 @@ def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
     )
 
 
-def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, hidden: int, layers: int, heads: int, vocab: int,
+def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, *, hidden: int, layers: int, heads: int, vocab: int,
                         bf16: bool, gradient_checkpointing: bool, optimizer_bytes_per_param: int = 8,
                         parallelism: str = "ddp", fused_loss: bool = False, loss_chunk_tokens: int = 8192,
                         compiled_loss: bool = False) -> dict:

@@ -1,8 +1,15 @@
-"""The run directory contract that dlr-eval, dlr-fold and dlr-compare rely on, and its guards.
+"""The run directory: its names, its lock, its metrics and summary files, and their guards.
 
-out_dir/config.yaml (resolved), metrics.jsonl, checkpoints/step_<N>/, final/, folded/
-(method=dlr), summary.json. Only the main process writes here, holding `RunLock`
-(out_dir/.lock, removed when the run ends); every file is written atomically (dlr.atomic).
+dlr-train writes it; dlr-eval, dlr-fold and dlr-compare read it:
+
+    out_dir/config.yaml        the resolved settings (CONFIG_FILE)
+    out_dir/metrics.jsonl      one strict-JSON record per line (METRICS_FILE, MetricsLog)
+    out_dir/checkpoints/step_<N>/  training state (CHECKPOINTS_DIR; dlr.train.training_state)
+    out_dir/final/, folded/    model directories (FINAL_DIR, FOLDED_DIR; folded/ for method=dlr)
+    out_dir/summary.json       written last, with format_version (SUMMARY_FILE, read_summary)
+
+Only the main process writes here, holding `RunLock` (out_dir/.lock, removed when the run
+ends); every file is written atomically (dlr.atomic).
 """
 from __future__ import annotations
 
@@ -17,10 +24,13 @@ from pathlib import Path
 import yaml
 
 from ..atomic import file_mode, remove_stale_temps, write_atomic
-from ..config import TrainConfig, display_key, runtime_keys, to_dict
+from ..config import TrainConfig, display_key, run_name, runtime_keys  # noqa: F401  (run_name: the default out_dir)
 from ..errors import ConfigError
 
-LOCK_FILE = ".lock"
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOCK_FILE = "config.yaml", "metrics.jsonl", "summary.json", ".lock"
+CHECKPOINTS_DIR, FINAL_DIR, FOLDED_DIR = "checkpoints", "final", "folded"
+# The run directory's format, recorded in summary.json; a run of another format is refused.
+RUN_FORMAT_VERSION = 1
 # Settings that may change between a run and its resumption without making it another run
 # (declared `runtime` where they are declared); out_dir is one: a run directory that was
 # copied or moved resumes where it now is.
@@ -32,9 +42,8 @@ def _identity(cfg: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in cfg.items():
         dotted = prefix + str(key)
-        if dotted in RUNTIME_KEYS:
-            continue
-        out[key] = _identity(value, dotted + ".") if isinstance(value, dict) else value
+        if dotted not in RUNTIME_KEYS:
+            out[key] = _identity(value, dotted + ".") if isinstance(value, dict) else value
     return out
 
 
@@ -49,12 +58,16 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def read_run_config(out_dir: Path) -> dict:
+    """The settings a run directory was written with (its config.yaml), as plain data."""
+    return yaml.safe_load((Path(out_dir) / CONFIG_FILE).read_text()) or {}
+
+
 def check_run_dir(out_dir: Path, resolved: dict) -> None:
     """An existing out_dir from a different config is never silently overwritten."""
-    saved = Path(out_dir) / "config.yaml"
-    if not saved.exists():
+    if not (Path(out_dir) / CONFIG_FILE).exists():
         return
-    previous = yaml.safe_load(saved.read_text()) or {}
+    previous = read_run_config(out_dir)
     diff = sorted(display_key("train", k) for k in _differences(_identity(previous), _identity(resolved)))
     if diff:
         raise ConfigError(
@@ -63,23 +76,37 @@ def check_run_dir(out_dir: Path, resolved: dict) -> None:
         )
 
 
-def write_config(out_dir: Path, cfg: TrainConfig) -> None:
+def write_config(out_dir: Path, resolved: dict) -> None:
     """config.yaml, atomically, and only when its content changes (a resume rewrites nothing)."""
-    path = Path(out_dir) / "config.yaml"
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    path = Path(out_dir) / CONFIG_FILE
+    text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, default_flow_style=False)
     if not (path.is_file() and path.read_text() == text):
         write_atomic(path, text)
 
 
+def check_run_format(summary: dict, out_dir: Path) -> dict:
+    """`summary` if its run directory has this format; else one line naming both versions."""
+    found = summary.get("format_version") if isinstance(summary, dict) else None
+    if found != RUN_FORMAT_VERSION:
+        raise ConfigError(f"run directory {str(out_dir)!r} has format_version={found!r}; "
+                          f"accepted: {RUN_FORMAT_VERSION} (written by this dlr-train)")
+    return summary
+
+
+def read_summary(out_dir: Path) -> dict | None:
+    """summary.json of a finished run, checked for its format; None if absent or torn."""
+    try:
+        summary = json.loads((Path(out_dir) / SUMMARY_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # not finished, or torn by hand (finishing again rewrites it)
+    return check_run_format(summary, out_dir)
+
+
 def finished_summary(out_dir: Path) -> dict | None:
     """The summary of a run that has finished (summary.json and final/ written), else None."""
-    path = Path(out_dir) / "summary.json"
-    if not (path.is_file() and (Path(out_dir) / "final").is_dir()):
+    if not (Path(out_dir) / FINAL_DIR).is_dir():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # torn by hand; finishing again rewrites it
+    return read_summary(out_dir)
 
 
 # Lock fds this process holds. A forked child (a DataLoader worker) closes its copies, so the
@@ -107,11 +134,19 @@ class RunLock:
     """
 
     def __init__(self, out_dir: Path) -> None:
-        self.out_dir, self.path, self.fd, self.created = Path(out_dir), Path(out_dir) / LOCK_FILE, None, False
+        self.out_dir, self.path, self.fd = Path(out_dir), Path(out_dir) / LOCK_FILE, None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> "RunLock":
-        self.created = not self.out_dir.exists()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        """Take the lock, creating out_dir if it does not exist; ConfigError if either fails."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir={str(self.out_dir)!r} cannot be created ({e.strerror}); "
+                              "accepted: a directory path on a writable filesystem") from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
             try:
@@ -135,18 +170,13 @@ class RunLock:
         _HELD_LOCK_FDS.add(fd)
         return self
 
-    def release(self, remove_dir_if_empty: bool = False) -> None:
+    def release(self) -> None:
         if self.fd is None:
             return
         self.path.unlink(missing_ok=True)
         _HELD_LOCK_FDS.discard(self.fd)
         os.close(self.fd)  # closing drops the flock
         self.fd = None
-        if remove_dir_if_empty and self.created and set(os.listdir(self.out_dir)) <= {"config.yaml"}:
-            # This process made the directory and met bad input before any training state was
-            # written (e.g. resume= a checkpoint that does not fit): leave no trace, so the
-            # corrected command is not refused as "another run". Anything more is kept.
-            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -167,49 +197,64 @@ def dumps_strict(obj: dict, **kw) -> str:
     return json.dumps(_finite(obj), allow_nan=False, **kw)
 
 
-def _step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf  # a line torn by a kill: dropped
-
-
 class MetricsLog:
-    """Appends one strict-JSON object per line; safe to reopen after a resume."""
+    """Appends one strict-JSON object per line; `lines` counts what the file holds.
 
-    def __init__(self, path: Path, enabled: bool, start_step: int = 0) -> None:
-        self.path, self.enabled = Path(path), enabled
-        if enabled and start_step > 0 and self.path.exists():
-            # Records past the checkpoint we resume from would be duplicated by the replay.
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if _step(line) <= start_step]
-            if kept != lines:
-                write_atomic(self.path, "".join(line + "\n" for line in kept))
-        elif enabled and start_step == 0 and self.path.exists():
-            self.path.unlink()
+    A checkpoint records `lines`; a run resumed from it reopens the log with `keep_lines`
+    set to that count, so every record written after the checkpoint (and replayed by the
+    resumed run) is dropped first: each record is in the file exactly once. `keep_lines=None`
+    starts a fresh log.
+    """
+
+    def __init__(self, path: Path, enabled: bool, keep_lines: int | None = None) -> None:
+        self.path, self.enabled, self.lines = Path(path), enabled, 0
+        if not enabled:
+            return
+        if keep_lines is None:
+            self.path.unlink(missing_ok=True)
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = lines[:keep_lines]
+        if kept != lines:
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.lines = len(kept)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             # One write() of one line to an O_APPEND file: a kill leaves whole lines only
-            # (a torn last line at worst, which the resume above drops with the step filter).
+            # (a torn last line at worst, past the count a checkpoint holds, so a resume drops it).
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, file_mode())
             try:
                 os.write(fd, (dumps_strict({**record, "time": round(time.time(), 3)}) + "\n").encode())
             finally:
                 os.close(fd)
+            self.lines += 1
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """metrics.jsonl's records, oldest first; a line torn by a kill is skipped."""
+    path = Path(out_dir) / METRICS_FILE
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
-    write_atomic(Path(out_dir) / "summary.json", dumps_strict(summary, indent=2) + "\n")
+    """summary.json, atomically, with this run directory's format_version."""
+    record = {**summary, "format_version": RUN_FORMAT_VERSION}
+    write_atomic(Path(out_dir) / SUMMARY_FILE, dumps_strict(record, indent=2) + "\n")
 
 
 def tidy(out_dir: Path) -> None:
     """Remove temporaries that dead writers left in the run directory (we hold the lock)."""
-    for target in (Path(out_dir) / "final", Path(out_dir) / "folded", Path(out_dir) / "config.yaml",
-                   Path(out_dir) / "summary.json", Path(out_dir) / "metrics.jsonl"):
-        remove_stale_temps(target)
-    # A training checkpoint being assembled when its writer died (dlr/train/state.py's temp).
-    ckpts = Path(out_dir) / "checkpoints"
+    for name in (FINAL_DIR, FOLDED_DIR, CONFIG_FILE, SUMMARY_FILE, METRICS_FILE):
+        remove_stale_temps(Path(out_dir) / name)
+    # A training checkpoint being assembled when its writer died (dlr.train.training_state's temp).
+    ckpts = Path(out_dir) / CHECKPOINTS_DIR
     if ckpts.is_dir():
         for p in ckpts.glob(".tmp_step_*"):
             shutil.rmtree(p, ignore_errors=True)

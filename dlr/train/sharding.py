@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, bad_value
 
-from ..config.choices import PARALLELISMS
+PARALLELISMS = ("ddp", "fsdp2")
 
 
 def check_parallelism(cfg) -> str:
@@ -34,8 +34,8 @@ def check_parallelism(cfg) -> str:
         raise ConfigError("optimizer=spectron is not supported with parallelism='fsdp2' (it needs whole factors); "
                           "accepted: optimizer=adamw with fsdp2, or spectron with parallelism=ddp")
     if value == "fsdp2":
-        for key in ("trainable_alpha", "trainable_latent_scale"):
-            if getattr(cfg.factorization, key):
+        for key, on in (("trainable_alpha", cfg.factorization.trainable_alpha), ("trainable_latent_scale", cfg.factorization.trainable_latent_scale)):
+            if on:
                 # Folding it removes a per-layer Parameter that FSDP2 keeps in its group and would
                 # register again (and apply again) at the next gather, e.g. the folded evaluation.
                 raise ConfigError(f"{key}=true is not supported with parallelism='fsdp2' (its fold removes a parameter "

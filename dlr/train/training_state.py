@@ -8,7 +8,8 @@ Layout of checkpoints/step_<N>/:
     scheduler.json      the LR scheduler's state_dict
     data.json           the data position: per process, and in process-count-independent terms
     rng_<rank>.safetensors  torch/cuda/numpy/python RNG state of each process
-    trainer_state.json  step, tokens, wall time, wandb id, processes (written last)
+    trainer_state.json  step, tokens, wall time, wandb id, the last evaluation, the number of
+                        metrics.jsonl lines so far, processes, format_version (written last)
 
 Why torch.distributed.checkpoint with its Hugging Face safetensors storage: every process
 writes only the shards it holds (host memory stays bounded for 7B under FSDP2), the files
@@ -41,15 +42,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
+from .rundir import CHECKPOINTS_DIR
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# What a resume reads from trainer_state.json (dlr.train.checkpointing.restore).
+TRAINER_STATE_KEYS = ("step", "tokens", "wall_s", "wandb_id", "last_eval", "metrics_lines", "processes")
 STATE_DIR = "state"
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(out_dir) / "checkpoints"
+    root = Path(out_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
@@ -178,13 +182,13 @@ def _quiet_single_process():
         yield
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, model, optimizer, scheduler,
+def save_checkpoint(accelerator, out_dir: Path, step: int, *, model, optimizer, scheduler,
                     data_state: dict, trainer_state: dict, keep_last: int) -> Path:
     """Write checkpoints/step_<step> from every process; ConfigError (one line) if it cannot."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    root = Path(out_dir) / "checkpoints"
+    root = Path(out_dir) / CHECKPOINTS_DIR
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     rank, main = accelerator.process_index, accelerator.is_main_process
     model_sd, optim_sd = _state_dicts(model, optimizer)
@@ -258,6 +262,10 @@ def read_trainer_state(ckpt: Path) -> dict:
             f"checkpoint {str(ckpt)!r} has format_version={state.get('format_version') if isinstance(state, dict) else None!r}; "
             f"accepted: {FORMAT_VERSION} (written by this dlr-train)"
         )
+    missing = [k for k in TRAINER_STATE_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {str(ckpt)!r} is corrupt: trainer_state.json lacks {', '.join(missing)}; "
+                          "accepted: a complete checkpoints/step_<N> directory written by dlr-train")
     return state
 
 

@@ -1,0 +1,53 @@
+"""The trainer-state object: what one training run holds, passed to each part of the loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..counting import ModelStats
+from .plan import TrainPlan
+from .rundir import MetricsLog
+
+
+@dataclass
+class TrainerState:
+    """The parts of a run (built by dlr.train.setup) and where in training it is."""
+
+    cfg: Any
+    plan: TrainPlan
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any
+    val: list
+    tokenizer: Any
+    stats: ModelStats
+    out_dir: Path
+    compiled: bool
+    loss_impl: str
+    autocast_dtype: torch.dtype | None
+    step: int = 0
+    wall_before: float = 0.0  # wall time of the run before this process resumed it
+    wandb_id: str | None = None
+    last_eval: dict | None = None
+    metrics_lines: int | None = None  # metrics.jsonl lines to keep on resume (None: a fresh run)
+    metrics: MetricsLog | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def plain_model(self) -> torch.nn.Module:
+        """The model without DDP or torch.compile wrappers (FSDP2's sharded module stays)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def tokens(self, at_step: int) -> int:
+        return at_step * self.plan.tokens_per_step
