@@ -17,7 +17,6 @@ from dlr.config import from_overrides
 from safetensors.torch import load_file
 
 import dlr
-import dlr.cli.train  # noqa: F401  (registers the run-dir resolver)
 from dlr.cli import train as train_cli
 from dlr.train.loop import train
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..evaluation import evaluate
+from ..eval.loss import evaluate
 from .reporting import report, say
 from .state import TrainerState
 
