@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dlr.config import DataConfig, build
@@ -49,6 +49,9 @@ def data_spec(cfg: DataConfig | Mapping[str, Any]) -> DataSpec:
     unknown key such as data.seq_lenn is refused); what ties several keys together is checked here.
     """
     c = cfg if isinstance(cfg, DataConfig) else build(DataConfig, cfg, "data.")
+    if c.source == "tokens" and not isinstance(cfg, DataConfig) and "tokenizer" not in cfg:
+        # Token shards carry their tokenizer: an unset one means that one, not the default t5.
+        c = replace(c, tokenizer=None)
     if c.source == "tokens":
         return _tokens_spec(c)
     train_files, validation_files = _files(c.train_files), _files(c.validation_files)
