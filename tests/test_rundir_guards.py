@@ -16,7 +16,7 @@ from dlr.cli.evaluate import main as eval_cli
 from dlr.errors import ConfigError, TrainingDiverged
 from dlr.train.finite import checkpoint_is_finite, nonfinite
 from dlr.train.loop import train
-from dlr.train.rundir import MetricsLog, RunLock, read_metrics
+from dlr.run_dir import MetricsLog, RunLock, read_metrics
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4", "log_every=1",
         "data.val_tokens=1000", "data.num_workers=0", "eval_every=2", "save_every=2", "method=dlr"]

@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from dlr.data.token_batches import TokenBatches
 
 STATE_VERSION = 2
-# Version 1 had no "split" in its fingerprint: it always split by documents.
-_READABLE_VERSIONS = (1, 2)
 
 
 def split_mode(num_files: int, world_size: int) -> str:
@@ -223,14 +221,10 @@ class TrainBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") == "tokens":
             raise ConfigError(_FROM_TOKENS)
-        if state.get("version") not in _READABLE_VERSIONS:
-            raise ConfigError(
-                f"data state version={state.get('version')!r} is not valid; accepted: {list(_READABLE_VERSIONS)}"
-            )
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
         mine = self._fingerprint()
         saved = dict(state["config"])
-        if "split" not in saved:  # version 1: positions count the documents of the whole stream
-            saved["split"] = "documents" if saved.get("world_size", 1) > 1 else "files"
         # Split last: a changed world_size or file count is the cause, and is named first.
         for k in sorted(saved, key=lambda k: k == "split"):
             v = saved[k]

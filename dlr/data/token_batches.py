@@ -332,9 +332,8 @@ class TokenBatches:
         if state.get("kind") != STATE_KIND:
             if "config" in state:
                 raise ConfigError(_FROM_STREAMING)
-            # Written before token shards kept a process-count-independent position.
-            raise ConfigError(f"the checkpoint's data position belongs to its {saved} processes (written by an older "
-                              f"dlr); accepted: resume with {saved} processes")
+            raise ConfigError(f"the checkpoint's token data state has no format version (found {state.get('version')!r}); "
+                              f"accepted: version {STATE_VERSION}, as this dlr writes it")
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"token data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
         mine = self._portable_fingerprint()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..counting import model_stats
 from ..fold import fold_model
-from .rundir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
+from ..run_dir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
 from .sharding import save_final
 from .state import TrainerState
 from .telemetry import Throughput, peak_memory_gib

@@ -4,7 +4,7 @@ One code path for CPU, one GPU, many GPUs and nodes, DDP or FSDP2. Each part has
 settings (the config read), setup (model, optimizer, data), step (one optimizer step and
 its finite guard), validation, checkpointing (cadence, save, resume), reporting (metrics,
 tracker, console), telemetry (throughput, memory), finish (final/, fold, summary), describe
-(the dry run), and rundir / training_state (the on-disk formats).
+(the dry run), and training_state (the checkpoint format; the run directory is dlr.run_dir).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .finish import finish
 from .plan import TrainPlan, make_plan
 from .preflight import check_data_files, check_out_dir
 from .reporting import TrainLogger, open_metrics
-from .rundir import RunLock, check_run_dir, finished_summary, tidy, write_config
+from ..run_dir import RunLock, check_run_dir, finished_summary, tidy, write_config
 from .settings import resolved_settings
 from .setup import Inputs, build_state, check_inputs, make_accelerator
 from .state import TrainerState

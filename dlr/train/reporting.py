@@ -6,7 +6,7 @@ import uuid
 import torch
 from tqdm.auto import tqdm
 
-from .rundir import METRICS_FILE, MetricsLog
+from ..run_dir import METRICS_FILE, MetricsLog
 from .state import TrainerState
 from .telemetry import Throughput, peak_flops, peak_memory_gib
 

@@ -9,7 +9,7 @@ import torch
 
 from ..counting import ModelStats
 from .plan import TrainPlan
-from .rundir import MetricsLog
+from ..run_dir import MetricsLog
 
 
 @dataclass
