@@ -69,8 +69,7 @@ def _chunk_loss_and_grads_fused(h: torch.Tensor, w: torch.Tensor, y: torch.Tenso
     Inductor then reads the GEMM's logits once for the log-sum-exp and once more for a single
     pointwise kernel that writes the gradient in h's dtype; no fp32 copy of the logits is
     stored. The in-place form above makes it write them in fp32, update them twice and
-    scatter: about 24 bytes per (token, vocabulary entry) against 8 (scripts/traffic.py's
-    count, CPU codegen; equal results). Eager, this form would hold several fp32 [chunk, vocab]
+    scatter, three times the memory traffic (benchmarks/traffic.py counts it). Eager, this form would hold several fp32 [chunk, vocab]
     temporaries, so eager keeps the in-place one.
     """
     logits, valid, safe, lse, loss = _chunk_lse_and_loss(h, w, y)
@@ -184,8 +183,8 @@ def liger_available() -> bool:
 def resolve_loss_impl(impl: str, device: torch.device) -> str:
     """`auto` is `chunked`, on every device.
 
-    Liger measured 8% faster than the compiled chunked loss in isolation on an H200
-    (docs/benchmarks.md), but its forward reads the label count back to the host
+    Liger's kernel alone can be faster (docs/performance.md), but its forward reads the label
+    count back to the host
     (`target_mask.sum().item()`): one host sync per micro-batch, which the trainer's hot path
     must not have. `loss=liger` stays available.
     """

@@ -1,5 +1,5 @@
 """What the trainer runs on a GPU: SDPA/flash attention, fused AdamW refusing a bad step on the
-device, no host sync inside a step. The CUDA-only checks run on the lent GPU (docs/benchmarks.md)."""
+device, no host sync inside a step. The CUDA-only checks skip without a GPU (benchmarks/gpu_checks.sh runs them)."""
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ import torch
 
 
 def compile_enabled(setting: bool | str, device: torch.device) -> bool:
-    """compile=auto: on for CUDA (see docs/benchmarks.md), off on CPU, where compile time dominates."""
+    """compile=auto: on for CUDA (docs/performance.md), off on CPU, where compile time dominates."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 

@@ -72,9 +72,8 @@ def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, *, hidden: int, laye
     tensor); compiled (`compiled_loss`, and Liger), one buffer in the compute dtype that the
     gradient overwrites (2 bytes in bf16, 4 in fp32); plus lm_head's fp32 gradient and the
     hidden states' gradient). With checkpointing only each layer's input (2 * s * b * h bytes)
-    is kept. An estimate, not a measurement: compare it
-    with `peak_mem_gib` in summary.json (docs/training.md, "Memory"; H200 figures in
-    docs/benchmarks.md, within 6% at llama_1b and llama_60m).
+    is kept. An estimate, not a measurement: compare it with `peak_mem_gib` in summary.json
+    (docs/training.md, "Memory"; measured figures in docs/performance.md).
     """
     if parallelism not in ("ddp", "fsdp2"):
         raise bad_value("parallelism", parallelism, ("ddp", "fsdp2"))
