@@ -13,6 +13,10 @@ _EXPORTS = {
     "ModelStats": "dlr.counting",
     "model_stats": "dlr.counting",
     "fold_model": "dlr.fold",
+    "fold_and_verify": "dlr.fold",
+    "FoldReport": "dlr.fold",
+    "evaluate_checkpoint": "dlr.eval",
+    "EvalReport": "dlr.eval",
     "DlrLlamaConfig": "dlr.hf",
     "DlrLlamaForCausalLM": "dlr.hf",
     "LowRankLinear": "dlr.hf",
@@ -26,7 +30,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBPACKAGES = ("config", "data", "eval", "optim", "train")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"dlr.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dlr' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
