@@ -64,7 +64,7 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
             continue
         state[name] = t
     for name, m in lowrank.items():
-        w = m.effective_B().float() @ m.A.float()
+        w = m.up_weight().float() @ m.A.float()
         state[f"{name}.weight"] = w.to(m.A.dtype)
     dense.load_state_dict(state, strict=True, assign=True)
     # Non-persistent rotary buffers are not in the state dict: rebuild them on the real device.

@@ -5,7 +5,6 @@ import torch
 
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .hf.lowrank import fuse_latents
 from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
 
 
@@ -69,7 +68,7 @@ def make_config(
 
 
 OPTIONS = ("activation", "expand", "scope", "seed", "vocab_size", "variance_correction", "trainable_alpha",
-           "latent_alpha", "trainable_latent_scale", "bias", "fuse_latents")
+           "latent_alpha", "trainable_latent_scale", "bias")
 
 
 def check_factorization(method: str, rank: int | None, alpha: float, activation: str, expand: str, scope: str,
@@ -119,25 +118,9 @@ def build_model(
     options: activation ("silu" | "identity" | "gelu" | "relu"), expand ("uniform" |
     "random_reuse" | "permuted"), scope ("all" | "attn" | "mlp"), seed (random_reuse /
     permuted), vocab_size, variance_correction (True), trainable_alpha (False),
-    latent_alpha (None), trainable_latent_scale (False), bias (False), fuse_latents (False: q/k/v and
-    gate/up latents from one GEMM each; a compute layout, not part of the config, see set_fuse_latents).
+    latent_alpha (None), trainable_latent_scale (False), bias (False).
     """
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; accepted: {', '.join(OPTIONS)}")
-    fuse = options.pop("fuse_latents", False)
-    built = build_from_config(make_config(model, method, rank, alpha, **options), device)
-    set_fuse_latents(built, fuse)
-    return built
-
-
-def set_fuse_latents(model: DlrLlamaForCausalLM, enabled: bool) -> int:
-    """Turn latent fusion (dlr.hf.lowrank.LatentGroup) on or off in place; returns the number of groups.
-
-    Not a config.json field: it changes which GEMMs run, not the model, so a model directory
-    is the same with it on or off (loaded models run unfused unless this is called again).
-    """
-    from .schema import TrainConfig, check_field
-
-    check_field(TrainConfig, "fuse_latents", enabled)
-    return fuse_latents(model, enabled)
+    return build_from_config(make_config(model, method, rank, alpha, **options), device)

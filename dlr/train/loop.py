@@ -21,7 +21,8 @@ from ..errors import ConfigError, TrainingDiverged
 from ..evaluation import evaluate
 from ..fold import fold_model
 from ..loss import DEFAULT_CHUNK_TOKENS, make_loss_fn, resolve_loss_impl
-from ..model import build_from_config, make_config, set_fuse_latents
+from ..model import build_from_config, make_config
+from ..training_paths import apply_training_paths
 from ..optim import build_optimizer
 from ..schema import TrainConfig, validate
 from ..zoo import size_from_mapping
@@ -252,7 +253,7 @@ def _run(cfg, spec, tokenizer, config, accelerator, plan, mixed, out_dir, resolv
     parallelism = cfg.parallelism  # checked by train() (check_parallelism)
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(config)
-    set_fuse_latents(model, cfg.get("fuse_latents", False))  # an older run's config.yaml has no key
+    apply_training_paths(model)
     stats = model_stats(model, plan.seq_len)
     if cfg.gradient_checkpointing:
         # transformers 5.x renamed it (the old name warns and goes away in v6); 4.x has only the old one.
