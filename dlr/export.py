@@ -18,7 +18,7 @@ from .atomic import atomic_dir
 from .errors import ConfigError
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
-from .model_dir import save_pretrained_quietly
+from .model_dir import save_pretrained_quietly, write_errors
 
 
 def dense_refusal(config: DlrLlamaConfig) -> str | None:
@@ -77,7 +77,7 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
 
 def save_dense_dir(dense: LlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, files: dict | None = None) -> Path:
     """Atomic write like save_model_dir; the result loads with plain AutoModelForCausalLM."""
-    with atomic_dir(out_dir) as tmp:
+    with write_errors(out_dir), atomic_dir(out_dir) as tmp:
         save_pretrained_quietly(dense, tmp)
         tokenizer.save(tmp)
         for name, obj in (files or {}).items():

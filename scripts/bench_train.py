@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
+from dlr.training_paths import apply_training_paths
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
 from dlr.train.loop import compile_decoder, compile_layers, compile_model
 from dlr.train.telemetry import peak_flops
@@ -89,7 +90,8 @@ PROFILE: list[Path | None] = [None]  # --profile
 
 def build(size: str, method: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
     base = FUSED.get(method, method)
-    model = build_model(size, "dlr" if base in VARIANTS else base, device=device, fuse_latents=method in FUSED)
+    model = build_model(size, "dlr" if base in VARIANTS else base, device=device)
+    apply_training_paths(model)  # what dlr-train runs
     if method in VARIANTS:
         for m in model.modules():
             if isinstance(m, LowRankLinear) and m.has_residual:

@@ -42,6 +42,7 @@ from torch._inductor.scheduler import ExternKernelSchedulerNode
 from bench_train import SEQ, recipe_micro_batch
 from dlr.loss import make_loss_fn
 from dlr.model import build_model
+from dlr.training_paths import apply_training_paths
 from dlr.train.loop import compile_decoder
 from dlr.zoo import VOCAB_SIZE, get_size
 
@@ -81,7 +82,8 @@ def step_bytes(size: str, method: str, layers: int, sequences: int, fuse_latents
     torch._dynamo.reset()
     metrics.reset()
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(get_size(size), num_hidden_layers=layers), method, fuse_latents=fuse_latents)
+    model = build_model(dataclasses.replace(get_size(size), num_hidden_layers=layers), method)
+    apply_training_paths(model)  # what dlr-train runs
     if bf16_weights:
         model.to(torch.bfloat16)
     compile_decoder(model)
