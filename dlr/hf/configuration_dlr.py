@@ -1,22 +1,15 @@
-"""Hugging Face config of a LLaMA whose projections are low-rank, with an optional DLR residual.
-
-Copied into every model directory as Hugging Face remote code: transformers only.
-"""
+"""Config of a LLaMA with low-rank projections and an optional DLR residual (shipped: transformers only)."""
 from __future__ import annotations
 
 from transformers import LlamaConfig
 
 
 class DlrLlamaConfig(LlamaConfig):
-    """LlamaConfig plus the factorization.
-
-    dlr_method: "full" (dense), "lowrank" (y = B act(A x)) or "dlr" (plus the residual
-    (alpha/sqrt(K)) Expand_K(z)). dlr_folded=True: residual and latent scale are folded into B,
-    so the layout is a plain lowrank model's. The reference layer's knobs:
-    dlr_variance_correction (s = alpha/sqrt(K), else alpha), dlr_trainable_alpha,
-    dlr_latent_alpha (fixed latent scale latent_alpha / r), dlr_trainable_latent_scale
-    (tanh of a scalar, initialised to 1), dlr_bias (LLaMA's attention_bias / mlp_bias match it).
-    """
+    """LlamaConfig plus the factorization. dlr_method: full | lowrank (y = B act(A x)) | dlr (plus
+    the residual (alpha/sqrt(K)) Expand_K(z)); dlr_folded: residual and latent scale folded into B.
+    The reference's knobs: dlr_variance_correction (s = alpha/sqrt(K), else alpha), dlr_trainable_alpha,
+    dlr_latent_alpha (fixed latent scale latent_alpha / r), dlr_trainable_latent_scale (tanh of a
+    scalar, initialised to 1), dlr_bias (LLaMA's attention_bias / mlp_bias match it)."""
 
     model_type = "dlr_llama"
 

@@ -1,14 +1,9 @@
-"""The factorized projection of a DLR model, and the swap of a LLaMA's dense projections.
+"""The factorized projection y = c (B + s R) act(A x) + b, and the swap of LLaMA's projections.
 
-    y = c (B + s R) act(A x) + b,   K = ceil(d_out / r),   s = alpha / sqrt(K) (or alpha)
-
-R is the fixed one-hot [d_out, r] matrix of Expand_K (output o reads latent index[o]), so the
-residual s R z goes through the up weight: no [tokens, d_out] expansion is ever built. c is
-an optional latent scale (latent_alpha / r, or tanh of a trainable scalar), b an optional
-bias. Folding writes c (B + s R) into B, leaving y = B act(A x) + b, a plain rank-r layer.
-
-Copied into every model directory as Hugging Face remote code: torch and the standard
-library only.
+R is the fixed one-hot [d_out, r] matrix of Expand_K (output o reads latent index[o]), s =
+alpha / sqrt(K) (or alpha), K = ceil(d_out / r), c an optional latent scale, b an optional
+bias. The residual goes through the up weight: no [tokens, d_out] expansion is built. Folding
+writes c (B + s R) into B. Shipped in model directories (remote code): torch and stdlib only.
 """
 from __future__ import annotations
 
@@ -36,12 +31,9 @@ def reference_seed(seed: int, name: str) -> int:
 
 
 def expand_index(d_out: int, rank: int, mode: str, seed: int, name: str) -> torch.Tensor:
-    """Latent coordinate feeding each output; built on the CPU so `meta` builds have it too.
-
-    uniform: output o reads latent o // K. random_reuse: each output draws its latent with
-    replacement, exactly as the reference (name: "model.layers.0.self_attn.q_proj").
-    permuted: the uniform index shuffled (every latent keeps multiplicity K; name "0.q_proj").
-    """
+    """Latent feeding each output (on the CPU, so `meta` builds have it). uniform: o // K;
+    random_reuse: drawn with replacement as the reference (name "model.layers.0.self_attn.q_proj");
+    permuted: the uniform index shuffled (name "0.q_proj")."""
     if mode == "random_reuse":
         gen = torch.Generator(device="cpu").manual_seed(reference_seed(seed, name))
         return torch.randint(0, rank, (d_out,), generator=gen, device="cpu", dtype=torch.long)
@@ -58,13 +50,9 @@ def cola_init_std(d_in: int, d_out: int, rank: int) -> float:
 
 
 class LowRankLinear(nn.Module):
-    """y = c (B + s R) act(A x) + b; every knob off gives y = B act(A x).
-
-    dlr_index (with dlr_scale = s) adds the residual. Keyword-only knobs, the reference's:
-    trainable_alpha_divisor makes alpha a Parameter `dlr_alpha` with s = dlr_alpha / divisor;
-    latent_scale is a fixed c; trainable_latent_scale makes c = tanh(latent_scale_raw);
-    bias adds b.
-    """
+    """y = c (B + s R) act(A x) + b. dlr_index (s = dlr_scale) adds the residual; the reference's
+    knobs: trainable_alpha_divisor (s = Parameter dlr_alpha / divisor), latent_scale (fixed c),
+    trainable_latent_scale (c = tanh(latent_scale_raw)), bias (b)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, activation: str = "silu",
                  dlr_scale: float = 0.0, dlr_index: torch.Tensor | None = None, *,
@@ -77,39 +65,26 @@ class LowRankLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features))
         self.B = nn.Parameter(torch.empty(out_features, rank))
         device = self.B.device
-        self.dlr_scale, self.alpha_divisor = float(dlr_scale), None
-        if dlr_index is None:
-            self.dlr_index = None
-        else:
-            # Persistent: the index travels with the weights it was trained with.
+        self.dlr_scale, self.alpha_divisor, self.dlr_index = float(dlr_scale), None, None
+        if dlr_index is not None:  # persistent: the index travels with the weights it was trained with
+            del self.dlr_index
             self.register_buffer("dlr_index", dlr_index.to(device=device, dtype=torch.long))
-            if trainable_alpha_divisor is not None:
-                self.alpha_divisor = float(trainable_alpha_divisor)
-                # Shape [1]: FSDP2 refuses 0-d parameters.
-                self.dlr_alpha = nn.Parameter(torch.full((1,), self.dlr_scale * self.alpha_divisor, device=device))
+        if trainable_alpha_divisor is not None and dlr_index is not None:
+            self.alpha_divisor = float(trainable_alpha_divisor)  # dlr_alpha of shape [1]: FSDP2 refuses 0-d
+            self.dlr_alpha = nn.Parameter(torch.full((1,), self.dlr_scale * self.alpha_divisor, device=device))
         self.latent_scale = None if latent_scale is None else float(latent_scale)
         if trainable_latent_scale:
             self.latent_scale_raw = nn.Parameter(torch.ones(1, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
-    @property
-    def has_trainable_latent_scale(self) -> bool:
-        return "latent_scale_raw" in self._parameters
-
-    @property
-    def has_latent_scale(self) -> bool:
-        return self.latent_scale is not None or self.has_trainable_latent_scale
-
-    @property
-    def has_residual(self) -> bool:
-        return self.dlr_index is not None
+    has_trainable_latent_scale = property(lambda self: "latent_scale_raw" in self._parameters)
+    has_latent_scale = property(lambda self: self.latent_scale is not None or self.has_trainable_latent_scale)
+    has_residual = property(lambda self: self.dlr_index is not None)
 
     def residual_scale(self) -> torch.Tensor | float:
-        """s, a tensor with a gradient when alpha is trainable."""
         return self.dlr_alpha / self.alpha_divisor if self.alpha_divisor is not None else self.dlr_scale
 
     def latent_multiplier(self) -> torch.Tensor | float | None:
-        """c, or None."""
         return torch.tanh(self.latent_scale_raw) if self.has_trainable_latent_scale else self.latent_scale
 
     def up_weight(self) -> torch.Tensor:
@@ -128,7 +103,6 @@ class LowRankLinear(nn.Module):
         return w if c is None else w * c
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
-        """act(A x), the rank-r code."""
         z = F.linear(x, self.A)
         return z if self.activation == "identity" else getattr(F, self.activation)(z)
 
@@ -137,10 +111,7 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def fold_(self) -> bool:
-        """B <- c (B + s R) with the current s and c, then drop index, alpha and latent scale.
-
-        The folded layer computes the same function with the same ops. False if nothing to fold.
-        """
+        """B <- c (B + s R) (the same ops as the forward), dropping index, alpha and latent scale."""
         if self.dlr_index is None and not self.has_latent_scale:
             return False
         self.B.copy_(self.up_weight())
@@ -152,18 +123,12 @@ class LowRankLinear(nn.Module):
         return True
 
     def extra_repr(self) -> str:
-        knobs = [f"residual s={self.dlr_scale:.4g}"] if self.has_residual else []
-        knobs += ["latent_scale"] if self.has_latent_scale else []
-        knobs += ["bias"] if self.bias is not None else []
-        return ", ".join([f"in={self.in_features}, out={self.out_features}, rank={self.rank}, act={self.activation}", *knobs])
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, act={self.activation}, residual={self.has_residual}"
 
 
 def factorize_projections(layers: nn.ModuleList, config) -> int:
-    """Replace the seven dense projections of every decoder layer; returns how many.
-
-    Called before any weight initialisation. A folded config (dlr_folded) gets neither
-    residual nor latent scale: its layout is a plain lowrank model's.
-    """
+    """Swap the dense projections of every layer before weight init; returns how many. A folded
+    config gets neither residual nor latent scale: a plain lowrank model's layout."""
     if config.dlr_method == "full":
         return 0
     unfolded, rank, count = not config.dlr_folded, config.dlr_rank, 0
@@ -171,11 +136,8 @@ def factorize_projections(layers: nn.ModuleList, config) -> int:
     latent_alpha = config.dlr_latent_alpha if unfolded else None
     for i, layer in enumerate(layers):
         for part, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
-            for proj in PROJECTIONS:
-                dense = getattr(parent, proj, None)
-                if dense is None:
-                    continue
-                d_in, d_out = dense.in_features, dense.out_features
+            for proj in (p for p in PROJECTIONS if hasattr(parent, p)):
+                d_in, d_out = getattr(parent, proj).in_features, getattr(parent, proj).out_features
                 index, scale, divisor = None, 0.0, None
                 if proj in residual:
                     name = f"{i}.{proj}" if config.dlr_expand == "permuted" else f"model.layers.{i}.{part}.{proj}"

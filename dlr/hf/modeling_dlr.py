@@ -1,13 +1,9 @@
-"""LLaMA with factorized projections: the base model (AutoModel, what vLLM's Transformers
-backend builds) and the causal LM (AutoModelForCausalLM).
-
-Copied into every model directory as Hugging Face remote code, with configuration_dlr.py and
-lowrank.py: torch and transformers only.
-"""
+"""LLaMA with factorized projections: the base model (AutoModel, what vLLM's Transformers backend
+builds) and the causal LM. Shipped in model directories (remote code): torch and transformers only."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaForCausalLM, LlamaModel
+from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -19,8 +15,10 @@ AUTO_MAP = {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "mode
 
 
 @torch.no_grad()
-def init_lowrank(module: LowRankLinear) -> None:
-    # CoLA's scale, not HF's generic N(0, 0.02): it matters at low rank.
+def _init_weights(self, module: torch.nn.Module) -> None:
+    """HF's init, but CoLA's scale for the factors (not N(0, 0.02): it matters at low rank)."""
+    if not isinstance(module, LowRankLinear):
+        return LlamaPreTrainedModel._init_weights(self, module)
     std = cola_init_std(module.in_features, module.out_features, module.rank)
     init.normal_(module.A, mean=0.0, std=std)
     init.normal_(module.B, mean=0.0, std=std)
@@ -34,18 +32,17 @@ def init_lowrank(module: LowRankLinear) -> None:
 
 class DlrLlamaModel(LlamaModel):
     config_class = DlrLlamaConfig
+    _init_weights = _init_weights
 
     def post_init(self) -> None:
         # Swapped before HF's weight init runs, so it runs once, on the final modules.
         factorize_projections(self.layers, self.config)
         super().post_init()
 
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        init_lowrank(module) if isinstance(module, LowRankLinear) else super()._init_weights(module)
-
 
 class DlrLlamaForCausalLM(LlamaForCausalLM):
     config_class = DlrLlamaConfig
+    _init_weights = _init_weights
     # Set by the trainer to fused_loss(hidden, lm_head_weight, labels, num_items): the loss from
     # the hidden states, without [tokens, vocab] logits. None (loaded models, generate()): plain HF.
     fused_loss = None
@@ -64,9 +61,6 @@ class DlrLlamaForCausalLM(LlamaForCausalLM):
         factorize_projections(self.model.layers, self.config)
         self.model._init_weights = self._init_weights
         super().post_init()
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        init_lowrank(module) if isinstance(module, LowRankLinear) else super()._init_weights(module)
 
     def save_pretrained(self, *args, **kwargs):
         # The base model's entry too: vLLM's Transformers backend builds it with AutoModel.
