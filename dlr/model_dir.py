@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -116,7 +117,27 @@ def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files
         "code_sha256": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.py"))},
         "extra": extra or {},
     }
+    if "README.md" not in (files or {}):
+        write_model_card(tmp, extra or {}, (files or {}).get("fold_report.json"))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(tmp: Path, extra: dict, fold: dict | None) -> None:
+    """README.md in the Hub's model-card format, from the config, the weights and `extra`."""
+    from safetensors import safe_open
+
+    from .model_card import model_card
+
+    params = 0
+    for f in sorted(tmp.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            params += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys() if not k.endswith(".dlr_index"))
+    card_extra = dict(extra)
+    unfolded = read_meta(extra["folded_from"]).get("extra", {}) if extra.get("folded_from") and \
+        Path(extra["folded_from"], META_FILE).is_file() else {}
+    if "val_loss" in unfolded:
+        card_extra["unfolded_val_loss"] = unfolded["val_loss"]
+    (tmp / "README.md").write_text(model_card(read_config(tmp), params, card_extra, fold))
 
 
 def save_pretrained_quietly(model: Any, path: Path, **kwargs: Any) -> None:

@@ -66,9 +66,9 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(torch.empty(out_features, rank))
         device = self.B.device
         self.dlr_scale, self.alpha_divisor, self.dlr_index = float(dlr_scale), None, None
-        if dlr_index is not None:  # persistent: the index travels with the weights it was trained with
-            del self.dlr_index
-            self.register_buffer("dlr_index", dlr_index.to(device=device, dtype=torch.long))
+        if dlr_index is not None:  # persistent: it travels with the weights; on the buffers' device
+            del self.dlr_index  # (vLLM builds parameters on meta but loads buffers in place)
+            self.register_buffer("dlr_index", dlr_index.to(device=torch.get_default_device(), dtype=torch.long))
         if trainable_alpha_divisor is not None and dlr_index is not None:
             self.alpha_divisor = float(trainable_alpha_divisor)  # dlr_alpha of shape [1]: FSDP2 refuses 0-d
             self.dlr_alpha = nn.Parameter(torch.full((1,), self.dlr_scale * self.alpha_divisor, device=device))
