@@ -302,11 +302,9 @@ def load_model_dir(
 
     The model is built on `meta` (no allocation, no random init) and each tensor is read
     from safetensors straight to `device` and assigned, so peak memory is one model.
-    `verify` checks each weight file's sha256 recorded by save_model_dir (one read of the
-    files; verify=False skips it for trusted files). Returns (model in eval mode, tokenizer).
+    `verify` checks the sha256 of each weight file and shipped .py recorded by save_model_dir
+    and requires that record (one read of the files; verify=False skips it for trusted copies). Returns (model in eval mode, tokenizer).
     """
-    from safetensors import SafetensorError, safe_open
-
     from .data import load_tokenizer
 
     p = _check_dir(path)
@@ -321,7 +319,33 @@ def load_model_dir(
         model = DlrLlamaForCausalLM(config)
     # Persistent buffers (dlr_index) are in state_dict, so the file must hold them too.
     expected = model.state_dict()
-    # For error messages: the entry we want, and what the config implies.
+    found = _read_tensors(p, shards, expected=expected, config=config, device=device, dtype=dtype)
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {str(p)!r} lacks {len(missing)} tensor(s) a {_describe(config)} model needs, "
+            f"e.g. {missing[0]!r} (config.json and the weights disagree)"
+        )
+    for name, t in found.items():
+        if name.endswith(".dlr_index"):
+            _check_index(p, name, t, config.dlr_rank)
+        elif not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"checkpoint {str(p)!r}: {name} contains NaN/inf (corrupted weights)")
+    model.load_state_dict(found, strict=True, assign=True)
+    del found
+    _fresh_rotary(model, device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # a bug in this loader, not bad input
+        raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
+    model.eval()
+    return model, load_tokenizer(str(p))
+
+
+def _read_tensors(p: Path, shards: Mapping[str, Any], *, expected: dict[str, torch.Tensor], config: DlrLlamaConfig,
+                  device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards, checked against the model's names and shapes, on `device`."""
+    from safetensors import SafetensorError, safe_open
+
     found: dict[str, torch.Tensor] = {}
     for shard in shards:
         f_path = p / shard
@@ -348,25 +372,7 @@ def load_model_dir(
             raise ConfigError(f"weight file {str(f_path)!r} is truncated or corrupted ({' '.join(str(e).split())[:120]})") from None
         except OSError as e:
             raise ConfigError(f"weight file {str(f_path)!r} cannot be read ({e.strerror or e})") from None
-    missing = [k for k in expected if k not in found]
-    if missing:
-        raise ConfigError(
-            f"checkpoint {str(p)!r} lacks {len(missing)} tensor(s) a {_describe(config)} model needs, "
-            f"e.g. {missing[0]!r} (config.json and the weights disagree)"
-        )
-    for name, t in found.items():
-        if name.endswith(".dlr_index"):
-            _check_index(p, name, t, config.dlr_rank)
-        elif not bool(torch.isfinite(t).all()):
-            raise ConfigError(f"checkpoint {str(p)!r}: {name} contains NaN/inf (corrupted weights)")
-    model.load_state_dict(found, strict=True, assign=True)
-    del found
-    _fresh_rotary(model, device)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:  # a bug in this loader, not bad input
-        raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
-    model.eval()
-    return model, load_tokenizer(str(p))
+    return found
 
 
 def _check_index(p: Path, name: str, index: torch.Tensor, rank: int) -> None:
