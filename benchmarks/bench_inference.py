@@ -3,8 +3,8 @@
     python benchmarks/bench_inference.py --sizes llama_60m,llama_130m --threads 2 --repeats 5
 
 Random weights (speed does not depend on them). Per size and method: parameters, weight
-memory, prefill tokens/s (one forward over batch x prompt tokens) and decode tokens/s
-(generated tokens after the first, greedy HF `generate` with the KV cache) at each batch
+memory, prefill tokens/s (`generate` of one token: batch x prompt tokens) and decode tokens/s (the
+further tokens of greedy HF `generate` with the KV cache) at each batch
 size; the median of --repeats runs and their spread (min-max). Folded DLR and lowrank have the
 same graph and parameters, so they cost the same. With --vllm-python (a venv holding vLLM),
 the same models are also served by vLLM's Transformers backend (decode tokens/s, batch as
@@ -75,16 +75,18 @@ def spread(xs: list[float]) -> dict:
 def hf_speed(model: torch.nn.Module, *, batch: int, prompt: int, new: int, repeats: int) -> dict:
     ids = torch.randint(5, 30000, (batch, prompt), generator=torch.Generator().manual_seed(batch))
     prefill, decode = [], []
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
     for i in range(repeats + 1):  # the first run warms up (allocator, thread pool)
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=True)
-        t1 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        t2 = time.perf_counter()
+        first, full = timed(1), timed(new)  # first: the prefill (and one token); full: plus new - 1 decode steps
         if i:
-            prefill.append(batch * prompt / (t1 - t0))
-            # generate = one prefill + (new - 1) decode steps; the prefill was just timed.
-            decode.append(batch * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
+            prefill.append(batch * prompt / first)
+            if full > first:  # a noisy machine can invert the pair; such a repeat says nothing
+                decode.append(batch * (new - 1) / (full - first))
     return {"prefill_tok_s": spread(prefill), "decode_tok_s": spread(decode)}
 
 
