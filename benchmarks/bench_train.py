@@ -42,6 +42,7 @@ from dlr import build_model, model_stats
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
 from dlr.train.compile import compile_decoder, compile_layers
+from dlr.training_paths import apply_training_paths
 from dlr.train.telemetry import peak_flops
 
 from .recipe import SEQ, recipe_micro_batch
@@ -91,6 +92,7 @@ PROFILE: list[Path | None] = [None]  # --profile
 
 def build(size: str, method: str, device: torch.device, compile: bool = False) -> torch.nn.Module:
     model = build_model(size, "dlr" if method in VARIANTS else method, device=device)
+    apply_training_paths(model)  # what dlr-train runs
     if method in VARIANTS:
         for m in model.modules():
             if isinstance(m, LowRankLinear) and m.has_residual:

@@ -82,6 +82,7 @@ def step_bytes(size: str, method: str, layers: int, sequences: int, bf16_weights
     metrics.reset()
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(get_size(size), num_hidden_layers=layers), method)
+    apply_training_paths(model)  # what dlr-train runs
     if bf16_weights:
         model.to(torch.bfloat16)
     compile_decoder(model)

@@ -18,7 +18,7 @@ from .atomic import atomic_dir
 from .errors import ConfigError
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
-from .model_dir import save_pretrained_quietly
+from .model_dir import save_pretrained_quietly, write_errors
 
 
 def dense_refusal(config: DlrLlamaConfig) -> str | None:
@@ -64,7 +64,7 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
             continue
         state[name] = t
     for name, m in lowrank.items():
-        w = m.effective_B().float() @ m.A.float()
+        w = m.up_weight().float() @ m.A.float()
         state[f"{name}.weight"] = w.to(m.A.dtype)
     dense.load_state_dict(state, strict=True, assign=True)
     # Non-persistent rotary buffers are not in the state dict: rebuild them on the real device.
@@ -77,7 +77,7 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
 
 def save_dense_dir(dense: LlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, files: dict | None = None) -> Path:
     """Atomic write like save_model_dir; the result loads with plain AutoModelForCausalLM."""
-    with atomic_dir(out_dir) as tmp:
+    with write_errors(out_dir), atomic_dir(out_dir) as tmp:
         save_pretrained_quietly(dense, tmp)
         tokenizer.save(tmp)
         for name, obj in (files or {}).items():

@@ -8,7 +8,6 @@ import torch
 from .config import FactorizationConfig, build, check_field
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .hf.lowrank import fuse_latents
 from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
 
 
@@ -103,24 +102,10 @@ def build_model(
     dlr.config.FactorizationConfig: activation, expand, scope, variance_correction,
     trainable_alpha, latent_alpha, trainable_latent_scale, bias.
     """
-    fuse = options.pop("fuse_latents", False)
     seed, vocab_size = options.pop("seed", 0), options.pop("vocab_size", VOCAB_SIZE)
     knobs = set(_HF_FIELDS) - {"method", "rank", "alpha"}
     if set(options) - knobs:
         accepted = ", ".join(["seed", "vocab_size", *sorted(knobs)])
         raise ConfigError(f"unknown option(s) {sorted(set(options) - knobs)}; accepted: {accepted}")
     config = make_config(model, factorization(method, rank, alpha, **options), seed=seed, vocab_size=vocab_size)
-    built = build_from_config(config, device)
-    set_fuse_latents(built, fuse)
-    return built
-
-
-def set_fuse_latents(model: DlrLlamaForCausalLM, enabled: bool) -> int:
-    """Turn latent fusion (dlr.hf.lowrank.LatentGroup) on or off in place; returns the number of groups.
-
-    Not a config.json field: it changes which GEMMs run, not the model, so a model directory
-    is the same with it on or off (loaded models run unfused unless this is called again).
-    """
-    if not isinstance(enabled, bool):
-        raise bad_value("fuse_latents", enabled, "true, false")
-    return fuse_latents(model, enabled)
+    return build_from_config(config, device)

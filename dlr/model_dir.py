@@ -7,18 +7,22 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
     configuration_dlr.py, lowrank.py, modeling_dlr.py   HF remote code (auto_map)
     generation_config.json
     spiece.model (T5/SentencePiece) | tokenizer files of an HF tokenizer
+    README.md                       the model card (YAML front matter + text), if given
     dlr_checkpoint.json             format version, dlr version, size and sha256 of every
-                                    weight file, caller's `extra`
+                                    weight file, sha256 of every shipped .py, caller's `extra`
 
 Nothing here uses pickle. The per-layer expand index (`*.dlr_index`, random_reuse
 included) is a persistent buffer, so it travels in the safetensors with the weights.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "dlr_checkpoint.json"
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -69,10 +73,25 @@ def save_model_dir(
         raise ConfigError(f"save_model_dir expects a DlrLlamaForCausalLM, got {type(model).__name__}")
     if tokenizer is None:
         raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
-    with atomic_dir(out_dir) as tmp:
+    with write_errors(out_dir), atomic_dir(out_dir) as tmp:
         save_pretrained_quietly(model, tmp)
         finish_model_dir(tmp, tokenizer, extra, files)
     return Path(out_dir).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def write_errors(out_dir: str | os.PathLike) -> Iterator[None]:
+    """A write that fails (disk full, no permission) is one ConfigError naming the cause; the
+    atomic writer has already removed its temporary, so nothing is left behind."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"cannot write {str(out_dir)!r}: {e.strerror or e}") from None
+    except SafetensorError as e:  # the Rust serializer's io error: 'Os { code: 28, ..., message: "No space ..." }'
+        found = re.search(r'message: "([^"]+)"', str(e))
+        raise ConfigError(f"cannot write {str(out_dir)!r}: {found.group(1) if found else ' '.join(str(e).split())[:160]}") from None
 
 
 def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files: Mapping[str, Any] | None = None) -> None:
@@ -82,7 +101,10 @@ def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files
     """
     tokenizer.save(tmp)
     for name, obj in (files or {}).items():
-        (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        if isinstance(obj, str):  # text as is (the model card)
+            (tmp / name).write_text(obj)
+        else:
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     weights = sorted(p for p in tmp.iterdir() if p.name.endswith(".safetensors"))
     meta = {
         "format": "dlr-model-dir",
@@ -91,9 +113,31 @@ def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files
         # Sizes catch a truncated shard cheaply; sha256 any flipped byte (verify=true).
         "weight_files": {f.name: f.stat().st_size for f in weights},
         "sha256": {f.name: sha256_file(f) for f in weights},
+        # The code trust_remote_code=True runs: a changed or added .py is refused by dlr's loader.
+        "code_sha256": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.py"))},
         "extra": extra or {},
     }
+    if "README.md" not in (files or {}):
+        write_model_card(tmp, extra or {}, (files or {}).get("fold_report.json"))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(tmp: Path, extra: dict, fold: dict | None) -> None:
+    """README.md in the Hub's model-card format, from the config, the weights and `extra`."""
+    from safetensors import safe_open
+
+    from .model_card import model_card
+
+    params = 0
+    for f in sorted(tmp.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            params += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys() if not k.endswith(".dlr_index"))
+    card_extra = dict(extra)
+    unfolded = read_meta(extra["folded_from"]).get("extra", {}) if extra.get("folded_from") and \
+        Path(extra["folded_from"], META_FILE).is_file() else {}
+    if "val_loss" in unfolded:
+        card_extra["unfolded_val_loss"] = unfolded["val_loss"]
+    (tmp / "README.md").write_text(model_card(read_config(tmp), params, card_extra, fold))
 
 
 def save_pretrained_quietly(model: Any, path: Path, **kwargs: Any) -> None:
@@ -189,28 +233,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_sizes(p: Path, verify: bool = True) -> None:
-    """Sizes always; with `verify`, every weight file's sha256 against dlr_checkpoint.json."""
+def check_integrity(p: Path, verify: bool = True) -> None:
+    """Format version and sizes always; with `verify`, the metadata must exist and every
+    weight file's and shipped .py's sha256 must match it (verify=False: trusted copies)."""
     meta_path = p / META_FILE
     if not meta_path.is_file():
-        return  # a model directory written by plain save_pretrained; the headers still get checked
-    try:
-        meta = json.loads(meta_path.read_text())
-        sizes = meta.get("weight_files", {})
-    except Exception:
-        raise ConfigError(f"{str(meta_path)!r} is corrupted (not valid JSON)") from None
-    for name, size in sizes.items():
+        if verify:
+            raise ConfigError(f"checkpoint {str(p)!r} has no {META_FILE}, so its weights and code cannot be verified; "
+                              "accepted: a directory written by dlr (verify=false loads it unchecked)")
+        return
+    meta = read_meta(p)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{str(meta_path)!r} has format_version={version!r}; this dlr reads format_version={FORMAT_VERSION} "
+                          "only (re-save the model with the dlr that wrote it)")
+    for name, size in meta.get("weight_files", {}).items():
         f = p / name
         if not f.is_file():
             raise ConfigError(f"weight file {str(f)!r} is missing")
-        actual = f.stat().st_size
-        if actual != size:
-            raise ConfigError(f"weight file {str(f)!r} is truncated or corrupted: {actual} bytes, expected {size}")
-    # Directories written before format 1 recorded hashes have none to check.
-    for name, digest in (meta.get("sha256") or {}).items() if verify else ():
+        if f.stat().st_size != size:
+            raise ConfigError(f"weight file {str(f)!r} is truncated or corrupted: {f.stat().st_size} bytes, expected {size}")
+    if not verify:
+        return
+    for name, digest in meta.get("sha256", {}).items():
         if sha256_file(p / name) != digest:
             raise ConfigError(f"weight file {str(p / name)!r} does not match its sha256 in {META_FILE} (corrupted); "
                               "accepted: an intact copy (verify=false skips this check)")
+    code = meta.get("code_sha256", {})
+    for f in sorted(set(code) | {f.name for f in p.glob("*.py")}):
+        if f not in code or not (p / f).is_file() or sha256_file(p / f) != code[f]:
+            state = "is not listed" if f not in code else "is missing" if not (p / f).is_file() else "does not match its sha256"
+            raise ConfigError(f"shipped code {str(p / f)!r} {state} in {META_FILE} (changed after saving); "
+                              "accepted: the code dlr wrote (verify=false skips this check)")
 
 
 def find_tokenizer(path: str | os.PathLike) -> Path:
@@ -245,18 +299,16 @@ def load_model_dir(
 
     The model is built on `meta` (no allocation, no random init) and each tensor is read
     from safetensors straight to `device` and assigned, so peak memory is one model.
-    `verify` checks each weight file's sha256 recorded by save_model_dir (one read of the
-    files; verify=False skips it for trusted files). Returns (model in eval mode, tokenizer).
+    `verify` checks the sha256 of each weight file and shipped .py recorded by save_model_dir
+    and requires that record (one read of the files; verify=False skips it for trusted copies). Returns (model in eval mode, tokenizer).
     """
-    from safetensors import SafetensorError, safe_open
-
     from .data import load_tokenizer
 
     p = _check_dir(path)
     config = read_config(p)
     find_tokenizer(p)
     shards = weight_files(p)
-    _check_sizes(p, verify)
+    check_integrity(p, verify)
     device = torch.device(device)
 
     config._attn_implementation = "sdpa"
@@ -264,7 +316,33 @@ def load_model_dir(
         model = DlrLlamaForCausalLM(config)
     # Persistent buffers (dlr_index) are in state_dict, so the file must hold them too.
     expected = model.state_dict()
-    # For error messages: the entry we want, and what the config implies.
+    found = _read_tensors(p, shards, expected=expected, config=config, device=device, dtype=dtype)
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {str(p)!r} lacks {len(missing)} tensor(s) a {_describe(config)} model needs, "
+            f"e.g. {missing[0]!r} (config.json and the weights disagree)"
+        )
+    for name, t in found.items():
+        if name.endswith(".dlr_index"):
+            _check_index(p, name, t, config.dlr_rank)
+        elif not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"checkpoint {str(p)!r}: {name} contains NaN/inf (corrupted weights)")
+    model.load_state_dict(found, strict=True, assign=True)
+    del found
+    _fresh_rotary(model, device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:  # a bug in this loader, not bad input
+        raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
+    model.eval()
+    return model, load_tokenizer(str(p))
+
+
+def _read_tensors(p: Path, shards: Mapping[str, Any], *, expected: dict[str, torch.Tensor], config: DlrLlamaConfig,
+                  device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards, checked against the model's names and shapes, on `device`."""
+    from safetensors import SafetensorError, safe_open
+
     found: dict[str, torch.Tensor] = {}
     for shard in shards:
         f_path = p / shard
@@ -291,25 +369,7 @@ def load_model_dir(
             raise ConfigError(f"weight file {str(f_path)!r} is truncated or corrupted ({' '.join(str(e).split())[:120]})") from None
         except OSError as e:
             raise ConfigError(f"weight file {str(f_path)!r} cannot be read ({e.strerror or e})") from None
-    missing = [k for k in expected if k not in found]
-    if missing:
-        raise ConfigError(
-            f"checkpoint {str(p)!r} lacks {len(missing)} tensor(s) a {_describe(config)} model needs, "
-            f"e.g. {missing[0]!r} (config.json and the weights disagree)"
-        )
-    for name, t in found.items():
-        if name.endswith(".dlr_index"):
-            _check_index(p, name, t, config.dlr_rank)
-        elif not bool(torch.isfinite(t).all()):
-            raise ConfigError(f"checkpoint {str(p)!r}: {name} contains NaN/inf (corrupted weights)")
-    model.load_state_dict(found, strict=True, assign=True)
-    del found
-    _fresh_rotary(model, device)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:  # a bug in this loader, not bad input
-        raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
-    model.eval()
-    return model, load_tokenizer(str(p))
+    return found
 
 
 def _check_index(p: Path, name: str, index: torch.Tensor, rank: int) -> None:
@@ -333,11 +393,14 @@ def residual_layers(model: torch.nn.Module) -> int:
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """dlr_checkpoint.json ({} for a directory written by plain save_pretrained)."""
+    """dlr_checkpoint.json ({} when there is none)."""
     f = Path(path) / META_FILE
     if not f.is_file():
         return {}
     try:
-        return json.loads(f.read_text())
+        meta = json.loads(f.read_text())
     except Exception:
         raise ConfigError(f"{str(f)!r} is corrupted (not valid JSON)") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{str(f)!r} is corrupted (not a JSON object)")
+    return meta

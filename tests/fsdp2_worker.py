@@ -18,23 +18,12 @@ from dlr import build_model
 from dlr.model_dir import save_model_dir
 from dlr.data import load_tokenizer
 from dlr.fold import fold_model
-from dlr.hf.lowrank import LatentGroup
 from dlr.train.sharding import save_model_dir_gathered, shard_model
 from dlr.train.training_state import load_checkpoint, save_checkpoint
 
 SIZE, LR, WD = "llama_tiny", 1e-3, 0.01
 # build_model options from the test (e.g. the trainable alpha / latent scale, 1-element parameters).
 OPTIONS = json.loads(os.environ.get("DLR_TEST_MODEL_OPTIONS", "{}"))
-FUSED = [0]  # latents computed by a LatentGroup for all its siblings at once (fuse_latents)
-_group_latent = LatentGroup.latent
-
-
-def _counting_latent(self, slot, x):
-    FUSED[0] += self.active and self.source is None
-    return _group_latent(self, slot, x)
-
-
-LatentGroup.latent = _counting_latent
 
 
 def sharded(state: dict) -> torch.nn.Module:
@@ -82,9 +71,7 @@ def main(out: Path) -> None:
     report: dict = {"losses": [], "ref_losses": []}
     for s in range(2):
         # FSDP averages gradients over ranks: the reference sees both ranks' micro-batches at once.
-        FUSED[0] = 0
         local = step(model, opt, batch(s, rank))
-        report["sharded_fused_latents"] = FUSED[0]
         sched.step()
         both = torch.tensor([local])
         torch.distributed.all_reduce(both)

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,16 @@ def _truncate(d: Path, keep_meta: bool) -> None:
         (d / "dlr_checkpoint.json").unlink()
 
 
+def _edit_meta(d: Path, **changes) -> None:
+    meta = json.loads((d / "dlr_checkpoint.json").read_text())
+    meta.update(changes)
+    (d / "dlr_checkpoint.json").write_text(json.dumps(meta))
+
+
+def _append(f: Path, text: str) -> None:
+    f.write_text(f.read_text() + text)
+
+
 def _nan(d: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -144,6 +156,12 @@ BAD = {
     "method mismatch": (lambda d: _edit_config(d, dlr_method="full", dlr_rank=None), "does not have"),
     "folded flag lies": (lambda d: _edit_config(d, dlr_folded=True), "does not have"),
     "nan weights": (_nan, "NaN"),
+    "no metadata": (lambda d: (d / "dlr_checkpoint.json").unlink(), "has no dlr_checkpoint.json"),
+    "older format": (lambda d: _edit_meta(d, format_version=1), "format_version=1; this dlr reads format_version=2"),
+    "bad metadata": (lambda d: (d / "dlr_checkpoint.json").write_text("[1]"), "not a JSON object"),
+    "code changed": (lambda d: _append(d / "lowrank.py", "\nprint('hello')\n"), "lowrank.py' does not match its sha256"),
+    "code added": (lambda d: (d / "extra_code.py").write_text("import os\n"), "extra_code.py' is not listed"),
+    "code removed": (lambda d: (d / "modeling_dlr.py").unlink(), "modeling_dlr.py' is missing"),
     # Every tokenizer file (spiece.model and its AutoTokenizer twin, tokenizer.json + tokenizer_config.json).
     "no tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name in TOKENIZER_MARKERS], "no tokenizer"),
 }
@@ -154,8 +172,58 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, ckpt, case):
     d = _copy(ckpt[0], tmp_path / "ck")
     damage, needle = BAD[case]
     damage(d)
+    # Without the metadata only verify=false loads; the checks that need none still run.
+    verify = case == "no metadata" or (d / "dlr_checkpoint.json").is_file()
     with pytest.raises(ConfigError) as e:
-        load_model_dir(d)
+        load_model_dir(d, verify=verify)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
     assert str(d) in msg  # names the path
+
+
+def test_the_metadata_covers_every_shipped_file_and_verify_false_skips_the_hashes(tmp_path, ckpt):
+    d = _copy(ckpt[0], tmp_path / "ck")
+    meta = read_meta(d)
+    assert meta["format_version"] == 2
+    assert sorted(meta["code_sha256"]) == ["configuration_dlr.py", "lowrank.py", "modeling_dlr.py"]
+    assert sorted(meta["sha256"]) == ["model.safetensors"]
+    _append(d / "lowrank.py", "\n# edited\n")
+    (d / "dlr_checkpoint.json").unlink()
+    model, _ = load_model_dir(d, verify=False)  # a trusted copy: loads unchecked
+    with torch.no_grad():
+        assert torch.equal(model(X).logits, ckpt[1](X).logits)
+
+
+def test_a_loaded_model_ignores_the_shipped_code_and_cli_refuses_changed_code(tmp_path, ckpt, capsys):
+    from dlr.cli.evaluate import main as eval_main
+
+    d = _copy(ckpt[0], tmp_path / "ck")
+    _append(d / "modeling_dlr.py", "\nraise SystemExit('ran')\n")
+    with pytest.raises(SystemExit) as e:
+        eval_main([f"ckpt={d}", "data=c4_sample", "eval_tokens=512", "progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "modeling_dlr.py' does not match its sha256" in err
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user+mount namespaces (unshare -rm) for a tiny tmpfs")
+def test_dlr_fold_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, ckpt):
+    """A real full disk: a 1 MiB tmpfs, in a private mount namespace, as dlr-fold's out=."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    fold = f"{sys.executable} -m dlr.cli.fold ckpt={ckpt[0]} out={disk / 'folded'}"
+    script = f"mount -t tmpfs -o size=1m none {disk} && {fold}; code=$?; echo left: $(ls -A {disk}); exit $code"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert err.startswith("dlr-fold: error: ") and "No space left on device" in err and "\n" not in err, err
+    assert proc.stdout.strip().endswith("left:"), proc.stdout  # no half-written directory, no temporary

@@ -2,9 +2,12 @@
 give dlr's logits; identity checkpoints export to a dense LlamaForCausalLM. Every kind of
 directory (final/, folded/, dense export) also works with AutoTokenizer and
 pipeline("text-generation"), with the tokenizer giving the ids dlr trained on."""
+import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +115,58 @@ def test_identity_exports_to_a_plain_dense_llama(tmp_path):
 def test_silu_dense_export_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="activation=identity.*'silu'.*not a linear map"):
         export_dense(tiny())
+
+
+SHIPPED = ["configuration_dlr.py", "lowrank.py", "modeling_dlr.py"]
+
+
+def test_the_shipped_code_is_small_and_imports_only_torch_transformers_and_the_stdlib(tmp_path):
+    import ast
+
+    d = save_model_dir(tiny(), load_tokenizer("t5"), tmp_path / "d")
+    files = sorted(d.glob("*.py"))
+    assert [f.name for f in files] == SHIPPED
+    assert sum(len(f.read_text().splitlines()) for f in files) <= 250
+    for f in [*files, Path(dlr.hf.__file__)]:  # dlr.hf: nothing from the rest of dlr either
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert f"{node.module}.py" in SHIPPED, (f.name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    assert top in ("torch", "transformers", "__future__") or top in sys.stdlib_module_names, (f.name, name)
+
+
+def test_with_dlr_imported_a_dir_loads_without_remote_code_and_auto_model_is_the_factorized_base(tmp_path):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model = tiny(expand="random_reuse", seed=5)
+    d = save_model_dir(model, load_tokenizer("t5"), tmp_path / "final")
+    auto_map = json.loads((d / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "modeling_dlr.DlrLlamaModel",
+                        "AutoModelForCausalLM": "modeling_dlr.DlrLlamaForCausalLM"}
+    hf = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False).eval()
+    assert type(hf) is dlr.DlrLlamaForCausalLM  # the installed class, not the directory's code
+    base = AutoModel.from_pretrained(d, trust_remote_code=False).eval()
+    assert type(base).__name__ == "DlrLlamaModel"
+    assert isinstance(base.layers[0].mlp.down_proj, dlr.LowRankLinear) and base.layers[0].mlp.down_proj.has_residual
+    with torch.no_grad():
+        own = load_model_dir(d)[0](X).logits
+        assert torch.equal(hf(X).logits, own)
+        assert torch.equal(base(X).last_hidden_state, hf.model(X).last_hidden_state)
+
+
+def test_auto_tokenizer_loads_with_no_prompt_and_no_warning(tmp_path):
+    d = save_model_dir(tiny(), load_tokenizer("t5"), tmp_path / "d")
+    code = textwrap.dedent(f"""
+        import dlr
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(d)!r})
+        print(tok({PROMPT!r})["input_ids"])
+    """)
+    # stdin closed: a remote-code prompt would fail; any warning would reach stderr.
+    proc = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == load_tokenizer("t5").encode_batch([PROMPT])[0]

@@ -44,13 +44,13 @@ def tiny_decoder(method, activation, expand, vc, trainable_alpha, latent, bias, 
     attn.q_proj = nn.Linear(D_MODEL, D_FF)
     mlp = nn.Module()
     mlp.down_proj = nn.Linear(D_FF, D_MODEL)
-    model = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(self_attn=attn, mlp=mlp)]))
+    layers = [SimpleNamespace(self_attn=attn, mlp=mlp)]
     config = SimpleNamespace(
         dlr_method=method, dlr_folded=False, dlr_scope="all", dlr_rank=RANK, dlr_activation=activation,
         dlr_expand=expand, dlr_seed=seed, dlr_alpha=alpha, dlr_variance_correction=vc,
         dlr_trainable_alpha=trainable_alpha, dlr_latent_alpha=2.0 if latent == "fixed" else None,
         dlr_trainable_latent_scale=latent == "trainable", dlr_bias=bias)
-    assert factorize_projections(model, config) == 2
+    assert factorize_projections(layers, config) == 2
     layers = [attn.q_proj, mlp.down_proj]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -251,39 +251,36 @@ def test_dlr_fold_cli_verifies_a_model_with_every_knob(tmp_path, capsys):
 # ---------------------------------------------------------------- older model directories
 
 
-def test_a_model_dir_written_before_the_knobs_loads_with_its_permutation(tmp_path):
-    """random_reuse used to be the balanced permutation: such a dir reads as `permuted`, index intact."""
+def test_a_model_dir_keeps_the_random_reuse_index_it_was_trained_with(tmp_path):
+    """The index is in the weights: a directory whose index was drawn otherwise (e.g. by an
+    earlier seeding) loads with that index, through dlr and through transformers."""
     import json
 
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from dlr.model_dir import sha256_file
+
     torch.manual_seed(0)
-    model = dlr.build_model("llama_tiny", "dlr", expand="permuted", seed=2)
-    save_model_dir(model, load_tokenizer("t5"), tmp_path / "old")
-    raw = json.loads((tmp_path / "old" / "config.json").read_text())
-    for key in [k for k in raw if k in ("dlr_variance_correction", "dlr_trainable_alpha", "dlr_latent_alpha",
-                                          "dlr_trainable_latent_scale", "dlr_bias")]:
-        del raw[key]
-    raw["dlr_expand"] = "random_reuse"  # what the old code wrote for this index
-    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
-    assert read_config(tmp_path / "old").dlr_expand == "permuted"
-    loaded, _ = load_model_dir(tmp_path / "old")
-    for (name, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers()):
-        if name.endswith("dlr_index"):
-            assert torch.equal(a, b)
-            k = math.ceil(b.numel() / 16)
-            assert torch.equal(b.sort().values, torch.arange(b.numel()) // k)  # a permutation of the uniform index
-    # What the code before this change drew for `random_reuse` (layer 1's up_proj, seed 2), written out.
-    d_out, k = 176, math.ceil(176 / 16)
-    gen = torch.Generator().manual_seed(2 * 1_000_003 + zlib.crc32(b"1.up_proj"))
-    old_index = (torch.arange(d_out) // k)[torch.randperm(d_out, generator=gen)]
-    assert torch.equal(loaded.model.layers[1].mlp.up_proj.dlr_index, old_index)
+    model = dlr.build_model("llama_tiny", "dlr", expand="random_reuse", seed=2)
+    save_model_dir(model, load_tokenizer("t5"), tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    state = load_file(weights)
+    gen = torch.Generator().manual_seed(123)
+    drawn = {k: torch.randint(0, 16, v.shape, generator=gen) for k, v in state.items() if k.endswith("dlr_index")}
+    assert drawn and all(not torch.equal(state[k], v) for k, v in drawn.items())
+    save_file({**state, **drawn}, weights, metadata={"format": "pt"})
+    meta = json.loads((tmp_path / "d" / "dlr_checkpoint.json").read_text())
+    meta["sha256"]["model.safetensors"] = sha256_file(weights)
+    meta["weight_files"]["model.safetensors"] = weights.stat().st_size
+    (tmp_path / "d" / "dlr_checkpoint.json").write_text(json.dumps(meta))
+    loaded, _ = load_model_dir(tmp_path / "d")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "d", trust_remote_code=False)
+    for m in (loaded, hf):
+        got = {k: v for k, v in m.state_dict().items() if k.endswith("dlr_index")}
+        assert got.keys() == drawn.keys() and all(torch.equal(got[k], drawn[k]) for k in drawn)
     ids = torch.randint(2, 32000, (1, 12))
-    model.eval()
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    # The permuted index is the one the old code drew: rebuilding from the config gives it again.
-    rebuilt = dlr.build_from_config(read_config(tmp_path / "old"))
-    for (name, a), (_, b) in zip(model.named_buffers(), rebuilt.named_buffers()):
-        if name.endswith("dlr_index"):
-            assert torch.equal(a, b), name
+    torch.testing.assert_close(loaded(ids).logits, hf.eval()(ids).logits, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- bad values

@@ -1,10 +1,12 @@
 """The DLR residual through B + sR equals the explicit expansion; the training path adds no memory."""
+import hashlib
 import math
 
 import pytest
 import torch
 
 from dlr.hf.lowrank import LowRankLinear, cola_init_std, expand_index, expansion_factor
+from dlr.training_paths import TrainingLowRankLinear, apply_training_paths
 
 
 def explicit_dlr(layer: LowRankLinear, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,30 @@ def test_permuted_index_is_seeded_and_balanced():
     assert not torch.equal(a, expand_index(176, 16, "permuted", 4, "1.up_proj"))
     assert not torch.equal(a, expand_index(176, 16, "uniform", 3, "1.up_proj"))
     assert torch.equal(torch.bincount(a, minlength=16), torch.bincount(expand_index(176, 16, "uniform", 0, "x"), minlength=16))
+
+
+def reference_random_reuse(d_out: int, rank: int, seed: int, name: str) -> torch.Tensor:
+    """The authors' reference index, written out from its definition."""
+    key = int.from_bytes(hashlib.md5(name.encode("utf-8")).digest()[:8], "little")
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed ^ key) % (2**63 - 1))
+    return torch.randint(0, rank, (d_out,), generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42, 2**40 + 7])
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj"])
+def test_random_reuse_is_the_reference_index(seed, name):
+    assert torch.equal(expand_index(176, 16, "random_reuse", seed, name), reference_random_reuse(176, 16, seed, name))
+
+
+def test_a_built_random_reuse_model_carries_the_reference_index_per_module():
+    import dlr
+
+    model = dlr.build_model("llama_tiny", "dlr", rank=8, expand="random_reuse", seed=3)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    for name, m in layers.items():
+        assert torch.equal(m.dlr_index, reference_random_reuse(m.out_features, 8, 3, name)), name
 
 
 def test_random_reuse_draws_with_replacement_seeded_by_seed_and_module_name():
@@ -86,12 +112,18 @@ def test_fold_layer_is_exact_and_removes_the_buffer():
 
 
 # The training paths build B + sR three ways (eager autocast, eager fp32, torch.compile);
-# `effective_B` followed by F.linear is the reference each must match bit for bit.
+# the shipped layer (F.linear through `up_weight`) is the reference each must match bit for bit.
 SHAPES = [(64, 176, 16), (176, 64, 16), (64, 64, 24), (16, 13, 4)]
 
 
+def training_layer(layer: LowRankLinear) -> TrainingLowRankLinear:
+    wrapper = torch.nn.Sequential(layer)
+    assert apply_training_paths(wrapper) == 1 and type(layer) is TrainingLowRankLinear
+    return layer
+
+
 def reference_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(layer.latent(x), layer.effective_B())
+    return LowRankLinear.forward(layer, x)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "random_reuse", "permuted"])
@@ -100,7 +132,7 @@ def reference_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compile-path"])
 def test_training_paths_equal_linear_through_the_effective_weight(mode, d_in, d_out, rank, bf16, compiling, monkeypatch):
     layer, _ = make_layer(d_in, d_out, rank, mode, alpha=0.7)
-    layer = layer.float()
+    layer = training_layer(layer.float())
     x = torch.randn(3, 5, d_in, requires_grad=True)
     grad_out = torch.randn(3, 5, d_out)
     outs = []
@@ -120,7 +152,7 @@ def saved_bytes(layer: LowRankLinear, x: torch.Tensor, bf16: bool) -> int:
     """Bytes autograd keeps for backward that are not parameters, buffers, their cached
     views (built by a first call) or the input."""
     layer(x)
-    cached = [t for t in (layer._dlr_cache or ()) if t is not None]
+    cached = [t for t in (getattr(layer, "_dlr_cache", None) or ()) if t is not None]
     return saved_for_backward(lambda: layer(x), [*layer.parameters(), *layer.buffers(), *cached, x], bf16)
 
 
@@ -147,12 +179,13 @@ def test_residual_keeps_no_more_for_backward_than_lowrank(bf16):
     dlr, _ = make_layer(64, 176, 16)
     lowrank = LowRankLinear(64, 176, 16, "silu")
     x = torch.randn(4, 8, 64)
-    assert saved_bytes(dlr.float(), x, bf16) == saved_bytes(lowrank, x, bf16) > 0
+    assert saved_bytes(training_layer(dlr.float()), x, bf16) == saved_bytes(lowrank, x, bf16) > 0
 
 
 @pytest.mark.parametrize("assign", [False, True])
 def test_cached_operands_follow_a_loaded_index(assign):
     uniform, _ = make_layer(32, 40, 8)
+    uniform = training_layer(uniform)
     shuffled, index = make_layer(32, 40, 8, "random_reuse", seed=5)
     x = torch.randn(6, 32, dtype=torch.float64)
     uniform(x)  # fills the cache with the uniform layout
@@ -162,7 +195,7 @@ def test_cached_operands_follow_a_loaded_index(assign):
 
 def test_residual_layer_compiles_without_graph_breaks():
     layer, _ = make_layer(32, 40, 8)
-    layer = layer.float()
+    layer = training_layer(layer.float())
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,28 +1,51 @@
-"""LlamaForCausalLM with factorized projections; loads through AutoModelForCausalLM.
-
-Copied into saved model directories as HF remote code (with configuration_dlr.py and
-lowrank.py), so the folded model can be used without installing dlr.
-"""
+"""LLaMA with factorized projections: the base model (AutoModel, what vLLM's Transformers backend
+builds) and the causal LM. Shipped in model directories (remote code): torch and transformers only."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dlr import DlrLlamaConfig
 from .lowrank import LowRankLinear, cola_init_std, factorize_projections
 
+AUTO_MAP = {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "modeling_dlr.DlrLlamaModel",
+            "AutoModelForCausalLM": "modeling_dlr.DlrLlamaForCausalLM"}
+
+
+@torch.no_grad()
+def _init_weights(self, module: torch.nn.Module) -> None:
+    """HF's init, but CoLA's scale for the factors (not N(0, 0.02): it matters at low rank)."""
+    if not isinstance(module, LowRankLinear):
+        return LlamaPreTrainedModel._init_weights(self, module)
+    std = cola_init_std(module.in_features, module.out_features, module.rank)
+    init.normal_(module.A, mean=0.0, std=std)
+    init.normal_(module.B, mean=0.0, std=std)
+    if module.bias is not None:
+        init.zeros_(module.bias)
+    if module.has_trainable_latent_scale:
+        init.ones_(module.latent_scale_raw)  # c = tanh(1) at the start, as the reference
+    if module.alpha_divisor is not None:
+        init.constant_(module.dlr_alpha, module.dlr_scale * module.alpha_divisor)
+
+
+class DlrLlamaModel(LlamaModel):
+    config_class = DlrLlamaConfig
+    _init_weights = _init_weights
+
+    def post_init(self) -> None:
+        # Swapped before HF's weight init runs, so it runs once, on the final modules.
+        factorize_projections(self.layers, self.config)
+        super().post_init()
+
 
 class DlrLlamaForCausalLM(LlamaForCausalLM):
     config_class = DlrLlamaConfig
-    # Set by the trainer to fused_loss(hidden, lm_head_weight, labels, num_items) -> loss: the
-    # loss is then computed from the hidden states without [tokens, vocab] logits (dlr.loss).
-    # Inside forward, so DDP/FSDP hooks see it. None (loaded models, generate()): plain HF.
+    _init_weights = _init_weights
+    # Set by the trainer to fused_loss(hidden, lm_head_weight, labels, num_items): the loss from
+    # the hidden states, without [tokens, vocab] logits. None (loaded models, generate()): plain HF.
     fused_loss = None
-
-    def __init__(self, config: DlrLlamaConfig) -> None:
-        super().__init__(config)
 
     def forward(self, input_ids=None, labels=None, **kwargs):
         if self.fused_loss is None or labels is None:
@@ -33,29 +56,13 @@ class DlrLlamaForCausalLM(LlamaForCausalLM):
         return CausalLMOutputWithPast(loss=self.fused_loss(hidden, self.lm_head.weight, labels, num_items))
 
     def post_init(self) -> None:
-        # LlamaForCausalLM.__init__ ends with post_init(); swapping the projections here
-        # means HF's weight init runs exactly once, on the final modules.
-        factorize_projections(self, self.config)
-        # HF initialises a sub-model (self.model, a plain LlamaModel) with that sub-model's
-        # own _init_weights, which knows nothing of LowRankLinear; route it to ours.
+        # self.model is the LlamaModel that LlamaForCausalLM.__init__ built (and initialised):
+        # factorize it here, and route its init to ours, which knows LowRankLinear.
+        factorize_projections(self.model.layers, self.config)
         self.model._init_weights = self._init_weights
         super().post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        if isinstance(module, LowRankLinear):
-            # HF's generic init would draw N(0, 0.02); CoLA's scale matters for low rank.
-            std = cola_init_std(module.in_features, module.out_features, module.rank)
-            init.normal_(module.A, mean=0.0, std=std)
-            init.normal_(module.B, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-            if module.has_trainable_latent_scale:
-                init.ones_(module.latent_scale_raw)  # c = tanh(1) at the start, as the reference
-            if module.alpha_divisor is not None:
-                init.constant_(module.dlr_alpha, module.dlr_scale * module.alpha_divisor)
-        else:
-            super()._init_weights(module)
-
-
-__all__ = ["DlrLlamaForCausalLM"]
+    def save_pretrained(self, *args, **kwargs):
+        # The base model's entry too: vLLM's Transformers backend builds it with AutoModel.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(*args, **kwargs)

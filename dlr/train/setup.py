@@ -16,6 +16,7 @@ from ..data.spec import DataSpec
 from ..errors import ConfigError
 from ..loss import make_loss_fn, resolve_loss_impl
 from ..model import build_from_config, make_config
+from ..training_paths import apply_training_paths
 from ..optim import build_optimizer
 from ..zoo import size_from_mapping
 from .compile import compile_enabled, compile_for
@@ -88,6 +89,7 @@ def build_state(cfg, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan) 
     parallelism, device, bf16 = inputs.parallelism, accelerator.device, precision(cfg) == "bf16"
     set_seed(cfg.seed)  # identical init on every process
     model = build_from_config(inputs.config)
+    apply_training_paths(model)  # the training-only fast forwards; same parameters and numbers
     stats = model_stats(model, plan.seq_len)
     if cfg.system.gradient_checkpointing:
         _enable_checkpointing(model)
