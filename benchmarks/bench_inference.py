@@ -1,6 +1,6 @@
 """Inference cost of a dense model against the folded DLR model (and plain low-rank), side by side.
 
-    python benchmarks/bench_inference.py --sizes llama_60m,llama_130m --threads 2 --repeats 5
+    python -m benchmarks.bench_inference --sizes llama_60m,llama_130m --threads 2 --repeats 5
 
 Random weights (speed does not depend on them). Per size and method: parameters, weight
 memory, prefill tokens/s (`generate` of one token: batch x prompt tokens) and decode tokens/s (the
