@@ -160,7 +160,7 @@ def test_with_dlr_imported_a_dir_loads_without_remote_code_and_auto_model_is_the
 def test_auto_tokenizer_loads_with_no_prompt_and_no_warning(tmp_path):
     d = save_model_dir(tiny(), load_tokenizer("t5"), tmp_path / "d")
     code = textwrap.dedent(f"""
-        import dlr
+        import dlr.hf  # the registration with transformers' Auto classes
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(d)!r})
         print(tok({PROMPT!r})["input_ids"])

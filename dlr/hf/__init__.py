@@ -1,6 +1,6 @@
 """HF-native model classes, registered with transformers' Auto classes on import.
 
-After `import dlr`, a model directory loads with trust_remote_code=False: transformers then
+After `import dlr.hf`, a model directory loads with trust_remote_code=False: transformers then
 uses these classes, not the code files shipped in the directory.
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
