@@ -218,8 +218,8 @@ def label_names(keys: Sequence[str]) -> dict[str, str]:
     shown = [k for k in keys if k.rpartition(".")[2] != "method"]
     names = {k for k in shown if k.endswith(".name")}
     shown = [k for k in shown if not any(k.startswith(n[: -len("name")]) and k != n for n in names)]
-    if any(k.rpartition(".")[2] == "lr" and "." not in k for k in shown):
-        shown = [k for k in shown if not (k.endswith(".lr") and k.startswith("optimizer"))]
+    if any(k.rpartition(".")[2] == "lr" and not k.startswith("optimizer.") for k in shown):
+        shown = [k for k in shown if k != "optimizer.lr"]
     leaves = [k.rpartition(".")[2] for k in shown]
     out = {}
     for k, leaf in zip(shown, leaves):

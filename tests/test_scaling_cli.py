@@ -24,7 +24,7 @@ def make_run(root, size, method, tokens, lr_override=None, seed=0, noise=0.0):
            "optimizer": {"name": "adamw", "lr": lr}, "method": method, "rank": hidden // 4, "alpha": 1.0,
            "seed": seed, "steps": int(tokens // 131072), "tokens": tokens, "lr": lr, "global_batch": 512,
            "micro_batch": 8, "eval_every": 100}
-    out = root / f"{size}-{method}-t{tokens:.0e}-lr{lr}-s{seed}"
+    out = root / f"{size}-{method}-t{int(tokens)}-lr{lr}-s{seed}"
     out.mkdir(parents=True)
     cfg["out_dir"] = str(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -44,7 +44,7 @@ def grid(tmp_path):
     for method in LAWS:
         for size in SIZES:
             for t in TOKENS:
-                make_run(root, size, method, t, noise=0.005 * rng.standard_normal())
+                make_run(root, size, method, t, noise=0.001 * rng.standard_normal())
     return root
 
 
