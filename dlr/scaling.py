@@ -67,9 +67,9 @@ class FlopsPerToken:
         return cls(tuple(k[0] for k in knots), tuple(k[1] for k in knots))
 
     def __call__(self, n: np.ndarray | float) -> np.ndarray:
-        ln = np.log(np.asarray(n, dtype=float))
         if not self.log_n:
-            return 6.0 * np.exp(ln)
+            return 6.0 * np.asarray(n, dtype=float)
+        ln = np.log(np.asarray(n, dtype=float))
         if len(self.log_n) == 1:
             return np.exp(ln - self.log_n[0] + self.log_f[0])
         xs, ys = np.array(self.log_n), np.array(self.log_f)
