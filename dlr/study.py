@@ -12,9 +12,19 @@ two studies (dlr at alpha 1 is the base of all of them) trains once. Finished ru
 summary.json) are skipped and interrupted ones resume from their last checkpoint, so the
 command can be repeated after a time limit cut it short.
 
+The `scaling` study is a grid instead: zoo sizes (--sizes) x token budgets (--tokens) x
+methods (--methods: full, lowrank, dlr, and spectron = lowrank trained with Spectron), one
+evaluation at the end of each run, then dlr-scaling fits one law per method. It prints the
+grid's total training compute and an estimate of the time left before it starts (the FLOP
+rate of the finished runs under --out, else an assumed one), and runs on its own:
+
+    python scripts/study.py scaling --device cpu --global-batch 8 --val-tokens 16384   # docs/scaling.md
+    python scripts/study.py scaling --dry-run --sizes llama_60m,llama_130m --tokens 1e8,4e8   # plan only
+
 Under --out: runs/<setting>-s<seed>/ (run dirs), logs/, studies/<study>/ (the dlr-compare
---by sweep: by_<key>.md/.csv/.png, table.md), manifest.json, and a bundle (tar.gz of
-every small file, no weights) rewritten each time a study completes.
+--by sweep: by_<key>.md/.csv/.png, table.md; for scaling, dlr-scaling's fit.json, table.md,
+table.csv and plots), manifest.json, and a bundle (tar.gz of every small file, no weights)
+rewritten each time a study completes.
 """
 from __future__ import annotations
 
@@ -119,6 +129,14 @@ def _csv(flag: str, text: str, kind: type, accepted: str) -> list:
     return out
 
 
+def _count(text: str) -> int:
+    """An integer written plainly or as 1e8 (a token budget)."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
 def plan_scaling(sizes: str, tokens: str, methods: str, seeds: list[int]) -> list[ScalingRun]:
     """The grid, seed-major then size, budget and method: a cut-short study has whole seeds."""
     from .zoo import size_names
@@ -128,7 +146,7 @@ def plan_scaling(sizes: str, tokens: str, methods: str, seeds: list[int]) -> lis
     for s in sizes_l:
         if s not in names:
             raise bad_value("--sizes", s, names)
-    tokens_l = _csv("--tokens", tokens, int, "comma-separated token budgets, e.g. 16384,65536")
+    tokens_l = _csv("--tokens", tokens, _count, "comma-separated token budgets, e.g. 16384,65536 or 1e8,4e8")
     if any(t < 1 for t in tokens_l):
         raise bad_value("--tokens", tokens, "positive integers")
     accepted = (*SCALING_METHODS, *SCALING_OPTIMIZERS)
@@ -196,8 +214,9 @@ def train_command(args: argparse.Namespace, run: RunSpec | ScalingRun) -> list[s
     else:
         every = args.eval_every
         schedule = [f"model={args.model}", *run.overrides(), f"steps={args.steps}"]
-    cmd = [sys.executable, "-m", "dlr.cli.train", "data=c4_sample", *schedule,
-           f"global_batch={args.global_batch}", f"micro_batch={micro}", f"lr={args.lr}", f"eval_every={every}",
+    lr = [f"lr={args.lr}"] if args.lr is not None else []  # else the size's recipe lr
+    cmd = [sys.executable, "-m", "dlr.cli.train", f"data={args.data}", *schedule,
+           f"global_batch={args.global_batch}", f"micro_batch={micro}", *lr, f"eval_every={every}",
            # A checkpoint at every eval: an interrupted run resumes instead of restarting.
            f"save_every={every}", "keep_last=1", "log_every=1", f"precision={args.precision}",
            f"data.num_workers={args.num_workers}", f"out_dir={args.out / 'runs' / run.name}",
@@ -205,7 +224,7 @@ def train_command(args: argparse.Namespace, run: RunSpec | ScalingRun) -> list[s
            "compile=false"]
     if args.val_tokens is not None:
         cmd.append(f"data.val_tokens={args.val_tokens}")
-    return cmd
+    return cmd + list(args.train_arg)
 
 
 def _env(args: argparse.Namespace) -> dict:
@@ -282,9 +301,10 @@ def manifest(args: argparse.Namespace, planned: dict[str, list], wall: float) ->
 
 # ---------------------------------------------------------------- the compute estimate
 
-# FLOP/s assumed before any run of the study has finished: what a 2-core CPU reached on the
-# smallest sizes (docs/scaling.md) and a conservative share of one GPU. Finished runs replace it.
-ASSUMED_FLOPS_PER_S = {"cpu": 1e10, "cuda": 2e12}
+# FLOP/s assumed before any run of the study has finished: about what 2 CPU cores reach on the
+# smallest sizes (docs/scaling.md), and a modest fraction of a recent GPU's bf16 peak. A guess
+# either way; the rate the finished runs under --out reached replaces it.
+ASSUMED_FLOPS_PER_S = {"cpu": 1e10, "cuda": 1e14}
 RUN_OVERHEAD_S = 20.0  # process start, data set-up, final/ and folded/ writes
 
 
@@ -324,7 +344,13 @@ def estimate(args: argparse.Namespace, runs: list[ScalingRun]) -> str:
     parallel = args.jobs if device == "cuda" else 1
     seconds = (left / rate + RUN_OVERHEAD_S * len(todo)) / parallel
     return (f"scaling: {len(runs)} runs, {total:.3g} training FLOPs in all; {len(todo)} to train ({left:.3g} FLOPs), "
-            f"about {seconds / 60:.0f} min at {rate:.3g} FLOP/s ({source})")
+            f"about {_duration(seconds)} at {rate:.3g} FLOP/s ({source})")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else f"{seconds / 86400:.1f} days"
 
 
 def _cuda(args: argparse.Namespace) -> bool:
@@ -390,7 +416,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--global-batch", type=int, default=32, help="sequences of 256 tokens per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the global batch (no accumulation)")
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: the size's recipe lr (llama_demo: 3e-3)")
+    ap.add_argument("--data", default="c4_sample", help="dlr-train data= (default %(default)s, the bundled sample)")
+    ap.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more dlr-train override for every run, e.g. data.path=/data/c4_t5; repeatable")
     ap.add_argument("--val-tokens", type=int, default=None, help="default: the whole ~88k-token validation split")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--num-workers", type=int, default=1)
