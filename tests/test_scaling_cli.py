@@ -105,11 +105,14 @@ def test_a_setting_beyond_size_and_budget_makes_another_group(grid, capsys):
     (["--bootstrap", "-1"], "--bootstrap -1"),
     (["--level", "2"], "--level 2.0"),
     (["--metric", "nope"], "no nope in summary.json"),
+    (["--no-runs"], "no run directories given; e.g. dlr-scaling"),
+    (["--out"], "expected one argument"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(grid, tmp_path, capsys, extra, needle):
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([str(grid), "--out", str(out), *extra])
+        scaling_cli.main([*([] if extra == ["--no-runs"] else [str(grid)]), "--out", str(out),
+                          *(e for e in extra if e != "--no-runs")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("dlr-scaling: error:"), err

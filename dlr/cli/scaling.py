@@ -224,6 +224,8 @@ def _fit_all(args: argparse.Namespace):
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if not args.runs:
+        raise ConfigError("no run directories given; e.g. dlr-scaling runs/studies/runs --out scaling")
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap {args.bootstrap} is not valid; accepted: an integer >= 0 (0 = no intervals)")
     if not 0 < args.level < 1:
