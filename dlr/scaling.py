@@ -6,8 +6,8 @@ with A = exp(a), B = exp(b), E = exp(e), and the log of the observed loss, with 
 from a grid of initialisations. Besiroglu et al. (2024) found the published fit inconsistent
 with its own data (an optimiser stopped early, intervals too narrow to be true), so here every
 fit runs to tight tolerances, reports whether it converged and its residuals, and carries
-bootstrap intervals (resample the points, refit; seeded) for every parameter and every
-prediction.
+bootstrap intervals (resample the points, refit; seeded; a resample that cannot identify the
+five parameters is drawn again) for every parameter and every prediction.
 
 N is the number of non-embedding parameters (`train_non_embedding_params` in a run's
 summary.json), D the training tokens, L the validation loss in nats. A compute budget C is
@@ -249,6 +249,20 @@ def _validate(n_params, n_tokens, loss) -> tuple[np.ndarray, np.ndarray, np.ndar
     return n, d, l_
 
 
+def _resample(rng: np.random.Generator, n: np.ndarray, d: np.ndarray, tries: int = 1000) -> np.ndarray | None:
+    """Indices of a bootstrap resample that can identify the law, or None if none turns up.
+
+    A resample with fewer distinct (N, D) points than parameters, or one N or one D only,
+    leaves A, alpha (or B, beta) free: its "fit" is wherever L-BFGS stops, not a draw of the
+    estimate. Such resamples are drawn again (the bootstrap is conditioned on an identified fit).
+    """
+    for _ in range(tries):
+        idx = rng.integers(0, len(n), len(n))
+        if len(set(zip(n[idx], d[idx]))) >= MIN_POINTS and len(set(n[idx])) > 1 and len(set(d[idx])) > 1:
+            return idx
+    return None
+
+
 def fit_law(n_params: Sequence[float], n_tokens: Sequence[float], loss: Sequence[float], *,
             flops_per_token: Sequence[float] | None = None, bootstrap: int = 200, seed: int = 0,
             level: float = 0.95) -> Law:
@@ -264,7 +278,9 @@ def fit_law(n_params: Sequence[float], n_tokens: Sequence[float], loss: Sequence
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap):
-        idx = rng.integers(0, len(n), len(n))
+        idx = _resample(rng, n, d)
+        if idx is None:
+            break
         samples.append(_fit_theta(log_n[idx], log_d[idx], log_l[idx], starts=BOOTSTRAP_STARTS,
                                   extra_starts=[best.theta]).theta)
     samples_arr = np.array(samples).reshape(-1, len(PARAMS))
