@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- points and groups
 
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory where it lies below it: fit.json then reads the same elsewhere."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _point(run, metric: str) -> dict:
     s = run.summary
     keys = ("train_non_embedding_params", "tokens", "train_flops_per_token")
@@ -76,7 +84,7 @@ def _point(run, metric: str) -> dict:
         raise ConfigError(f"{str(run.path)!r} has no {', '.join(missing)} in summary.json; accepted: runs written by "
                           "dlr-train, with a --metric their summary.json holds (val_loss, folded_val_loss, ...)")
     n, d, fpt = (float(s[k]) for k in keys)
-    return {"run": str(run.path), "N": n, "D": d, "C": fpt * d, "flops_per_token": fpt, "loss": float(s[metric])}
+    return {"run": _shown_path(run.path), "N": n, "D": d, "C": fpt * d, "flops_per_token": fpt, "loss": float(s[metric])}
 
 
 def _size_free_settings(run) -> dict:
