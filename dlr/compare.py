@@ -166,23 +166,35 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def settings(run: Run) -> dict:
-    """The flattened config that identifies the run's group (no seed, out_dir, runtime keys)."""
+def matches(key: str, names: Iterable[str]) -> bool:
+    """`key` (dotted, e.g. schedule.steps) is one of `names`, lies below one, or has one as its leaf."""
+    return any(key == n or key.startswith(n + ".") or key.rpartition(".")[2] == n for n in names)
+
+
+def settings(run: Run, ignore: Iterable[str] = ()) -> dict:
+    """The flattened config that identifies the run's group (no seed, out_dir, runtime keys).
+
+    `ignore` names more keys to leave out (matched as `matches` does), e.g. the size and the
+    budget, which dlr-scaling fits over instead of grouping by.
+    """
     flat = _flatten(run.config)
     ignored = SAMPLE_KEYS | RUNTIME_KEYS
     ignored |= UNUSED_BY_METHOD.get(run.method, set())
-    return {k: v for k, v in flat.items() if k not in ignored and k.split(".")[0] not in ignored}
+    extra = tuple(ignore)
+    return {k: v for k, v in flat.items()
+            if k not in ignored and k.split(".")[0] not in ignored and not matches(k, extra)}
 
 
 def _freeze(v: Any) -> Any:
     return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
 
-def group_runs(runs: Iterable[Run]) -> list[Group]:
+def group_runs(runs: Iterable[Run], ignore: Iterable[str] = ()) -> list[Group]:
     """Runs that differ only in the seed (and runtime keys) form one group; order: model, method, rank."""
+    ignore = tuple(ignore)
     groups: dict[tuple, Group] = {}
     for run in runs:
-        s = settings(run)
+        s = settings(run, ignore)
         key = tuple(sorted((k, _freeze(v)) for k, v in s.items()))
         groups.setdefault(key, Group(key, s, [])).runs.append(run)
     for g in groups.values():
@@ -198,11 +210,63 @@ def varying_keys(groups: Sequence[Group]) -> list[str]:
     return [k for k in keys if len({repr(g.settings[k]) for g in groups if k in g.settings}) > 1]
 
 
+def label_names(keys: Sequence[str]) -> dict[str, str]:
+    """{key: the name a label shows}, shortest first: what a reader needs to tell groups apart.
+
+    A leaf name stands for its dotted key when no other shown key has that leaf (alpha, not
+    factorization.alpha); `x.name` is shown as `x` (the model's or optimizer's name); the
+    method leads every label and is not repeated. A differing model name implies its
+    dimensions and default rank, and `optimizer.lr` repeats `lr`, so neither is shown.
+    """
+    shown = [k for k in keys if k.rpartition(".")[2] != "method"]
+    names = {k for k in shown if k.endswith(".name")}
+    shown = [k for k in shown if not any(k.startswith(n[: -len("name")]) and k != n for n in names)]
+    if any(k.rpartition(".")[2] == "lr" and not k.startswith("optimizer.") for k in shown):
+        shown = [k for k in shown if k != "optimizer.lr"]
+    leaves = [k.rpartition(".")[2] for k in shown]
+    out = {}
+    for k, leaf in zip(shown, leaves):
+        if leaf == "name" and "." in k:
+            out[k] = k.rpartition(".")[0].rpartition(".")[2]
+        else:
+            out[k] = leaf if leaves.count(leaf) == 1 else k
+    return dict(sorted(out.items(), key=lambda kv: (len(kv[1]), kv[1])))
+
+
+def _value_text(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def label(group: Group, keys: Sequence[str]) -> str:
-    # optimizer.lr is `${lr}` in the optimizer configs: printing both says the same thing twice.
-    shown = [k for k in keys if k not in ("method", "model.name") and not (k == "optimizer.lr" and "lr" in keys)]
-    parts = [group.method] + [f"{k}={group.settings[k]}" for k in shown if k in group.settings]
+    parts = [group.method] + [f"{name}={_value_text(group.settings[k])}" for k, name in label_names(keys).items()
+                              if k in group.settings]
     return " ".join(parts)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or one line naming the extra that brings it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("plots need matplotlib, which is not installed; accepted: pip install 'dlr[plots]', "
+                          "or --no-plots") from None
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> Path:
+    """PNG with the legend outside the axes kept whole (bbox_inches='tight' grows the canvas)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.clear()
+    return write_atomic(Path(path), buf.getvalue())
+
+
+def outside_legend(ax, **kw) -> None:
+    """Legend to the right of the axes: long labels never cover the data or get cut."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=kw.pop("fontsize", 8), **kw)
 
 
 # ---------------------------------------------------------------- statistics
@@ -377,11 +441,7 @@ def curve(group: Group, key: str, x: str) -> tuple[list[float], list[float], lis
 
 def plot_curves(groups: Sequence[Group], out_dir: Path) -> list[Path]:
     """val_ppl vs tokens (mean and ± std band over seeds) and train loss vs step, one line per group."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training nodes
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = varying_keys(groups)
     written = []
     specs = [("val_ppl", "tokens", "validation perplexity", "tokens", "val_ppl_vs_tokens.png", True),
@@ -405,14 +465,9 @@ def plot_curves(groups: Sequence[Group], out_dir: Path) -> list[Path]:
         ax.set_ylabel(ylabel + " (mean ± std over seeds)")
         ax.grid(True, alpha=0.3)
         if drawn:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(out_dir) / name
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        write_atomic(path, buf.getvalue())
+            outside_legend(ax)
+        written.append(save_png(fig, Path(out_dir) / name))
         plt.close(fig)
-        written.append(path)
     return written
 
 
@@ -587,11 +642,7 @@ def sweep_csv(points: Sequence[SweepPoint], key: str, metric: str) -> str:
 
 def plot_sweep(points: Sequence[SweepPoint], key: str, metric: str, path: Path) -> Path:
     """metric vs the swept value: mean ± 95% t-interval per series, lowrank as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = sorted({p.value for p in points if p.value is not None}, key=_sort_key)
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     log_x = numeric and values and min(values) > 0 and max(values) / min(values) >= 8
@@ -632,12 +683,10 @@ def plot_sweep(points: Sequence[SweepPoint], key: str, metric: str, path: Path) 
     ax.set_xlabel(key)
     ax.set_ylabel(f"{metric} (mean ± 95% t-interval over seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    outside_legend(ax, fontsize=7)
+    written = save_png(fig, path)
     plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return written
 
 
 def write_sweep(groups: Sequence[Group], key: str, metric: str, out_dir: Path, plots: bool = True) -> dict[str, Path]:

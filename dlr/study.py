@@ -12,9 +12,19 @@ two studies (dlr at alpha 1 is the base of all of them) trains once. Finished ru
 summary.json) are skipped and interrupted ones resume from their last checkpoint, so the
 command can be repeated after a time limit cut it short.
 
+The `scaling` study is a grid instead: zoo sizes (--sizes) x token budgets (--tokens) x
+methods (--methods: full, lowrank, dlr, and spectron = lowrank trained with Spectron), one
+evaluation at the end of each run, then dlr-scaling fits one law per method. It prints the
+grid's total training compute and an estimate of the time left before it starts (the FLOP
+rate of the finished runs under --out, else an assumed one), and runs on its own:
+
+    python scripts/study.py scaling --device cpu --global-batch 8 --val-tokens 16384   # docs/scaling.md
+    python scripts/study.py scaling --dry-run --sizes llama_60m,llama_130m --tokens 1e8,4e8   # plan only
+
 Under --out: runs/<setting>-s<seed>/ (run dirs), logs/, studies/<study>/ (the dlr-compare
---by sweep: by_<key>.md/.csv/.png, table.md), manifest.json, and a bundle (tar.gz of
-every small file, no weights) rewritten each time a study completes.
+--by sweep: by_<key>.md/.csv/.png, table.md; for scaling, dlr-scaling's fit.json, table.md,
+table.csv and plots), manifest.json, and a bundle (tar.gz of every small file, no weights)
+rewritten each time a study completes.
 """
 from __future__ import annotations
 
@@ -55,6 +65,13 @@ STUDIES = {s.name: s for s in (
     Study("rank", "rank", (16, 32, 64), both_methods=True, doc="lowrank vs dlr at each rank"),
 )}
 ORDER = tuple(STUDIES)  # alpha first: the one to have if time is short
+SCALING = "scaling"  # the size x token budget x method grid (ScalingRun), fitted by dlr-scaling
+# The scaling grid's default axes: CPU-sized (docs/scaling.md); a GPU takes the larger zoo sizes.
+SCALING_SIZES = ("llama_n100k", "llama_n300k", "llama_n800k")
+SCALING_TOKENS = (16_384, 32_768, 65_536)
+SCALING_METHODS = ("full", "lowrank", "dlr")
+# A scaling "method" beyond the trainer's: the low-rank model trained with Spectron.
+SCALING_OPTIMIZERS = {"spectron": ("lowrank", "spectron")}
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,66 @@ class RunSpec:
         for k, v in self.settings:
             out.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
         return out
+
+
+@dataclass(frozen=True)
+class ScalingRun:
+    """One point of the scaling grid: a zoo size at its default rank, trained for `tokens` tokens."""
+
+    size: str
+    method: str  # full, lowrank, dlr or spectron (lowrank with optimizer=spectron)
+    tokens: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}-{self.method}-t{self.tokens}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        method, optimizer = SCALING_OPTIMIZERS.get(self.method, (self.method, None))
+        out = [f"model={self.size}", f"method={method}", f"seed={self.seed}", f"tokens={self.tokens}"]
+        return out + ([f"optimizer={optimizer}"] if optimizer else [])
+
+    def steps(self, global_batch: int, seq_len: int = 256) -> int:
+        return -(-self.tokens // (global_batch * seq_len))  # the trainer's ceil(tokens / tokens per step)
+
+
+def _csv(flag: str, text: str, kind: type, accepted: str) -> list:
+    try:
+        out = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise bad_value(flag, text, accepted) from None
+    if not out:
+        raise bad_value(flag, text, accepted)
+    return out
+
+
+def _count(text: str) -> int:
+    """An integer written plainly or as 1e8 (a token budget)."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def plan_scaling(sizes: str, tokens: str, methods: str, seeds: list[int]) -> list[ScalingRun]:
+    """The grid, seed-major then size, budget and method: a cut-short study has whole seeds."""
+    from .zoo import size_names
+
+    names = size_names()
+    sizes_l = _csv("--sizes", sizes, str, ", ".join(names))
+    for s in sizes_l:
+        if s not in names:
+            raise bad_value("--sizes", s, names)
+    tokens_l = _csv("--tokens", tokens, _count, "comma-separated token budgets, e.g. 16384,65536 or 1e8,4e8")
+    if any(t < 1 for t in tokens_l):
+        raise bad_value("--tokens", tokens, "positive integers")
+    accepted = (*SCALING_METHODS, *SCALING_OPTIMIZERS)
+    methods_l = _csv("--methods", methods, str, ", ".join(accepted))
+    for m in methods_l:
+        if m not in accepted:
+            raise bad_value("--methods", m, accepted)
+    return [ScalingRun(size, m, t, seed) for seed in seeds for size in sizes_l for t in tokens_l for m in methods_l]
 
 
 def _parse_value(study: Study, text: str) -> Any:
@@ -127,19 +204,27 @@ def plan(studies: list[str], seeds: list[int], values: str | None = None, model:
 # ---------------------------------------------------------------- running
 
 
-def train_command(args: argparse.Namespace, run: RunSpec) -> list[str]:
+def train_command(args: argparse.Namespace, run: RunSpec | ScalingRun) -> list[str]:
     micro = args.micro_batch or args.global_batch
-    cmd = [sys.executable, "-m", "dlr.cli.train", f"model={args.model}", "data=c4_sample", *run.overrides(),
-           f"steps={args.steps}", f"global_batch={args.global_batch}", f"micro_batch={micro}", f"lr={args.lr}",
-           f"eval_every={args.eval_every}",
+    if isinstance(run, ScalingRun):
+        # One evaluation and one checkpoint at the end: the fit reads final losses only, and a
+        # run this short restarts cheaply.
+        every = run.steps(args.global_batch)
+        schedule = run.overrides()
+    else:
+        every = args.eval_every
+        schedule = [f"model={args.model}", *run.overrides(), f"steps={args.steps}"]
+    lr = [f"lr={args.lr}"] if args.lr is not None else []  # else the size's recipe lr
+    cmd = [sys.executable, "-m", "dlr.cli.train", f"data={args.data}", *schedule,
+           f"global_batch={args.global_batch}", f"micro_batch={micro}", *lr, f"eval_every={every}",
            # A checkpoint at every eval: an interrupted run resumes instead of restarting.
-           f"save_every={args.eval_every}", "keep_last=1", "log_every=1", f"precision={args.precision}",
+           f"save_every={every}", "keep_last=1", "log_every=1", f"precision={args.precision}",
            f"data.num_workers={args.num_workers}", f"out_dir={args.out / 'runs' / run.name}",
            # Many small runs share one GPU: compiling each would cost more than it saves.
            "compile=false"]
     if args.val_tokens is not None:
         cmd.append(f"data.val_tokens={args.val_tokens}")
-    return cmd
+    return cmd + list(args.train_arg)
 
 
 def _env(args: argparse.Namespace) -> dict:
@@ -184,7 +269,22 @@ def render_study(args: argparse.Namespace, name: str, runs: list[RunSpec]) -> Pa
     return out
 
 
-def manifest(args: argparse.Namespace, planned: dict[str, list[RunSpec]], wall: float) -> dict:
+def render_scaling(args: argparse.Namespace, runs: list[ScalingRun]) -> Path:
+    """dlr-scaling over the grid's runs, into studies/scaling/ (fit.json, table, plots)."""
+    from .cli.scaling import scaling_main
+
+    out = args.out / "studies" / SCALING
+    budgets = ",".join(f"{c:.3g}" for c in args.at) if args.at else None
+    argv = [str(args.out / "runs" / r.name) for r in runs] + ["--out", str(out)] + (["--at", budgets] if budgets else [])
+    scaling_main(argv)
+    return out
+
+
+def _study_key(name: str) -> str:
+    return STUDIES[name].key if name in STUDIES else "model.name, tokens, method"
+
+
+def manifest(args: argparse.Namespace, planned: dict[str, list], wall: float) -> dict:
     import torch
 
     try:
@@ -194,9 +294,71 @@ def manifest(args: argparse.Namespace, planned: dict[str, list[RunSpec]], wall: 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else None
     return {"args": {k: str(v) for k, v in vars(args).items()}, "git_commit": commit or None, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "gpu": gpu, "wall_s": round(wall, 1),
-            "studies": {n: {"key": STUDIES[n].key, "runs": [r.name for r in rs]} for n, rs in planned.items()},
+            "studies": {n: {"key": _study_key(n), "runs": [r.name for r in rs]} for n, rs in planned.items()},
             "finished": sorted(p.parent.name for p in (args.out / "runs").glob("*/summary.json")),
             "train_command_example": " ".join(train_command(args, next(iter(planned.values()))[0]))}
+
+
+# ---------------------------------------------------------------- the compute estimate
+
+# FLOP/s assumed before any run of the study has finished: about what 2 CPU cores reach on the
+# smallest sizes (docs/scaling.md), and a modest fraction of a recent GPU's bf16 peak. A guess
+# either way; the rate the finished runs under --out reached replaces it.
+ASSUMED_FLOPS_PER_S = {"cpu": 1e10, "cuda": 1e14}
+RUN_OVERHEAD_S = 20.0  # process start, data set-up, final/ and folded/ writes
+
+
+def run_flops(run: ScalingRun) -> tuple[int, int]:
+    """(training FLOPs, FLOPs per token) of a grid point, counted on the meta device."""
+    from .counting import model_stats
+    from .model import build_model
+
+    method = SCALING_OPTIMIZERS.get(run.method, (run.method,))[0]
+    per_token = model_stats(build_model(run.size, method, device="meta")).train_flops_per_token
+    return per_token * run.tokens, per_token
+
+
+def measured_rate(out: Path) -> tuple[float | None, int]:
+    """Median training FLOP/s of the finished runs under `out`/runs, and how many there are."""
+    rates = []
+    for p in (out / "runs").glob("*/summary.json"):
+        try:
+            s = json.loads(p.read_text())
+            rates.append(s["train_flops_per_token"] * s["tokens"] / s["wall_s"])
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+    rates.sort()
+    return (rates[len(rates) // 2] if rates else None), len(rates)
+
+
+def estimate(args: argparse.Namespace, runs: list[ScalingRun]) -> str:
+    """One line: the grid's total training compute and the time the unfinished part should take."""
+    todo = [r for r in runs if not (args.out / "runs" / r.name / "summary.json").exists()]
+    total = sum(run_flops(r)[0] for r in runs)
+    left = sum(run_flops(r)[0] for r in todo)
+    rate, n = measured_rate(args.out)
+    device = "cpu" if args.device == "cpu" else ("cuda" if _cuda(args) else "cpu")
+    source = f"measured on {n} finished run(s)" if rate else f"assumed for {device}; no run has finished yet"
+    rate = rate or ASSUMED_FLOPS_PER_S[device]
+    # Runs on one GPU overlap; on a CPU they share the same cores.
+    parallel = args.jobs if device == "cuda" else 1
+    seconds = (left / rate + RUN_OVERHEAD_S * len(todo)) / parallel
+    return (f"scaling: {len(runs)} runs, {total:.3g} training FLOPs in all; {len(todo)} to train ({left:.3g} FLOPs), "
+            f"about {_duration(seconds)} at {rate:.3g} FLOP/s ({source})")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else f"{seconds / 86400:.1f} days"
+
+
+def _cuda(args: argparse.Namespace) -> bool:
+    if args.device != "auto":
+        return args.device == "cuda"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def bundle(out: Path, path: Path, root: str = "study", token_shards: bool = True) -> Path:
@@ -225,20 +387,39 @@ def bundle(out: Path, path: Path, root: str = "study", token_shards: bool = True
     return path
 
 
+def _budgets(text: str) -> list[float]:
+    try:
+        out = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of FLOP budgets, e.g. 1e15,1e17")
+    if not out or any(not c > 0 for c in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets must be positive FLOP counts, e.g. 1e15,1e17")
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("studies", nargs="+", help=f"all, or any of: {', '.join(STUDIES)} (run in that order)")
+    ap.add_argument("studies", nargs="+", help=f"all, {SCALING}, or any of: {', '.join(STUDIES)} (run in that order)")
     ap.add_argument("--out", type=Path, default=Path("runs/studies"), help="default: runs/studies (git-ignored)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--jobs", type=int, default=1, help="trainings at the same time (one GPU holds many llama_demo runs)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=None, help=f"default: 0,1,2 (the {SCALING} study: 0)")
     ap.add_argument("--values", default=None, help="comma-separated grid replacing the study's own (one study only)")
     ap.add_argument("--model", default="llama_demo")
     ap.add_argument("--steps", type=int, default=300)
+    scaling = ap.add_argument_group(f"the {SCALING} study (sizes x token budgets x methods)")
+    scaling.add_argument("--sizes", default=",".join(SCALING_SIZES), help="zoo sizes (default %(default)s)")
+    scaling.add_argument("--tokens", default=",".join(map(str, SCALING_TOKENS)), help="token budgets (default %(default)s)")
+    scaling.add_argument("--methods", default=",".join(SCALING_METHODS),
+                         help=f"any of {', '.join((*SCALING_METHODS, *SCALING_OPTIMIZERS))} (default %(default)s)")
+    scaling.add_argument("--at", type=_budgets, default=None, help="dlr-scaling --at: FLOP budgets to predict at")
     ap.add_argument("--global-batch", type=int, default=32, help="sequences of 256 tokens per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the global batch (no accumulation)")
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: the size's recipe lr (llama_demo: 3e-3)")
+    ap.add_argument("--data", default="c4_sample", help="dlr-train data= (default %(default)s, the bundled sample)")
+    ap.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more dlr-train override for every run, e.g. data.path=/data/c4_t5; repeatable")
     ap.add_argument("--val-tokens", type=int, default=None, help="default: the whole ~88k-token validation split")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--num-workers", type=int, default=1)
@@ -247,41 +428,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _planned(args: argparse.Namespace) -> dict[str, list]:
+    """{study: its runs} from the command line; the scaling grid runs on its own."""
     names = list(ORDER) if args.studies == ["all"] else args.studies
+    default_seeds = "0" if names == [SCALING] else "0,1,2"
+    seeds_text = args.seeds if args.seeds is not None else default_seeds
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
+        seeds = [int(s) for s in seeds_text.split(",") if s]
     except ValueError:
-        raise bad_value("--seeds", args.seeds, "comma-separated integers, e.g. 0,1,2") from None
+        raise bad_value("--seeds", seeds_text, "comma-separated integers, e.g. 0,1,2") from None
     if args.jobs < 1:
         raise bad_value("--jobs", args.jobs, "an integer >= 1")
-    planned = plan(names, seeds, args.values, args.model)
-    unique = list(dict.fromkeys(r for runs in planned.values() for r in runs))
-    args.out = args.out.resolve()
-    if args.dry_run:
-        for name, runs in planned.items():
-            print(f"{name} (--by {STUDIES[name].key}): {len(runs)} runs")
-        print(f"{len(unique)} distinct runs (shared ones train once)")
-        for r in unique:
-            print("  " + r.name)
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    bundle_path = (args.bundle or args.out / "study_bundle.tar.gz").resolve()
-    t0 = time.perf_counter()
+    if SCALING in names:
+        if len(names) != 1:
+            raise ConfigError(f"the {SCALING} study runs alone; name it without {', '.join(n for n in names if n != SCALING)}")
+        return {SCALING: plan_scaling(args.sizes, args.tokens, args.methods, seeds)}
+    return plan(names, seeds, args.values, args.model)
+
+
+def _print_plan(planned: dict[str, list], unique: list) -> None:
+    for name, runs in planned.items():
+        print(f"{name} (--by {_study_key(name)}): {len(runs)} runs")
+    print(f"{len(unique)} distinct runs (shared ones train once)")
+    for r in unique:
+        print("  " + r.name)
+
+
+def _train_all(args: argparse.Namespace, unique: list, on_done) -> tuple[set[str], list[str]]:
+    """Train every run (args.jobs at once, in order), calling on_done(done) after each finishes."""
     done: set[str] = set()
-    rendered: set[str] = set()
     failed: list[str] = []
-
-    def finish_ready() -> None:
-        for name, runs in planned.items():
-            if name not in rendered and all(r.name in done for r in runs):
-                path = render_study(args, name, runs)
-                rendered.add(name)
-                print((path / f"by_{STUDIES[name].key}.md").read_text(), flush=True)
-                (args.out / "manifest.json").write_text(json.dumps(manifest(args, planned, time.perf_counter() - t0), indent=2))
-                print(f"study {name}: {path}; bundle {bundle(args.out, bundle_path)}", flush=True)
-
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = {pool.submit(train_one, args, r): r for r in unique}  # submitted in order: alpha's runs first
         while pending:
@@ -294,7 +470,38 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as err:
                     failed.append(run.name)
                     print(f"FAILED {err}", file=sys.stderr, flush=True)
-            finish_ready()
+            on_done(done)
+    return done, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    planned = _planned(args)
+    unique = list(dict.fromkeys(r for runs in planned.values() for r in runs))
+    args.out = args.out.resolve()
+    if SCALING in planned:
+        print(estimate(args, planned[SCALING]), flush=True)
+    if args.dry_run:
+        _print_plan(planned, unique)
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundle_path = (args.bundle or args.out / "study_bundle.tar.gz").resolve()
+    t0 = time.perf_counter()
+    rendered: set[str] = set()
+
+    def finish_ready(done: set[str]) -> None:
+        for name, runs in planned.items():
+            if name not in rendered and all(r.name in done for r in runs):
+                rendered.add(name)
+                if name == SCALING:
+                    path = render_scaling(args, runs)
+                else:
+                    path = render_study(args, name, runs)
+                    print((path / f"by_{STUDIES[name].key}.md").read_text(), flush=True)
+                (args.out / "manifest.json").write_text(json.dumps(manifest(args, planned, time.perf_counter() - t0), indent=2))
+                print(f"study {name}: {path}; bundle {bundle(args.out, bundle_path)}", flush=True)
+
+    done, failed = _train_all(args, unique, finish_ready)
     (args.out / "manifest.json").write_text(json.dumps(manifest(args, planned, time.perf_counter() - t0), indent=2))
     bundle(args.out, bundle_path)
     print(f"wrote {bundle_path} ({bundle_path.stat().st_size / 1024:.0f} KiB); {len(done)}/{len(unique)} runs finished "

@@ -123,12 +123,15 @@ def test_curves_average_over_seeds(sweep):
     assert mean == pytest.approx([31.0, 21.0]) and std == pytest.approx([1.0, 1.0])
 
 
-def test_cli_writes_table_csv_and_plots(sweep, tmp_path):
+def test_cli_writes_table_csv_and_plots(sweep, tmp_path, capsys):
+    # In process, through the entry point's exit code: no subprocess timeout to trip on a loaded machine.
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, "-m", "dlr.cli.compare", str(sweep), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "n=3" in proc.stdout and "standard error" in proc.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        compare_cli.main([str(sweep), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    assert "n=3" in captured.out and "standard error" in captured.out
+    assert "Tight layout not applied" not in captured.err
     for name in ("table.md", "table.csv", "pairs.csv", "val_ppl_vs_tokens.png", "train_loss_vs_step.png"):
         assert (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "table.csv").open()))
@@ -162,3 +165,39 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make_args, needle):
 def test_unknown_metric_is_refused(sweep):
     with pytest.raises(ConfigError, match="nope"):
         compare_cli.compare_main([str(sweep), "--metric", "nope"])
+
+
+def test_labels_name_only_the_keys_that_differ_shortest_first(tmp_path):
+    make_run(tmp_path, "a", 20.0, method="dlr", alpha=0.5)
+    make_run(tmp_path, "b", 19.0, method="dlr", alpha=2.0, model__name="llama_demo", model__default_rank=32,
+             model__hidden_size=128, rank=32, expand="permuted")
+    groups = compare.group_runs(compare.load_runs([str(tmp_path)]))
+    labels = [compare.label(g, compare.varying_keys(groups)) for g in groups]
+    # The model's name stands for its dimensions; leaves stand for dotted keys; shortest first.
+    assert labels == ["dlr rank=32 alpha=2 model=llama_demo expand=permuted", "dlr rank=16 alpha=0.5 model=llama_tiny expand=uniform"]
+
+
+def test_label_names_on_nested_keys():
+    names = compare.label_names(["factorization.alpha", "schedule.steps", "model.name", "model.hidden_size",
+                                 "optimizer.name", "optimizer.lr", "schedule.lr", "data.seq_len", "a.seq_len"])
+    assert names == {"model.name": "model", "schedule.lr": "lr", "factorization.alpha": "alpha",
+                     "schedule.steps": "steps", "optimizer.name": "optimizer", "a.seq_len": "a.seq_len",
+                     "data.seq_len": "data.seq_len"}
+    assert list(names.values()) == sorted(names.values(), key=lambda v: (len(v), v))
+
+
+def test_plots_keep_long_legends_whole(tmp_path):
+    """The legend sits outside the axes and the PNG grows to hold it (nothing cut off, no layout warning)."""
+    import warnings
+
+    from PIL import Image
+
+    for i, a in enumerate((0.25, 0.5, 1.0, 2.0, 4.0)):
+        make_run(tmp_path / "runs", f"dlr-{i}", 20.0 + i, method="dlr", alpha=a, expand="random_reuse",
+                 model__name=f"llama_a_rather_long_model_name_{i}")
+    groups = compare.group_runs(compare.load_runs([str(tmp_path / "runs")]))
+    (tmp_path / "out").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (path, _) = compare.plot_curves(groups, tmp_path / "out")
+    assert Image.open(path).size[0] > 7 * 120  # wider than the 7-inch axes figure: the legend is outside

@@ -197,3 +197,67 @@ def test_bundle_keeps_small_files_and_leaves_out_weights_and_token_shards(tmp_pa
     assert names(results) == {f"results/{f}" for f in small}
     with tarfile.open(results) as tar:
         assert tar.extractfile("results/runs/dlr-s0/summary.json").read() == b"runs/dlr-s0/summary.json"
+
+
+def test_scaling_grid_is_sizes_x_budgets_x_methods_with_spectron_as_an_option():
+    runs = study.plan_scaling("llama_n100k,llama_n300k", "8192,16384", "full,lowrank,dlr,spectron", [0])
+    assert len(runs) == 16 and runs[0].name == "llama_n100k-full-t8192-s0"
+    spectron = next(r for r in runs if r.method == "spectron")
+    assert spectron.overrides() == ["model=llama_n100k", "method=lowrank", "seed=0", "tokens=8192", "optimizer=spectron"]
+    assert runs[0].steps(8) == 4 and study.ScalingRun("llama_n100k", "dlr", 5000, 0).steps(8) == 3  # ceil, as the trainer
+
+
+@pytest.mark.parametrize("sizes,tokens,methods,needle", [
+    ("llama_nope", "8192", "full", "--sizes='llama_nope'"),
+    ("llama_n100k", "8k", "full", "--tokens='8k'"),
+    ("llama_n100k", "0", "full", "positive integers"),
+    ("llama_n100k", "8192", "moe", "--methods='moe'"),
+])
+def test_bad_scaling_grid_arguments(sizes, tokens, methods, needle):
+    with pytest.raises(ConfigError, match=needle):
+        study.plan_scaling(sizes, tokens, methods, [0])
+
+
+def test_scaling_zoo_sizes_span_the_range_with_heads_of_32_or_more():
+    import dlr
+    from dlr.zoo import get_size
+
+    names = ("llama_n100k", "llama_n300k", "llama_n800k", "llama_n3m", "llama_n10m", "llama_n20m")
+    counts = [dlr.model_stats(dlr.build_model(n, "full", device="meta")).non_embedding_params for n in names]
+    assert counts == sorted(counts) and 0.09e6 < counts[0] < 0.11e6 and 15e6 < counts[-1] < 21e6
+    for n in names:
+        s = get_size(n)
+        assert s.hidden_size // s.num_attention_heads >= 32
+
+
+def test_scaling_dry_run_prints_the_compute_and_a_time_estimate(tmp_path, capsys):
+    assert study.main(["scaling", "--dry-run", "--sizes", "llama_n100k", "--tokens", "8192,16384", "--methods", "full",
+                       "--global-batch", "8", "--device", "cpu", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    flops = 13_283_328 * (8192 + 16384)  # llama_n100k full: training FLOPs per token x tokens
+    assert f"scaling: 2 runs, {flops:.3g} training FLOPs in all; 2 to train" in out and "assumed for cpu" in out
+    assert "llama_n100k-full-t16384-s0" in out and not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="runs alone"):
+        study.main(["scaling", "alpha", "--dry-run"])
+
+
+@pytest.mark.slow
+def test_scaling_study_trains_a_real_grid_fits_it_and_skips_it_the_second_time(tmp_path):
+    """2 sizes x 3 budgets of real (tiny) training, one method; dlr-scaling fits the 6 points."""
+    out = tmp_path / "sc"
+    args = [sys.executable, str(REPO / "scripts" / "study.py"), "scaling", "--sizes", "llama_n100k,llama_n300k",
+            "--tokens", "1024,2048,4096", "--methods", "full", "--global-batch", "2", "--val-tokens", "512",
+            "--num-workers", "0", "--device", "cpu", "--at", "1e12", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scaling: 6 runs" in proc.stdout and "assumed for cpu" in proc.stdout
+    fit = json.loads((out / "studies" / "scaling" / "fit.json").read_text())
+    (group,) = fit["groups"]
+    assert group["label"] == "full" and len(group["points"]) == 6
+    assert sorted({p["D"] for p in group["points"]}) == [1024, 2048, 4096]
+    assert [r["flops"] for r in fit["predictions"]] == [1e12]
+    assert (out / "studies" / "scaling" / "loss_vs_compute.png").is_file()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.count("finished before, skipped") == 6
+    assert "0 to train" in proc.stdout and "measured on 6 finished run(s)" in proc.stdout

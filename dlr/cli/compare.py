@@ -75,6 +75,8 @@ def compare_main(argv: list[str]) -> int:
     if out is not None:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file; give a directory")
+        if not args.no_plots:
+            compare.pyplot()  # a missing matplotlib is refused before any file is written
         files = compare.write_outputs(groups, args.metric, out, plots=not args.no_plots)
         for key in sweeps:
             files.update(compare.write_sweep(groups, key, args.metric, out, plots=not args.no_plots))
