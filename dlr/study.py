@@ -1,8 +1,8 @@
 """Named sensitivity studies: a grid of one setting x seeds, lowrank beside dlr, resumable.
 
-    python scripts/study.py alpha                                  # CPU, the documented budget
-    python scripts/study.py all --device cuda --jobs 10            # every study, 10 runs at once on one GPU
-    python scripts/study.py alpha --model llama_tiny --steps 4 --seeds 0 --values 0.5,2 --out /tmp/s   # smoke
+    python -m experiments.study alpha                                  # CPU, the documented budget
+    python -m experiments.study all --device cuda --jobs 10            # every study, 10 runs at once on one GPU
+    python -m experiments.study alpha --model llama_tiny --steps 4 --seeds 0 --values 0.5,2 --out /tmp/s   # smoke
 
 A study sweeps one config key (STUDIES): every value runs as `method=dlr` with everything
 else at the base setting (alpha 1, variance correction on, scope all, uniform expansion,
@@ -18,8 +18,8 @@ evaluation at the end of each run, then dlr-scaling fits one law per method. It 
 grid's total training compute and an estimate of the time left before it starts (the FLOP
 rate of the finished runs under --out, else an assumed one), and runs on its own:
 
-    python scripts/study.py scaling --device cpu --global-batch 8 --val-tokens 16384   # docs/scaling.md
-    python scripts/study.py scaling --dry-run --sizes llama_60m,llama_130m --tokens 1e8,4e8   # plan only
+    python -m experiments.study scaling --device cpu --global-batch 8 --val-tokens 16384   # docs/scaling.md
+    python -m experiments.study scaling --dry-run --sizes llama_60m,llama_130m --tokens 1e8,4e8   # plan only
 
 Under --out: runs/<setting>-s<seed>/ (run dirs), logs/, studies/<study>/ (the dlr-compare
 --by sweep: by_<key>.md/.csv/.png, table.md; for scaling, dlr-scaling's fit.json, table.md,
@@ -41,11 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import FactorizationConfig
 from .errors import ConfigError, bad_value
 
 REPO = Path(__file__).resolve().parent.parent
 # The base setting every study varies one key of (the trainer's defaults, written out).
-BASE = {"alpha": 1.0, "variance_correction": True, "scope": "all", "expand": "uniform"}
+# The settings a one-knob study holds fixed: each at its declared default.
+BASE = {k: getattr(FactorizationConfig(), k) for k in ("alpha", "variance_correction", "scope", "expand")}
 
 
 @dataclass(frozen=True)
@@ -270,13 +272,15 @@ def render_study(args: argparse.Namespace, name: str, runs: list[RunSpec]) -> Pa
 
 
 def render_scaling(args: argparse.Namespace, runs: list[ScalingRun]) -> Path:
-    """dlr-scaling over the grid's runs, into studies/scaling/ (fit.json, table, plots)."""
-    from .cli.scaling import scaling_main
-
+    """dlr-scaling over the grid's runs, into studies/scaling/ (fit.json, table, plots): the
+    command itself, as the runs are dlr-train's."""
     out = args.out / "studies" / SCALING
     budgets = ",".join(f"{c:.3g}" for c in args.at) if args.at else None
     argv = [str(args.out / "runs" / r.name) for r in runs] + ["--out", str(out)] + (["--at", budgets] if budgets else [])
-    scaling_main(argv)
+    proc = subprocess.run([sys.executable, "-m", "dlr.cli.scaling", *argv])
+    if proc.returncode:
+        raise ConfigError(f"dlr-scaling over the grid's runs exited {proc.returncode} (its error is above); "
+                          f"rerun it alone: dlr-scaling {' '.join(argv)}")
     return out
 
 
