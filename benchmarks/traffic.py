@@ -41,6 +41,7 @@ from torch._inductor.scheduler import ExternKernelSchedulerNode
 
 from dlr.loss import make_loss_fn
 from dlr.model import build_model
+from dlr.training_paths import apply_training_paths
 from dlr.train.compile import compile_decoder
 from dlr.zoo import VOCAB_SIZE, get_size
 

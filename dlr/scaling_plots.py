@@ -25,8 +25,13 @@ def plot_loss_vs_compute(laws: list, labels: list[str], points: list[list[dict]]
                    label=f"{name}: runs (n={len(pts)})")
     for c in budgets:
         ax.axvline(c, color="grey", ls=":", lw=0.8)
+    return _finish(plt, fig, ax, "training compute C (FLOPs; dotted: --at budgets)", path)
+
+
+def _finish(plt, fig, ax, xlabel: str, path: Path) -> Path:
+    """Log x axis, loss on y, the legend outside the axes; saved and closed."""
     ax.set_xscale("log")
-    ax.set_xlabel("training compute C (FLOPs; dotted: --at budgets)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats)")
     ax.grid(True, alpha=0.3)
     outside_legend(ax)
@@ -62,11 +67,4 @@ def plot_isoflops(laws: list, labels: list[str], points: list[list[dict]], path:
         line, = ax.plot(ns, law.predict(ns, c / law.flops(ns)), lw=1.2, label=f"{name} at {c:.2g} FLOPs: law")
         ax.scatter([p["N"] for p in s], [p["loss"] for p in s], s=18, color=line.get_color(),
                    label=f"{name} at {c:.2g} FLOPs: runs")
-    ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("validation loss (nats)")
-    ax.grid(True, alpha=0.3)
-    outside_legend(ax)
-    written = save_png(fig, path)
-    plt.close(fig)
-    return written
+    return _finish(plt, fig, ax, "non-embedding parameters N", path)

@@ -28,6 +28,11 @@ def test_overrides_become_typed_nested_sections():
     assert from_overrides("train", [*TINY, "factorization.rank=8"]) == from_overrides("train", [*TINY, "rank=8"])
 
 
+def test_short_keys_work_inside_interpolations():
+    cfg = from_overrides("train", [*TINY, "method=lowrank", "out_dir=runs/${method}-s${seed}-r${rank}"])
+    assert cfg.checkpoint.out_dir == f"runs/lowrank-s0-r{cfg.model.default_rank}"
+
+
 def test_defaults_follow_the_model_recipe_and_name_the_run_dir():
     cfg = from_overrides("train", ["model=llama_tiny", "method=lowrank", "seed=3"])
     assert cfg.factorization.rank == cfg.model.default_rank and cfg.schedule.lr == cfg.model.lr

@@ -245,11 +245,11 @@ def test_scaling_dry_run_prints_the_compute_and_a_time_estimate(tmp_path, capsys
 def test_scaling_study_trains_a_real_grid_fits_it_and_skips_it_the_second_time(tmp_path):
     """2 sizes x 3 budgets of real (tiny) training, one method; dlr-scaling fits the 6 points."""
     out = tmp_path / "sc"
-    args = [sys.executable, str(REPO / "scripts" / "study.py"), "scaling", "--sizes", "llama_n100k,llama_n300k",
+    args = [sys.executable, "-m", "experiments.study", "scaling", "--sizes", "llama_n100k,llama_n300k",
             "--tokens", "1024,2048,4096", "--methods", "full", "--global-batch", "2", "--val-tokens", "512",
             "--num-workers", "0", "--device", "cpu", "--at", "1e12", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scaling: 6 runs" in proc.stdout and "assumed for cpu" in proc.stdout
     fit = json.loads((out / "studies" / "scaling" / "fit.json").read_text())

@@ -48,13 +48,21 @@ def _split_override(o: str) -> tuple[str, str, str]:
 
 
 def canonical_overrides(command: str, args: list[str]) -> list[str]:
-    """Short keys spelled out (`rank=8` -> `factorization.rank=8`), so Hydra sees one key per setting."""
+    """Short keys spelled out (`rank=8` -> `factorization.rank=8`), in the keys and in the
+    values' interpolations (`out_dir=runs/${method}`), so Hydra sees one key per setting."""
+    import re
+
     from .keys import canonical_key
+
+    def spell(m: re.Match) -> str:
+        return "${" + canonical_key(command, m.group(1)) + "}"
 
     out = []
     for o in args:
         prefix, key, rest = _split_override(o)
-        out.append(o if key.startswith("hydra") else prefix + canonical_key(command, key) + rest)
+        if not key.startswith("hydra"):
+            o = prefix + canonical_key(command, key) + re.sub(r"\$\{([A-Za-z_][\w.]*)\}", spell, rest)
+        out.append(o)
     return out
 
 
