@@ -20,21 +20,15 @@ isoflop.png (where at least 3 runs of a group share a budget within 10%).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import math
 import sys
 from pathlib import Path
 
 from dlr.cli._common import run_cli
 from dlr.errors import ConfigError
+from dlr.scaling_report import ScalingRequest as Req
 
 PROG = "dlr-scaling"
-# What a law is fitted over rather than grouped by (matched by leaf, so nested keys work too).
-SIZE_AND_BUDGET = ("model", "rank", "steps", "tokens")
-# Settings a size's recipe sets; a run that keeps its size's value is not another group.
-RECIPE_KEYS = ("lr", "global_batch")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,178 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="write fit.json, table.md, table.csv and the plots here")
     ap.add_argument("--at", default=None, help="comma-separated FLOP budgets to predict at "
                                                "(default: the three decades from the largest run's)")
-    ap.add_argument("--metric", default="val_loss", help="summary.json loss to fit, in nats (default val_loss)")
-    ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the intervals (default 200)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
-    ap.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    ap.add_argument("--metric", default=Req.metric, help=f"summary.json loss to fit, in nats (default {Req.metric})")
+    ap.add_argument("--bootstrap", type=int, default=Req.bootstrap,
+                    help=f"bootstrap refits for the intervals (default {Req.bootstrap})")
+    ap.add_argument("--seed", type=int, default=Req.seed, help=f"seed of the bootstrap resampling (default {Req.seed})")
+    ap.add_argument("--level", type=float, default=Req.level, help=f"interval level (default {Req.level})")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib import)")
     return ap
 
 
 # ---------------------------------------------------------------- points and groups
-
-def _shown_path(path: Path) -> str:
-    """Relative to the working directory where it lies below it: fit.json then reads the same elsewhere."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _point(run, metric: str) -> dict:
-    s = run.summary
-    keys = ("train_non_embedding_params", "tokens", "train_flops_per_token")
-    missing = [k for k in (*keys, metric) if s.get(k) is None]
-    if missing:
-        raise ConfigError(f"{str(run.path)!r} has no {', '.join(missing)} in summary.json; accepted: runs written by "
-                          "dlr-train, with a --metric their summary.json holds (val_loss, folded_val_loss, ...)")
-    n, d, fpt = (float(s[k]) for k in keys)
-    return {"run": _shown_path(run.path), "N": n, "D": d, "C": fpt * d, "flops_per_token": fpt, "loss": float(s[metric])}
-
-
-def _size_free_settings(run) -> dict:
-    from dlr import compare
-
-    flat = compare.settings(run, SIZE_AND_BUDGET)
-    model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
-    # The size's own recipe value (e.g. the per-size lr) belongs to the size, not to the group.
-    return {k: ("recipe" if k.rpartition(".")[2] in RECIPE_KEYS and model.get(k.rpartition(".")[2]) == v else v)
-            for k, v in flat.items()}
-
-
-def group_for_scaling(runs: list) -> list:
-    """compare.Group per setting, over sizes and budgets; order as dlr-compare's."""
-    from dlr import compare
-
-    groups: dict[tuple, compare.Group] = {}
-    for run in runs:
-        s = _size_free_settings(run)
-        key = tuple(sorted((k, repr(v)) for k, v in s.items()))
-        groups.setdefault(key, compare.Group(key, s, [])).runs.append(run)
-    return sorted(groups.values(), key=lambda g: (compare.METHOD_ORDER.get(g.method, 9), str(g.key)))
-
-
-def _check_counts(groups: list, labels: list[str], points: list[list[dict]]) -> None:
-    from dlr.scaling import MIN_POINTS
-
-    for g, name, pts in zip(groups, labels, points):
-        distinct = len({(p["N"], p["D"]) for p in pts})
-        if distinct < MIN_POINTS:
-            raise ConfigError(f"group {name!r} has {distinct} distinct (N, D) point(s) ({len(pts)} run(s)); a fit of "
-                              f"{MIN_POINTS} parameters needs at least {MIN_POINTS}: add sizes or token budgets")
-
-
-# ---------------------------------------------------------------- predictions
-
-def _default_budgets(points: list[list[dict]]) -> list[float]:
-    top = max(p["C"] for pts in points for p in pts)
-    k = math.ceil(math.log10(top))
-    return [10.0 ** (k + i) for i in range(3)]
-
-
-def predictions(laws: list, labels: list[str], budgets: list[float], level: float) -> list[dict]:
-    import numpy as np
-
-    rows = []
-    tail = (1 - level) / 2 * 100
-    for law, name in zip(laws, labels):
-        for c in budgets:
-            n, d = law.optimal(c)
-            loss = law.loss_at(c)
-            samples = law.sample_losses_at(c)
-            lo, hi = (np.percentile(samples, [tail, 100 - tail]) if len(samples) else (math.nan, math.nan))
-            rows.append({"group": name, "flops": c, "N_opt": n, "D_opt": d, "loss": loss, "loss_lo": float(lo),
-                         "loss_hi": float(hi), "ppl": math.exp(loss), "ppl_lo": math.exp(lo), "ppl_hi": math.exp(hi)})
-    return rows
-
-
-def differences(groups: list, laws: list, labels: list[str], budgets: list[float], level: float) -> list[dict]:
-    """b - a for every two groups (a the simpler method), with the reading of its interval."""
-    from dlr import compare
-    from dlr.scaling import difference_at
-
-    rows = []
-    order = sorted(range(len(groups)), key=lambda i: (compare.METHOD_ORDER.get(groups[i].method, 9), i))
-    for x, i in enumerate(order):
-        for j in order[x + 1:]:
-            for c in budgets:
-                diff, lo, hi = difference_at(laws[i], laws[j], c, level)
-                reading = "no difference" if not (lo > 0 or hi < 0) else ("higher" if lo > 0 else "lower")
-                rows.append({"a": labels[i], "b": labels[j], "flops": c, "diff": diff, "lo": lo, "hi": hi,
-                             "reading": reading if math.isfinite(lo) else "—"})
-    return rows
-
-
-# ---------------------------------------------------------------- text
-
-def _g(v: float, digits: int = 3) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}g}"
-
-
-def params_markdown(laws: list, labels: list[str], level: float) -> str:
-    head = ["group", "points", "E", "A", "alpha", "B", "beta", "residual rms (log)", "converged"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for law, name in zip(laws, labels):
-        cells = [name, str(len(law.points))]
-        for k in ("E", "A", "alpha", "B", "beta"):
-            lo, hi = law.intervals.get(k, (math.nan, math.nan))
-            cells.append(f"{_g(getattr(law, k))} [{_g(lo)}, {_g(hi)}]")
-        rms = math.sqrt(sum(r * r for r in law.residuals) / len(law.residuals))
-        cells += [f"{rms:.3g}", "yes" if law.converged else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return f"Fitted L(N, D) = E + A N^-alpha + B D^-beta, [{level:.0%} bootstrap interval]:\n\n" + "\n".join(lines) + "\n"
-
-
-def predictions_markdown(rows: list[dict], level: float) -> str:
-    head = ["group", "budget (FLOPs)", "N (non-emb)", "D (tokens)", f"loss [{level:.0%}]", f"perplexity [{level:.0%}]"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['group']} | {r['flops']:.3g} | {r['N_opt']:.3g} | {r['D_opt']:.3g} "
-                     f"| {r['loss']:.3f} [{r['loss_lo']:.3f}, {r['loss_hi']:.3f}] "
-                     f"| {r['ppl']:.4g} [{_g(r['ppl_lo'], 4)}, {_g(r['ppl_hi'], 4)}] |")
-    return "\n".join(lines) + "\n"
-
-
-def differences_markdown(rows: list[dict], level: float) -> str:
-    if not rows:
-        return ""
-    head = ["b − a", "budget (FLOPs)", f"loss difference [{level:.0%}]", "reading"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['b']} − {r['a']} | {r['flops']:.3g} | {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] "
-                     f"| {r['reading']} |")
-    return ("Predicted loss of b minus a, each at its compute-optimal (N, D); 'no difference' = the interval "
-            "contains 0:\n\n" + "\n".join(lines) + "\n")
-
-
-def table_csv(rows: list[dict], diffs: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["group", "vs", "flops", "N_opt", "D_opt", "loss", "loss_lo", "loss_hi", "ppl", "ppl_lo", "ppl_hi"])
-    for r in rows:
-        writer.writerow([r["group"], "", r["flops"], r["N_opt"], r["D_opt"], r["loss"], r["loss_lo"], r["loss_hi"],
-                         r["ppl"], r["ppl_lo"], r["ppl_hi"]])
-    for r in diffs:  # a difference row: loss columns hold b - a and its interval
-        writer.writerow([r["b"], r["a"], r["flops"], "", "", r["diff"], r["lo"], r["hi"], "", "", ""])
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------- the command
-
-def _fit_all(args: argparse.Namespace):
-    from dlr import compare
-    from dlr.scaling import fit_law
-
-    runs = compare.load_runs(args.runs)
-    groups = group_for_scaling(runs)
-    labels = [compare.label(g, compare.varying_keys(groups)) for g in groups]
-    points = [[_point(r, args.metric) for r in g.runs] for g in groups]
-    _check_counts(groups, labels, points)
-    laws = [fit_law([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts],
-                    flops_per_token=[p["flops_per_token"] for p in pts], bootstrap=args.bootstrap, seed=args.seed,
-                    level=args.level) for pts in points]
-    return groups, labels, points, laws
-
 
 def _check_args(args: argparse.Namespace) -> None:
     if not args.runs:
@@ -250,46 +82,23 @@ def scaling_main(argv: list[str]) -> int:
         from dlr.compare import pyplot
 
         pyplot()  # a missing matplotlib is refused before any file is written
-    groups, labels, points, laws = _fit_all(args)
-    budgets = budgets or _default_budgets(points)
+    from dlr.scaling_report import (default_budgets, differences, differences_markdown, fit_runs,
+                                    params_markdown, predictions, predictions_markdown, write_outputs)
+
+    req = Req(runs=args.runs, metric=args.metric, bootstrap=args.bootstrap, seed=args.seed,
+                         level=args.level, plots=not args.no_plots)
+    groups, labels, points, laws = fit_runs(req)
+    budgets = budgets or default_budgets(points)
     rows = predictions(laws, labels, budgets, args.level)
     diffs = differences(groups, laws, labels, budgets, args.level)
     text = "\n".join(t for t in (params_markdown(laws, labels, args.level), predictions_markdown(rows, args.level),
                                  differences_markdown(diffs, args.level)) if t)
     print(f"{sum(len(p) for p in points)} run(s) in {len(groups)} group(s)\n\n{text}")
     if args.out is not None:
-        written = write_outputs(Path(args.out), args, {"groups": groups, "labels": labels, "points": points,
+        written = write_outputs(Path(args.out), req, {"groups": groups, "labels": labels, "points": points,
                                                        "laws": laws, "rows": rows, "diffs": diffs, "text": text})
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def fit_json(args: argparse.Namespace, res: dict) -> dict:
-    return {"metric": args.metric, "level": args.level, "bootstrap": args.bootstrap, "seed": args.seed,
-            "N": "non-embedding parameters (train_non_embedding_params)", "D": "training tokens",
-            "C": "train_flops_per_token x tokens",
-            "groups": [{"label": name, "method": g.method, "settings": g.settings, "law": law.as_dict(), "points": pts}
-                       for g, name, law, pts in zip(res["groups"], res["labels"], res["laws"], res["points"])],
-            "predictions": res["rows"], "differences": res["diffs"]}
-
-
-def write_outputs(out: Path, args: argparse.Namespace, res: dict) -> list[Path]:
-    from dlr.atomic import write_atomic
-    from dlr.scaling_plots import plot_isoflops, plot_loss_vs_compute
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = [write_atomic(out / "fit.json", json.dumps(fit_json(args, res), indent=2, default=str) + "\n"),
-               write_atomic(out / "table.md", res["text"]),
-               write_atomic(out / "table.csv", table_csv(res["rows"], res["diffs"]))]
-    if not args.no_plots:
-        budgets = sorted({r["flops"] for r in res["rows"]})
-        written.append(plot_loss_vs_compute(res["laws"], res["labels"], res["points"], budgets, out / "loss_vs_compute.png"))
-        iso = plot_isoflops(res["laws"], res["labels"], res["points"], out / "isoflop.png")
-        if iso is None:
-            print("no IsoFLOP plot: no 3 runs of one group share a budget within 10% (a size x tokens grid rarely does)")
-        else:
-            written.append(iso)
-    return written
 
 
 def main(argv: list[str] | None = None) -> None:
