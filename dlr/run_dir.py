@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .atomic import file_mode, remove_stale_temps, write_atomic
-from .config import TrainConfig, display_key, run_name, runtime_keys  # noqa: F401  (run_name: the default out_dir)
+from .config import TrainConfig, display_key, runtime_keys
 from .errors import ConfigError
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOCK_FILE = "config.yaml", "metrics.jsonl", "summary.json", ".lock"
