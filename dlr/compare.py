@@ -5,7 +5,7 @@ out_dir and the runtime keys that `dlr.run_dir` already treats as "same run" (lo
 checkpoint cadence, micro_batch, ...). Keys a method does not use (rank for `full`, alpha /
 expand / scope for `lowrank`) are dropped too, so e.g. two `full` runs launched with
 different `rank=` land in one group. Everything here is a plain function so that
-`dlr-compare`, `scripts/run_results.py` and the tests share one implementation.
+`dlr-compare`, `experiments/run_results.py` and the tests share one implementation.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ way that is cheapest where training runs.
 
 A model directory ships one forward per layer (dlr.hf.lowrank). For the default layer (fixed
 s, no latent scale, no bias) training builds B + s R differently per setting (measured in
-docs/benchmarks.md, "Training step"):
+benchmarks/README.md, "Training step"):
 - bf16 autocast, eager: an out-of-place scatter, then autocast's cast, which low-rank pays
   anyway; the cast copy is what F.linear keeps for backward, so no memory is added, and
   autograd stays in C++ (small models on a GPU are bound by per-op host overhead).
