@@ -1,6 +1,6 @@
 """The golden fixed-seed run: code may move, the numbers and tensors may not.
 
-tests/golden/dlr_tiny.json was recorded (tests/golden/record.py) from this exact command
+tests/golden/dlr_tiny.json was recorded (tests/golden_record.py) from this exact command
 before the package was reorganised; the same command must give bitwise the same metrics
 and the same tensors in final/ and folded/.
 """
@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "golden"))
-from record import record  # noqa: E402
+from golden_record import record
 
 GOLDEN = Path(__file__).parent / "golden" / "dlr_tiny.json"
 COMMAND = ("model=llama_tiny method=dlr rank=8 data=c4_sample steps=6 eval_every=3 save_every=3 "

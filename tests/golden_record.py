@@ -1,6 +1,6 @@
 """Record (or recompute) the golden fixed-seed run's numbers and tensor hashes.
 
-    python tests/golden/record.py RUN_DIR > tests/golden/dlr_tiny.json
+    python tests/golden_record.py RUN_DIR > tests/golden/dlr_tiny.json
 
 The record holds what must stay bitwise equal when code moves: every metrics.jsonl
 record's losses, grad norms, learning rates and val / folded perplexities (wall-clock
