@@ -19,9 +19,8 @@ from safetensors.torch import load_file
 import dlr
 from dlr.cli import train as train_cli
 from dlr.train.loop import train
+from golden_record import CLOCK_FIELDS
 
-sys.path.insert(0, str(Path(__file__).parent / "golden"))
-from record import CLOCK_FIELDS  # noqa: E402
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4", "log_every=1",
         "data.val_tokens=1000", "data.num_workers=2", "eval_every=2", "save_every=2", "keep_last=5",
