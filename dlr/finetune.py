@@ -182,13 +182,13 @@ def _datasets(cfg: FinetuneConfig) -> tuple[Any, Any]:
     return train, load_pairs(str(cfg.eval_data), str(cfg.eval_split), *fields, key="eval_data")
 
 
-def _load(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
+def _load(ckpt: Path, device: torch.device, verify: bool) -> tuple[torch.nn.Module, Any, Any]:
     """(model, dlr tokenizer, the directory's AutoTokenizer, which TRL tokenizes with)."""
     from transformers import AutoTokenizer
 
     from dlr.model_dir import load_model_dir
 
-    model, tokenizer = load_model_dir(ckpt, device=device)
+    model, tokenizer = load_model_dir(ckpt, device=device, verify=verify)
     try:
         hf_tok = AutoTokenizer.from_pretrained(str(ckpt))
     except Exception as e:
@@ -306,7 +306,7 @@ def finetune(cfg: FinetuneConfig, callbacks: list | tuple = ()) -> dict[str, Any
     train_ds, eval_ds = _datasets(cfg)
     device = pick_device(str(cfg.device), 0)
     bf16 = _use_bf16(cfg, device)
-    model, tokenizer, hf_tok = _load(ckpt, device)
+    model, tokenizer, hf_tok = _load(ckpt, device, bool(cfg.verify))
     n_params = _param_count(model)
     use_cache = model.config.use_cache  # the Trainer turns the KV cache off for training
     trained = _trainable(model, cfg)

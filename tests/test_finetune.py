@@ -172,6 +172,26 @@ def test_bad_input_is_one_line_and_writes_nothing(folded, data, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_changed_or_unrecorded_directories_are_refused_unless_verify_false(folded, data, tmp_path, capsys):
+    import shutil
+
+    ckpt = shutil.copytree(folded, tmp_path / "copy")
+    with open(ckpt / "lowrank.py", "a") as f:
+        f.write("\n# edited\n")
+    args = [f"ckpt={ckpt}", f"data={data[0]}", f"out_dir={tmp_path / 'o'}", "steps=1", "save_every=1",
+            *[a for a in BASE if a.split("=")[0] not in ("steps", "save_every")]]
+    code, _, err = call(finetune_cli, args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lowrank.py' does not match its sha256" in err, err
+    (ckpt / "dlr_checkpoint.json").unlink()
+    code, _, err = call(finetune_cli, args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "has no dlr_checkpoint.json" in err, err
+    assert not (tmp_path / "o").exists()
+    # A trusted copy: verify=false loads it (the shipped code is never run by dlr's loader anyway).
+    code, _, err = call(finetune_cli, [*args, "verify=false"], capsys)
+    assert code == 0, err[-2000:]
+    assert (tmp_path / "o" / "final" / "dlr_checkpoint.json").is_file()
+
+
 @pytest.mark.parametrize("content,needle", [
     ("", r"data='.*empty.jsonl' holds no records"),
     ("\n  \n", r"data='.*empty.jsonl' holds no records"),

@@ -40,6 +40,11 @@ class TrainConfig:
     optimizer: Any = group(OPTIMIZER_SCHEMAS, "configs/optimizer/<name>.yaml: " + " | ".join(OPTIMIZERS))
 
 
+# The same check for every command that reads a model directory (dlr.model_dir.check_integrity).
+VERIFY_HELP = ("check the sha256 of every weight file and shipped .py against dlr_checkpoint.json before loading; "
+               "false also loads a directory without that file (trusted copies only)")
+
+
 @dataclass
 class EvalConfig:
     """dlr-eval (configs/eval.yaml)."""
@@ -54,7 +59,7 @@ class EvalConfig:
     out: Optional[str] = setting(None, "write {val_ppl, val_loss, tokens, ...} as JSON to this file", nonempty=True)
     json: bool = setting(False, "print the JSON result on stdout instead of the one-line summary (also --json)")
     progress: bool = setting(True, "progress bar on stderr (rank 0 only)")
-    verify: bool = setting(True, "check every weight file's sha256 against dlr_checkpoint.json before loading")
+    verify: bool = setting(True, VERIFY_HELP)
     protocol: str = setting("auto", "auto (sliding for data=text, rows otherwise) | sliding (every token of the "
                                     "concatenated corpus) | rows (the trainer's fixed validation set)",
                             choices=EVAL_PROTOCOLS)
@@ -110,6 +115,7 @@ class FinetuneConfig:
     logger: str = setting("none", "none | wandb", choices=LOGGERS, runtime=True)
     log_every: int = setting(10, "steps between loss lines in metrics.jsonl", ge=1, runtime=True)
     progress: bool = setting(True, "progress bar on stderr", runtime=True)
+    verify: bool = setting(True, VERIFY_HELP, runtime=True)
 
 
 @dataclass
@@ -126,7 +132,7 @@ class FoldConfig:
     batch_size: int = setting(2, "rows per check batch (of data.seq_len tokens)", ge=1)
     tolerance: float = setting(1e-4, "max |logits diff| / max |logits|, fp32", gt=0)
     device: str = setting("cpu", "cpu | cuda | cuda:N (the check runs in fp32 on this device)", check=_device)
-    verify: bool = setting(True, "check every weight file's sha256 against dlr_checkpoint.json before loading")
+    verify: bool = setting(True, VERIFY_HELP)
 
 
 @dataclass
