@@ -3,6 +3,8 @@
 # GPU, in one call. Sections, in priority order (run those named in SECTIONS):
 #   tests    the CUDA tests (flash attention, no host sync in a compiled step, the compiled loss
 #            chunk against the plain loss)
+#   inference dense vs folded DLR vs lowrank at inference, llama_60m..llama_1b, bf16, HF generate at
+#            batch 1, 8, 32 (bench_inference; vLLM only where a CUDA vLLM venv is given as VLLM_PYTHON)
 #   memory   llama_1b: dlr-train's memory estimate vs the measured peak, ddp and fsdp2
 #   fsdp2    dlr-train parallelism=fsdp2 under torchrun (nccl, bf16 mixed precision), train + eval + fold
 #   small    the isolated step, the default (compiled decoder, chunked loss) vs eager with the plain
@@ -31,7 +33,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(mkdir -p "${OUT:-gpu_out}" && cd "${OUT:-gpu_out}" && pwd)
 BUDGET_S=${BUDGET_S:-500}
-SECTIONS=${SECTIONS:-"tests memory fsdp2 small loss trainer gemm large scopes autotune"}
+SECTIONS=${SECTIONS:-"tests inference memory fsdp2 small loss trainer gemm large scopes autotune"}
 START=$(date +%s)
 TOKENS=${TOKENS:+$(cd "$TOKENS" && pwd)}
 # Run outside the checkout: with dlr installed non-editable, the source tree's dlr/
@@ -50,6 +52,13 @@ COMMON="data.val_tokens=20000 log_every=5 eval_every=1000 save_every=1000 resume
 if want tests 40; then
   stamp tests
   timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_gpu_path.py" 2>&1 | tail -8 \
+    | tee -a "$OUT/report.txt"
+fi
+
+if want inference 200; then
+  stamp inference
+  timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_inference --device cuda --repeats 5 \
+    ${VLLM_PYTHON:+--vllm-python "$VLLM_PYTHON"} --out "$OUT/inference_gpu.json" 2>"$OUT/inference.log" \
     | tee -a "$OUT/report.txt"
 fi
 
