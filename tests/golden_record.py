@@ -1,10 +1,13 @@
 """Record (or recompute) the golden fixed-seed run's numbers and tensor hashes.
 
-    python tests/golden_record.py RUN_DIR > tests/golden/dlr_tiny.json
+    python tests/golden_record.py RUN_DIR > tests/golden/dlr_tiny-<vendor>-<capability>.json
 
 The record holds what must stay bitwise equal when code moves: every metrics.jsonl
 record's losses, grad norms, learning rates and val / folded perplexities (wall-clock
-fields left out), and the sha256 of every tensor in final/ and folded/.
+fields left out), and the sha256 of every tensor in final/ and folded/; and the machine it
+holds for (`machine()`): torch's CPU kernels take other code paths on another CPU vendor or
+instruction set, and the last bits of a sum move with them (an AMD EPYC and an AVX-512 Intel
+Xeon differ in the 8th digit of the first grad norm).
 """
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ def tensor_hashes(model_dir: Path) -> dict[str, str]:
     return out
 
 
+def machine() -> dict[str, str]:
+    """What the bitwise numbers depend on besides the code: torch, the CPU's vendor, torch's CPU capability."""
+    import torch
+
+    vendor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("vendor_id")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    return {"torch": torch.__version__, "cpu_vendor": vendor, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def record(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     metrics = [{k: v for k, v in json.loads(line).items() if k not in CLOCK_FIELDS}
@@ -38,6 +50,4 @@ def record(run_dir: str | Path) -> dict:
 
 
 if __name__ == "__main__":
-    import torch
-
-    print(json.dumps({"torch": torch.__version__, **record(sys.argv[1])}, indent=1, sort_keys=True))
+    print(json.dumps({**machine(), **record(sys.argv[1])}, indent=1, sort_keys=True))
