@@ -101,9 +101,9 @@ def wait_healthy(url: str, server: subprocess.Popen, log: Path, seconds: float =
 
 def stop(server: subprocess.Popen) -> None:
     """The API server and its engine-core process (one session), however far they got."""
-    for signal, wait in ((15, 60), (9, None)):
+    for sig, wait in ((15, 60), (9, None)):
         try:
-            os.killpg(server.pid, signal)
+            os.killpg(server.pid, sig)
         except ProcessLookupError:
             break
         try:
