@@ -133,7 +133,7 @@ def hf_rows(name: str, models: dict[str, torch.nn.Module], args: argparse.Namesp
 def vllm_run(python: str, model_dir: Path, args: argparse.Namespace, cores: list[int]) -> dict:
     """Time a saved model directory in vLLM at every batch size, in one engine (its own process)."""
     spec = {"prompts": {b: prompt_ids(b, args.prompt) for b in args.batch_sizes}, "new": args.new,
-            "repeats": args.repeats, "dtype": {"fp32": "float32", "bf16": "bfloat16"}[args.dtype], "device": args.device}
+            "repeats": args.repeats, "dtype": str(DTYPES[args.dtype]).removeprefix("torch."), "device": args.device}
     env = {**os.environ, "PYTHONPATH": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process: apply_model
            "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)) or "auto"}
     proc = subprocess.run([python, str(VLLM_SCRIPT), str(model_dir), json.dumps(spec)], capture_output=True,
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace, sizes: list[Any] | None = None) -> dict:
             rows += size_rows
             del models
             release_freed_memory()
-    return {"device": device_name(args.device), "cores": cores, "threads": args.threads if cores else None,
+    return {"device": device_name(args.device), "cores": cores, "threads": len(cores) or None,
             "torch": torch.__version__, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new,
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"), "vllm_served": served, "rows": rows}
 
