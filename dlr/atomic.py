@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import ConfigError
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-")
 
 
@@ -133,3 +135,41 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _nearest_existing(p: Path) -> Path:
+    """The deepest existing directory entry on the way to p (from the root down: a too-long
+    name below it would make exists() itself fail)."""
+    existing = Path(p.anchor or ".")
+    for part in p.parts[len(existing.parts):]:
+        if not (existing / part).exists():
+            break
+        existing = existing / part
+    return existing
+
+
+def check_writable(path: str | os.PathLike, key: str, *, file: bool = False) -> None:
+    """`key=path` names a directory (or, with file=True, a file) that can be created and written
+    there; ConfigError (one line) if not. Reads only, so a command can refuse before any work."""
+    p = Path(path).expanduser().absolute()
+    name_max = os.pathconf("/", "PC_NAME_MAX")
+    for part in p.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"{key}={str(path)!r} has a path component of {len(os.fsencode(part))} bytes; "
+                              f"accepted: components of at most {name_max} bytes")
+    try:
+        existing = _nearest_existing(p)
+    except OSError as e:  # e.g. the whole path longer than the system allows
+        raise ConfigError(f"{key}={str(path)!r} cannot be named ({e.strerror}); accepted: a shorter path") from None
+    wanted = "a file name" if file else "a directory"
+    if existing == p and p.is_dir() == file:
+        raise ConfigError(f"{key}={str(path)!r} is a {'directory' if file else 'file'}; accepted: {wanted}")
+    parent = existing.parent if existing == p and file else existing
+    if not parent.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {str(parent)!r} is a file; accepted: {wanted} path")
+    # A kernel pseudo-filesystem (/proc, /sys) has no blocks to store files in, and os.access
+    # says yes there for root; a read-only mount says no through statvfs's flag.
+    vfs = os.statvfs(parent)
+    if not os.access(parent, os.W_OK | os.X_OK) or vfs.f_blocks == 0 or vfs.f_flag & os.ST_RDONLY:
+        raise ConfigError(f"{key}={str(path)!r} is not writable ({str(parent)!r} denies it); "
+                          f"accepted: {wanted} on a writable filesystem")

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .atomic import write_atomic
+from .atomic import check_writable, write_atomic
 from .errors import ConfigError
 from .config import display_key, short_form
-from .run_dir import RUNTIME_KEYS as _RUNTIME_KEYS
+from .run_dir import RUNTIME_KEYS as _RUNTIME_KEYS, read_run_config
 
 RUNTIME_KEYS = {display_key("train", k) for k in _RUNTIME_KEYS}
 
@@ -134,11 +133,15 @@ def find_run_dirs(args: Sequence[str]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     path = Path(path)
+    config = short_form("train", read_run_config(path))
     try:
-        config = short_form("train", yaml.safe_load((path / "config.yaml").read_text()) or {})
         summary = json.loads((path / "summary.json").read_text())
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ConfigError(f"{str(path)!r} has an unreadable config.yaml or summary.json: {err}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{str(path)!r} has an unreadable summary.json ({type(err).__name__}); accepted: "
+                          "the summary.json dlr-train wrote") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{str(path / 'summary.json')!r} holds a JSON {type(summary).__name__}, not an object; "
+                          "accepted: the summary.json dlr-train wrote")
     records = []
     metrics = path / "metrics.jsonl"
     if metrics.is_file():
@@ -474,6 +477,7 @@ def plot_curves(groups: Sequence[Group], out_dir: Path) -> list[Path]:
 def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bool = True) -> dict[str, Path]:
     """table.md (groups + paired differences), table.csv, pairs.csv and the PNG plots."""
     out_dir = Path(out_dir)
+    check_writable(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = paired_differences(groups, metric)
     md = markdown_table(groups, metric)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from dlr.atomic import check_writable
 from dlr.errors import ConfigError
 from dlr.config import FinetuneConfig, runtime_keys, to_dict
 
@@ -47,6 +48,7 @@ def out_dir_of(cfg: FinetuneConfig, ckpt: Path) -> Path:
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"out_dir={str(out)!r}: {str(blocker)!r} is a file, not a directory; accepted: a directory "
                           "(new, or a fine-tuning run to resume)")
+    check_writable(out, "out_dir")
     return out
 
 

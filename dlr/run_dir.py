@@ -59,20 +59,46 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def read_run_config(out_dir: Path) -> dict:
-    """The settings a run directory was written with (its config.yaml), as plain data."""
-    return yaml.safe_load((Path(out_dir) / CONFIG_FILE).read_text()) or {}
+    """The settings a run directory was written with (its config.yaml), as plain data;
+    ConfigError (one line) if it cannot be read or is not a mapping of settings."""
+    path = Path(out_dir) / CONFIG_FILE
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{str(path)!r} is not readable YAML ({type(e).__name__}{where}); accepted: the config.yaml "
+                          "dlr-train wrote (restore it, or remove it to resume from the checkpoints)") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{str(path)!r} holds a YAML {type(config).__name__}, not a mapping of settings; accepted: "
+                          "the config.yaml dlr-train wrote (restore it, or remove it to resume from the checkpoints)")
+    return config
 
 
-def check_run_dir(out_dir: Path, resolved: dict) -> None:
-    """An existing out_dir from a different config is never silently overwritten."""
+def _value(cfg: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def settings_differences(previous: dict, resolved: dict) -> list[str]:
+    """`key: old -> new` for every setting but the runtime ones in which two runs' settings differ."""
+    return [f"{display_key('train', k)}: {_value(previous, k)!r} -> {_value(resolved, k)!r}"
+            for k in _differences(_identity(previous), _identity(resolved))]
+
+
+def check_run_dir(out_dir: Path, resolved: dict, *, allow_changed: bool = False) -> None:
+    """An existing out_dir from a different config is never silently overwritten (allow_changed:
+    the user said resume_changed=true)."""
     if not (Path(out_dir) / CONFIG_FILE).exists():
         return
-    previous = read_run_config(out_dir)
-    diff = sorted(display_key("train", k) for k in _differences(_identity(previous), _identity(resolved)))
-    if diff:
+    diff = settings_differences(read_run_config(out_dir), resolved)
+    if diff and not allow_changed:
         raise ConfigError(
-            f"out_dir={str(out_dir)!r} holds a run with a different config (differs in: {', '.join(diff[:8])}); "
-            "accepted: the same config (to resume) or another out_dir"
+            f"out_dir={str(out_dir)!r} holds a run with a different config (differs in: {'; '.join(diff[:8])}); "
+            "accepted: the same config (to resume), another out_dir, or resume_changed=true"
         )
 
 

@@ -225,6 +225,11 @@ class Law:
             out.append(float(np.exp(_log_predict(theta, np.array([math.log(n)]), np.array([math.log(d)]))[0])))
         return np.array(out)
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k):.4g} [{self.intervals.get(k, (math.nan,) * 2)[0]:.4g}, "
+                          f"{self.intervals.get(k, (math.nan,) * 2)[1]:.4g}]" for k in PARAMS)
+        return f"Law({shown}, level={self.level}, points={len(self.points)}, converged={self.converged})"
+
     def as_dict(self) -> dict:
         res = np.array(self.residuals)
         return {**{k: getattr(self, k) for k in PARAMS},
@@ -241,12 +246,31 @@ def _validate(n_params, n_tokens, loss) -> tuple[np.ndarray, np.ndarray, np.ndar
         raise ConfigError(f"n_params, n_tokens and loss differ in length ({len(n)}, {len(d)}, {len(l_)}); "
                           "accepted: one value of each per run")
     for name, x in (("n_params", n), ("n_tokens", d), ("loss", l_)):
-        if not np.all(np.isfinite(x) & (x > 0)):
-            raise ConfigError(f"{name} holds a value that is not a positive finite number; accepted: positive numbers")
+        bad = np.flatnonzero(~(np.isfinite(x) & (x > 0)))
+        if len(bad):
+            raise ConfigError(f"{name}[{bad[0]}]={x[bad[0]]!r} is not valid; accepted: positive finite numbers")
     distinct = len(set(zip(n.tolist(), d.tolist())))
     if distinct < MIN_POINTS:
         raise ConfigError(f"{distinct} distinct (N, D) point(s); a fit of {MIN_POINTS} parameters needs at least {MIN_POINTS}")
+    why = unidentified(n, d)
+    if why:
+        raise ConfigError(why)
     return n, d, l_
+
+
+def unidentified(n: Sequence[float], d: Sequence[float]) -> str | None:
+    """Why the law's parameters cannot be identified from these points, or None if they can.
+
+    With a single N, A N^-alpha is one constant that E absorbs: E, A and alpha are not
+    identified (any split fits equally well); with a single D, E, B and beta are not.
+    """
+    ns, ds = sorted(set(float(x) for x in n)), sorted(set(float(x) for x in d))
+    for symbol, values, which, add in (("N", ns, "E, A and alpha", "model sizes"),
+                                       ("D", ds, "E, B and beta", "token budgets")):
+        if len(values) == 1:
+            return (f"every point has {symbol}={values[0]:.4g}: {which} cannot be identified from one {symbol}; "
+                    f"accepted: points of at least 2 {add}")
+    return None
 
 
 def _resample(rng: np.random.Generator, n: np.ndarray, d: np.ndarray, tries: int = 1000) -> np.ndarray | None:

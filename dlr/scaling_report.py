@@ -44,8 +44,17 @@ def _point(run, metric: str) -> dict:
     if missing:
         raise ConfigError(f"{str(run.path)!r} has no {', '.join(missing)} in summary.json; accepted: runs written by "
                           "dlr-train, with a --metric their summary.json holds (val_loss, folded_val_loss, ...)")
-    n, d, fpt = (float(s[k]) for k in keys)
-    return {"run": _shown_path(run.path), "N": n, "D": d, "C": fpt * d, "flops_per_token": fpt, "loss": float(s[metric])}
+    values = {}
+    for k in (*keys, metric):
+        try:
+            values[k] = float(s[k])
+        except (TypeError, ValueError):
+            values[k] = math.nan
+        if not (math.isfinite(values[k]) and values[k] > 0):
+            raise ConfigError(f"{str(run.path)!r} has {k}={s[k]!r} in summary.json; accepted: a positive finite number "
+                              "(leave out a run that diverged)")
+    n, d, fpt = (values[k] for k in keys)
+    return {"run": _shown_path(run.path), "N": n, "D": d, "C": fpt * d, "flops_per_token": fpt, "loss": values[metric]}
 
 
 def _size_free_settings(run) -> dict:
@@ -71,13 +80,16 @@ def group_for_scaling(runs: list) -> list:
 
 
 def _check_counts(groups: list, labels: list[str], points: list[list[dict]]) -> None:
-    from dlr.scaling import MIN_POINTS
+    from dlr.scaling import MIN_POINTS, unidentified
 
     for g, name, pts in zip(groups, labels, points):
         distinct = len({(p["N"], p["D"]) for p in pts})
         if distinct < MIN_POINTS:
             raise ConfigError(f"group {name!r} has {distinct} distinct (N, D) point(s) ({len(pts)} run(s)); a fit of "
                               f"{MIN_POINTS} parameters needs at least {MIN_POINTS}: add sizes or token budgets")
+        why = unidentified([p["N"] for p in pts], [p["D"] for p in pts])
+        if why:
+            raise ConfigError(f"group {name!r}: {why}")
 
 
 # ---------------------------------------------------------------- predictions
@@ -205,9 +217,10 @@ def fit_json(req: ScalingRequest, res: dict) -> dict:
 
 def write_outputs(out: Path, req: ScalingRequest, res: dict) -> list[Path]:
     """fit.json, table.md, table.csv and (unless req.plots is false) the plots, atomically."""
-    from dlr.atomic import write_atomic
+    from dlr.atomic import check_writable, write_atomic
     from dlr.scaling_plots import plot_isoflops, plot_loss_vs_compute
 
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     written = [write_atomic(out / "fit.json", json.dumps(fit_json(req, res), indent=2, default=str) + "\n"),
                write_atomic(out / "table.md", res["text"]),

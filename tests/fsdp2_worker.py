@@ -82,7 +82,8 @@ def main(out: Path) -> None:
         report["param_diff_vs_unsharded"] = max_diff(trained, ref.state_dict())
 
     data_state = {"process": {"rank": rank}, "global": {"portable": False}}
-    trainer_state = {"step": 2, "tokens": 0, "wall_s": 0.0, "wandb_id": None, "last_eval": None, "metrics_lines": 0}
+    trainer_state = {"step": 2, "tokens": 0, "wall_s": 0.0, "wandb_id": None, "last_eval": None, "metrics_lines": 0,
+                     "config": {}}
     save_checkpoint(acc, out, 2, model=model, optimizer=opt, scheduler=sched, data_state=data_state,
                     trainer_state=trainer_state, keep_last=2)
     torch.manual_seed(1)  # different weights, so that only the load can make them equal

@@ -100,9 +100,9 @@ def test_an_older_checkpoint_format_is_refused_naming_both_versions(straight, tm
     out = copy(straight, tmp_path)
     remove(out, "final", "folded", "summary.json")
     state = out / "checkpoints" / "step_4" / "trainer_state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "format_version": 2}))
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format_version": 3}))
     line = refused([f"out_dir={out}"], capfd, monkeypatch)
-    assert "format_version=2" in line and "accepted: 3" in line
+    assert "format_version=3" in line and "accepted: 4" in line
 
 
 def test_an_older_run_directory_format_is_refused_naming_both_versions(straight, tmp_path, capfd, monkeypatch):
@@ -155,8 +155,61 @@ def test_an_empty_train_split_creates_no_out_dir(tmp_path, mkdirs, capfd, monkey
 def test_a_checkpoint_of_another_rank_creates_no_out_dir(straight, tmp_path, mkdirs, capfd, monkeypatch):
     out = tmp_path / "new" / "run"
     line = refused([f"out_dir={out}", "rank=8", f"resume={straight}/checkpoints/step_2"], capfd, monkeypatch)
+    assert "differs in: rank: 16 -> 8" in line and "resume_changed=true" in line
+    # Told to resume anyway, the checkpoint's tensors still have to fit the model.
+    line = refused([f"out_dir={out}", "rank=8", f"resume={straight}/checkpoints/step_2", "resume_changed=true"],
+                   capfd, monkeypatch)
     assert "does not match" in line
     assert not (tmp_path / "new").exists() and not mkdirs
+
+
+@pytest.mark.parametrize("config_yaml", ["deleted", "kept"])
+def test_a_resume_with_other_settings_than_its_checkpoint_is_refused_naming_them(straight, tmp_path, capfd,
+                                                                                  monkeypatch, config_yaml):
+    out = copy(straight, tmp_path)
+    remove(out, "final", "folded", "summary.json", *(["config.yaml"] if config_yaml == "deleted" else []))
+    before = {p: sha256(p) for p in out.rglob("*") if p.is_file()}
+    line = refused([f"out_dir={out}", "lr=0.01"], capfd, monkeypatch)
+    assert "lr: 0.003 -> 0.01" in line and "resume_changed=true" in line, line
+    assert {p: sha256(p) for p in out.rglob("*") if p.is_file()} == before
+    # Runtime settings may differ: they change how, not what, is trained.
+    train(cfg(f"out_dir={out}", "keep_last=1", "verify=false"))
+    assert metrics(out) == metrics(straight)
+
+
+def test_resume_changed_resumes_with_the_checkpoints_state_and_records_the_new_settings(straight, tmp_path):
+    out = copy(straight, tmp_path)
+    remove(out, "final", "folded", "summary.json", "checkpoints/step_4", "config.yaml")
+    train(cfg(f"out_dir={out}", "lr=0.01", "resume_changed=true"))
+    assert (out / "summary.json").is_file() and "lr: 0.01" in (out / "config.yaml").read_text()
+    state = json.loads((out / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["config"]["schedule"]["lr"] == 0.01
+    assert metrics(out)[:2] == metrics(straight)[:2]  # steps 1-2 come from the checkpoint's run
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_naming_the_file_unless_verify_false(straight, tmp_path, capfd,
+                                                                                      monkeypatch):
+    out = copy(straight, tmp_path)
+    remove(out, "final", "folded", "summary.json", "checkpoints/step_4")
+    shard = next((out / "checkpoints" / "step_2" / "state").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01  # inside a tensor: the safetensors header still reads
+    shard.write_bytes(bytes(data))
+    before = {p: sha256(p) for p in out.rglob("*") if p.is_file()}
+    line = refused([f"out_dir={out}"], capfd, monkeypatch)
+    assert str(shard) in line and "sha256" in line and "verify=false" in line, line
+    assert {p: sha256(p) for p in out.rglob("*") if p.is_file()} == before
+    train(cfg(f"out_dir={out}", "verify=false"))  # trusted: resumed from as it is
+    assert (out / "summary.json").is_file()
+
+
+def test_every_file_of_a_checkpoint_is_recorded_with_its_size_and_sha256(straight):
+    ckpt = straight / "checkpoints" / "step_4"
+    files = json.loads((ckpt / "trainer_state.json").read_text())["files"]
+    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"trainer_state.json"}
+    assert set(files) == on_disk
+    for name, rec in files.items():
+        assert rec == {"size": (ckpt / name).stat().st_size, "sha256": sha256(ckpt / name)}
 
 
 @pytest.mark.parametrize("make_out_dir,needle", [

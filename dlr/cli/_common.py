@@ -23,8 +23,6 @@ from typing import Any
 from dlr.config.overrides import canonical_overrides, compose, from_overrides, parse_overrides, typed  # noqa: F401
 from dlr.errors import ConfigError, TrainingDiverged
 
-EXIT_OK = 0
-EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_CHECK_FAILED = 1  # dlr-fold: the fold's verification failed (reported above, nothing written)

@@ -22,6 +22,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from dlr.atomic import check_writable
 from dlr.cli._common import run_cli
 from dlr.errors import ConfigError
 from dlr.config import CompareConfig, build
@@ -57,6 +58,8 @@ def compare_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     build(CompareConfig, vars(args))
     out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        check_writable(out, "--out")  # before any run is read
     runs = compare.load_runs(args.runs)
     groups = compare.group_runs(runs)
     if all(compare.group_stats(g, args.metric).n == 0 for g in groups):
@@ -73,8 +76,6 @@ def compare_main(argv: list[str]) -> int:
         print(f"{args.metric} by {key} (95% t-intervals over seeds; 'no difference' = the interval contains 0):\n")
         print(compare.sweep_markdown(points, key, args.metric))
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {str(out)!r} is a file; give a directory")
         if not args.no_plots:
             compare.pyplot()  # a missing matplotlib is refused before any file is written
         files = compare.write_outputs(groups, args.metric, out, plots=not args.no_plots)

@@ -22,8 +22,8 @@ import math
 import sys
 from pathlib import Path
 
+from dlr.atomic import check_writable
 from dlr.cli._common import from_overrides, required, run_cli, write_json
-from dlr.errors import ConfigError
 
 PROG = "dlr-eval"
 USAGE = __doc__
@@ -31,8 +31,8 @@ USAGE = __doc__
 
 def _validate(cfg) -> None:
     # Types and ranges: dlr.config.EvalConfig (from_overrides). Checked now, not after a long evaluation:
-    if cfg.out and Path(str(cfg.out)).expanduser().is_dir():
-        raise ConfigError(f"out={str(cfg.out)!r} is a directory; give a JSON file name, e.g. out=eval.json")
+    if cfg.out:
+        check_writable(str(cfg.out), "out", file=True)
 
 
 def _data(cfg, args: list[str]):

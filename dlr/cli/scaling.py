@@ -24,6 +24,7 @@ import math
 import sys
 from pathlib import Path
 
+from dlr.atomic import check_writable
 from dlr.cli._common import run_cli
 from dlr.errors import ConfigError
 from dlr.scaling_report import ScalingRequest as Req
@@ -70,8 +71,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--bootstrap {args.bootstrap} is not valid; accepted: an integer >= 0 (0 = no intervals)")
     if not 0 < args.level < 1:
         raise ConfigError(f"--level {args.level} is not valid; accepted: a number between 0 and 1, e.g. 0.95")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out!r} is a file; give a directory")
+    if args.out is not None:
+        check_writable(args.out, "--out")
 
 
 def scaling_main(argv: list[str]) -> int:

@@ -3,13 +3,12 @@ them (`commands`), the accepted values of each choice (`choices`), and how a set
 declared and checked (`fields`). This package imports nothing from dlr but the error type,
 so every other module can depend on it.
 
-    from dlr.config import load
-    cfg = load("train", {"model": {...}, "factorization": {"rank": 8}, ...})   # a TrainConfig
+    from dlr.config import from_overrides
+    cfg = from_overrides("train", ["model=llama_tiny", "rank=8"])   # a TrainConfig
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 from .choices import *  # noqa: F403  (the accepted values are part of the config's API)
@@ -21,12 +20,6 @@ from .overrides import compose, from_overrides, group_options, parse_overrides, 
 from .keys import all_keys, canonical_key, display_key, find_field, short_form, short_names
 from .sections import (OPTIMIZER_SCHEMAS, AdamWConfig, CheckpointConfig, DataConfig, FactorizationConfig,
                        LoggingConfig, ModelConfig, ScheduleConfig, SpectronConfig, SystemConfig, WandbConfig)
-
-
-def load(command: str, values: Mapping[str, Any]) -> Any:
-    """Validate a resolved mapping (a composed Hydra config, or a dict) into the command's
-    typed config; one-line ConfigError on the first bad key or value."""
-    return build(COMMAND_SCHEMAS[command], values, short=SHORT_SECTIONS.get(command, ()))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,7 +1,7 @@
 """The sections of a training run's configuration: each setting declared once, typed, with
 its default, what it accepts and what it means.
 
-A section is a plain dataclass; `dlr.config.load_train` builds a `TrainConfig` of them from
+A section is a plain dataclass; `dlr.config.from_overrides` builds a `TrainConfig` of them from
 the command line, and the rest of dlr reads attributes (`cfg.factorization.rank`).
 """
 from __future__ import annotations
@@ -159,6 +159,11 @@ class CheckpointConfig:
                                   "a checkpoints/step_<N> dir", nonempty=True, runtime=True)
     save_every: int = setting(1000, "write checkpoints/step_<N> every N steps (and at the end)", ge=1, runtime=True)
     keep_last: int = setting(2, "training checkpoints kept; 0 = keep all", ge=0, runtime=True)
+    resume_changed: bool = setting(False, "resume even where this run's settings differ from the checkpoint's (the "
+                                          "refusal names them); model, optimizer, schedule and data position are "
+                                          "restored as saved", runtime=True)
+    verify: bool = setting(True, "check the size and sha256 of every file of the checkpoint resumed from; "
+                                 "false = trusted files", runtime=True)
 
 
 @dataclass

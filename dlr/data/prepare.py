@@ -29,6 +29,7 @@ from dlr.data.shards import (FORMAT, FORMAT_VERSION, IDX_DTYPE, MANIFEST, SPLITS
 from dlr.data.sources import check_local_file, iter_file, resolve_files
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
+from dlr.atomic import check_writable
 from dlr.errors import ConfigError, bad_value
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,7 @@ def _out_root(out: str | os.PathLike) -> Path:
         raise ConfigError(f"out={str(root)!r} is a file; give a directory")
     if root.is_dir() and any(root.iterdir()) and not (root / PLAN).is_file():
         raise ConfigError(f"out={str(root)!r} exists and is not a dlr-prepare directory; give a new or empty directory")
+    check_writable(root, "out")
     return root
 
 

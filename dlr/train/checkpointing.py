@@ -10,7 +10,9 @@ import torch
 from ..atomic import normalize_modes
 from ..errors import ConfigError, TrainingDiverged
 from .finite import last_finite_checkpoint, training_state_nonfinite
+from ..run_dir import settings_differences
 from .preflight import check_resume
+from .settings import resolved_settings
 from .state import TrainerState
 from .training_state import checkpoint_dirs, load_checkpoint, save_checkpoint
 
@@ -35,6 +37,16 @@ def resume_point(cfg, out_dir: Path) -> Path | None:
     return check_resume(cfg.checkpoint.resume)
 
 
+def check_resumed_settings(ckpt: Path, saved: dict, resolved: dict, allow: bool) -> None:
+    """The checkpoint's settings are this run's (runtime settings aside), or the user said
+    resume_changed=true: a deleted config.yaml must not let another lr resume silently."""
+    diff = settings_differences(saved, resolved)
+    if diff and not allow:
+        raise ConfigError(f"checkpoint {str(ckpt)!r} was written with other settings (differs in: {'; '.join(diff[:8])}); "
+                          "accepted: the checkpoint's settings, another out_dir, or resume_changed=true to resume it "
+                          "anyway (its model, optimizer, schedule and data position as saved)")
+
+
 def _data_state(state: TrainerState) -> dict:
     """This process's data position, and the whole run's in process-count-independent terms."""
     mine = torch.tensor(state.data.local_position(), dtype=torch.long, device=state.device)
@@ -52,7 +64,7 @@ def save(state: TrainerState, wall_s: float) -> None:
             f"non-finite weights or optimizer state at step {state.step} ({len(bad)} tensors, e.g. {bad[0]}); "
             f"not saved. Last finite checkpoint: {good or 'none'} (try a lower lr={state.cfg.schedule.lr})")
     trainer_state = {"step": state.step, "tokens": state.tokens(state.step), "wall_s": wall_s,
-                     "wandb_id": state.wandb_id, "last_eval": state.last_eval,
+                     "wandb_id": state.wandb_id, "last_eval": state.last_eval, "config": resolved_settings(state.cfg),
                      # What metrics.jsonl holds at this point: a resume drops what came after.
                      "metrics_lines": state.metrics.lines if state.metrics is not None else 0}
     saved = save_checkpoint(state.accelerator, state.out_dir, state.step, model=state.model, optimizer=state.optimizer,
@@ -64,7 +76,9 @@ def save(state: TrainerState, wall_s: float) -> None:
 
 def restore(state: TrainerState, ckpt: Path) -> None:
     """Model, optimizer, schedule, RNG and data position from `ckpt`; where training stands."""
-    trainer_state, data_state = load_checkpoint(state.accelerator, ckpt, state.model, state.optimizer, state.scheduler)
+    # Its sha256 were checked before any work (dlr.train.loop); sizes and headers are checked again.
+    trainer_state, data_state = load_checkpoint(state.accelerator, ckpt, state.model, state.optimizer, state.scheduler,
+                                                verify=False)
     # Its own exact position when the processes are the same; else the global position.
     state.data.restore(data_state["process"], data_state["global"])
     state.step, state.wall_before = trainer_state["step"], trainer_state["wall_s"]

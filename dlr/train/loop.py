@@ -15,7 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ..errors import TrainingDiverged
-from .checkpointing import due, restore, resume_point, save, wall_clock
+from .checkpointing import check_resumed_settings, due, restore, resume_point, save, wall_clock
 from .describe import describe_plan, memory_estimate
 from .finish import finish
 from .plan import TrainPlan, make_plan
@@ -54,8 +54,9 @@ def train(cfg) -> dict:
         log.info("%s has finished; nothing to do (resume=auto leaves a finished run as it is)", out_dir)
         return {**done, "already_finished": True}
     resume_from = resume_point(cfg, out_dir)
-    if resume_from is not None:
-        check_checkpoint(resume_from)  # a corrupt or old-format checkpoint: one line, before any work
+    if resume_from is not None:  # a corrupt, old-format or other-settings checkpoint: one line, before any work
+        saved = check_checkpoint(resume_from, cfg.checkpoint.verify)["config"]
+        check_resumed_settings(resume_from, saved, resolved, cfg.checkpoint.resume_changed)
     check_data_files(inputs.spec)
     lock = RunLock(out_dir)
     try:
@@ -69,7 +70,7 @@ def train(cfg) -> dict:
 def _check_run_dir(cfg, out_dir: Path, resolved: dict) -> dict | None:
     """Refuse an out_dir that cannot hold this run; the summary if it has finished (resume=auto)."""
     check_out_dir(out_dir)
-    check_run_dir(out_dir, resolved)
+    check_run_dir(out_dir, resolved, allow_changed=cfg.checkpoint.resume_changed)
     return finished_summary(out_dir) if cfg.checkpoint.resume == "auto" else None
 
 

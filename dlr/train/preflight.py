@@ -10,6 +10,7 @@ import os
 import zlib
 from pathlib import Path
 
+from ..atomic import check_writable
 from ..data.sources import check_local_file, resolve_files
 from ..data.spec import DataSpec
 from ..errors import ConfigError
@@ -19,39 +20,9 @@ from ..errors import ConfigError
 FULL_CHECK_BYTES = 64 << 20
 
 
-def _nearest_existing(p: Path) -> Path:
-    """The deepest existing directory entry on the way to p (from the root down: a too-long
-    name below it would make exists() itself fail)."""
-    existing = Path(p.anchor or ".")
-    for part in p.parts[len(existing.parts):]:
-        if not (existing / part).exists():
-            break
-        existing = existing / part
-    return existing
-
-
 def check_out_dir(out_dir: Path) -> None:
     """out_dir must be a directory we can name, create and write in; reads only."""
-    p = Path(out_dir).absolute()
-    name_max = os.pathconf("/", "PC_NAME_MAX")
-    for part in p.parts:
-        if len(os.fsencode(part)) > name_max:
-            raise ConfigError(f"out_dir={str(out_dir)!r} has a path component of {len(os.fsencode(part))} bytes; "
-                              f"accepted: components of at most {name_max} bytes")
-    try:
-        existing = _nearest_existing(p)
-    except OSError as e:  # e.g. the whole path longer than the system allows
-        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be named ({e.strerror}); accepted: a shorter path") from None
-    if existing == p and not p.is_dir():
-        raise ConfigError(f"out_dir={str(out_dir)!r} is a file; accepted: a directory (new, or a run of this config)")
-    if not existing.is_dir():
-        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be created: {str(existing)!r} is a file; "
-                          "accepted: a directory path")
-    # A kernel pseudo-filesystem (/proc, /sys) has no blocks to store a run in; os.access
-    # says yes there for root, and mkdir then fails.
-    if not os.access(existing, os.W_OK | os.X_OK) or os.statvfs(existing).f_blocks == 0:
-        raise ConfigError(f"out_dir={str(out_dir)!r} is not writable ({str(existing)!r} denies it); "
-                          "accepted: a writable directory")
+    check_writable(out_dir, "out_dir")
 
 
 def check_resume(resume: str) -> Path | None:

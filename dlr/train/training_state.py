@@ -9,7 +9,9 @@ Layout of checkpoints/step_<N>/:
     data.json           the data position: per process, and in process-count-independent terms
     rng_<rank>.safetensors  torch/cuda/numpy/python RNG state of each process
     trainer_state.json  step, tokens, wall time, wandb id, the last evaluation, the number of
-                        metrics.jsonl lines so far, processes, format_version (written last)
+                        metrics.jsonl lines so far, processes, the run's settings (`config`, what
+                        config.yaml holds), the size and sha256 of every other file (`files`),
+                        format_version (written last, by the main process)
 
 Why torch.distributed.checkpoint with its Hugging Face safetensors storage: every process
 writes only the shards it holds (host memory stays bounded for 7B under FSDP2), the files
@@ -21,12 +23,14 @@ from the safetensors headers instead, so nothing in a checkpoint is ever unpickl
 A directory named step_<N> is complete by construction: it is assembled under
 `.tmp_step_<N>` and renamed by the main process after every process has written its part.
 A failed write (a full disk) removes the temporary directory on every process and leaves the
-previous checkpoints as they were.
+previous checkpoints as they were. A resume checks every file's size, and with verify=true its
+sha256, against `files` before reading a tensor: a flipped bit is refused, not trained on.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import random
 import re
@@ -45,9 +49,11 @@ from ..errors import ConfigError
 from ..run_dir import CHECKPOINTS_DIR
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # What a resume reads from trainer_state.json (dlr.train.checkpointing.restore).
-TRAINER_STATE_KEYS = ("step", "tokens", "wall_s", "wandb_id", "last_eval", "metrics_lines", "processes")
+TRAINER_STATE_KEYS = ("step", "tokens", "wall_s", "wandb_id", "last_eval", "metrics_lines", "processes", "config",
+                      "files")
+TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"
 
 
@@ -182,45 +188,76 @@ def _quiet_single_process():
         yield
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, *, model, optimizer, scheduler,
-                    data_state: dict, trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step_<step> from every process; ConfigError (one line) if it cannot."""
+def _sha256(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_records(tmp: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file every process wrote into `tmp`."""
+    out = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        out[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return out
+
+
+def _write_parts(tmp: Path, accelerator, tensors: dict, optim_json: dict, scheduler, data_state: dict) -> None:
+    """This process's part of a checkpoint: its tensor shards, RNG and data position (and, on
+    the main process, the optimizer layout, the schedule and the global data position)."""
     import torch.distributed.checkpoint as dcp
+
+    rank = accelerator.process_index
+    # Every process writes its own shards (replicated tensors once, spread over processes);
+    # DCP gathers a failure on any process into an exception on all of them.
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
+                 no_dist=not _distributed())
+    rng, rng_meta = _rng_tensors()
+    save_file(rng, tmp / f"rng_{rank}.safetensors", metadata=rng_meta)
+    _write_json(tmp / f"data_{rank}.json", data_state["process"])
+    if accelerator.is_main_process:
+        _write_json(tmp / "optimizer.json", optim_json)
+        _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        _write_json(tmp / "data.json", data_state["global"])
+
+
+def _attempt(error: BaseException | None, write) -> BaseException | None:
+    """The first failure of a checkpoint write: `error`, else what write() raises (None if it works)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    if error is not None:
+        return error
+    try:
+        write()
+    # Any failure: clean up on every process, then one line. (DCP's CheckpointException is a
+    # BaseException, not an Exception.)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        return e
+    return None
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, *, model, optimizer, scheduler,
+                    data_state: dict, trainer_state: dict, keep_last: int) -> Path:
+    """Write checkpoints/step_<step> from every process; ConfigError (one line) if it cannot.
+
+    `trainer_state` holds the run's settings under "config"; the main process adds the size and
+    sha256 of every file once all processes have written theirs."""
     root = Path(out_dir) / CHECKPOINTS_DIR
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
-    rank, main = accelerator.process_index, accelerator.is_main_process
+    main = accelerator.is_main_process
     model_sd, optim_sd = _state_dicts(model, optimizer)
     optim_tensors, optim_json = _split_optimizer(optim_sd)
     tensors = {**{f"model.{k}": v for k, v in model_sd.items()}, **optim_tensors}
-    error: BaseException | None = None
-    try:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
-            tmp.mkdir(parents=True)
-    except OSError as e:
-        error = e
+    error = _attempt(None, lambda: _fresh_dir(tmp) if main else None)
     if _all_ok(error is None):
-        try:
-            # Every process writes its own shards (replicated tensors once, spread over processes);
-            # DCP gathers a failure on any process into an exception on all of them.
-            with _quiet_single_process():
-                dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
-                         no_dist=not _distributed())
-            rng, rng_meta = _rng_tensors()
-            save_file(rng, tmp / f"rng_{rank}.safetensors", metadata=rng_meta)
-            _write_json(tmp / f"data_{rank}.json", data_state["process"])
-            if main:
-                _write_json(tmp / "optimizer.json", optim_json)
-                _write_json(tmp / "scheduler.json", scheduler.state_dict())
-                _write_json(tmp / "data.json", data_state["global"])
-                _write_json(tmp / "trainer_state.json", {**trainer_state, "processes": accelerator.num_processes,
-                                                         "format_version": FORMAT_VERSION})
-        # Any failure: clean up on every process, then one line. (DCP's CheckpointException is a
-        # BaseException, not an Exception.)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001
-            error = e
+        error = _attempt(error, lambda: _write_parts(tmp, accelerator, tensors, optim_json, scheduler, data_state))
+    if _all_ok(error is None) and main:  # every process's files are in tmp now: record them, last
+        error = _attempt(error, lambda: _write_json(tmp / TRAINER_STATE, {
+            **trainer_state, "processes": accelerator.num_processes, "files": _file_records(tmp),
+            "format_version": FORMAT_VERSION}))
     if not _all_ok(error is None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -232,16 +269,25 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, *, model, optimizer, 
         ) from error
     accelerator.wait_for_everyone()
     if main:
-        stale = root / f".old_step_{step}"
-        if final.exists():  # a re-run of the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(stale, ignore_errors=True)
-            final.rename(stale)  # moved aside, not deleted, until the new one is in place
-        tmp.rename(final)
-        shutil.rmtree(stale, ignore_errors=True)
+        _replace(root, final, tmp, step)
         for old in checkpoint_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fresh_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+    tmp.mkdir(parents=True)
+
+
+def _replace(root: Path, final: Path, tmp: Path, step: int) -> None:
+    stale = root / f".old_step_{step}"
+    if final.exists():  # a re-run of the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)  # moved aside, not deleted, until the new one is in place
+    tmp.rename(final)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- load
@@ -256,24 +302,42 @@ def _read_json(path: Path) -> Any:
 
 
 def read_trainer_state(ckpt: Path) -> dict:
-    state = _read_json(Path(ckpt) / "trainer_state.json")
+    state = _read_json(Path(ckpt) / TRAINER_STATE)
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"checkpoint {str(ckpt)!r} has format_version={state.get('format_version') if isinstance(state, dict) else None!r}; "
             f"accepted: {FORMAT_VERSION} (written by this dlr-train)"
         )
     missing = [k for k in TRAINER_STATE_KEYS if k not in state]
-    if missing:
-        raise ConfigError(f"checkpoint {str(ckpt)!r} is corrupt: trainer_state.json lacks {', '.join(missing)}; "
+    if missing or not isinstance(state["files"], dict) or not isinstance(state["config"], dict):
+        raise ConfigError(f"checkpoint {str(ckpt)!r} is corrupt: trainer_state.json lacks {', '.join(missing) or 'files'}; "
                           "accepted: a complete checkpoints/step_<N> directory written by dlr-train")
     return state
 
 
-def check_checkpoint(ckpt: Path) -> dict:
-    """Read every JSON file and safetensors header of a checkpoint (cheap: no tensor data);
-    returns the trainer state. Called before any work, so damage is one line up front."""
+def _verify_files(ckpt: Path, recorded: dict, verify: bool) -> None:
+    """Every file trainer_state.json records is there with its size (and, with verify, its sha256)."""
+    for name, rec in recorded.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise ConfigError(f"checkpoint file {str(f)!r} is missing; accepted: a complete checkpoints/step_<N> "
+                              "directory written by dlr-train")
+        if f.stat().st_size != rec.get("size"):
+            raise ConfigError(f"checkpoint file {str(f)!r} is truncated or corrupted: {f.stat().st_size} bytes, "
+                              f"expected {rec.get('size')}")
+        if verify and _sha256(f) != rec.get("sha256"):
+            raise ConfigError(f"checkpoint file {str(f)!r} does not match its sha256 in {TRAINER_STATE} (corrupted); "
+                              "accepted: an intact checkpoint (verify=false resumes from it unchecked)")
+
+
+def check_checkpoint(ckpt: Path, verify: bool = True) -> dict:
+    """Check a checkpoint before any work, so damage is one line up front; returns the trainer state.
+
+    Every file's size against trainer_state.json's record, with `verify` its sha256 too (one
+    read of the checkpoint), and every JSON file and safetensors header."""
     ckpt = Path(ckpt)
     state = read_trainer_state(ckpt)
+    _verify_files(ckpt, state["files"], verify)
     for name in ("optimizer.json", "scheduler.json", "data.json"):
         _read_json(ckpt / name)
     files = sorted((ckpt / STATE_DIR).glob("*.safetensors")) if (ckpt / STATE_DIR).is_dir() else []
@@ -291,7 +355,7 @@ def check_checkpoint(ckpt: Path) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler, verify: bool = True) -> tuple[dict, dict]:
     """Restore model/optimizer/scheduler/RNG in place, resharded to this run's processes.
 
     Returns (trainer_state, data_state) where data_state has "process" (this rank's own
@@ -302,7 +366,7 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> tup
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     ckpt = Path(ckpt)
-    trainer_state = check_checkpoint(ckpt)
+    trainer_state = check_checkpoint(ckpt, verify)
     optim_json = _read_json(ckpt / "optimizer.json")
     scheduler_state = _read_json(ckpt / "scheduler.json")
     data_global = _read_json(ckpt / "data.json")
