@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .atomic import check_writable
 from .errors import ConfigError
 from .hf.lowrank import LowRankLinear
 
@@ -135,6 +136,7 @@ def resolve_out(ckpt: Path, out: str | os.PathLike | None, dense: bool, overwrit
         raise ConfigError(f"out={str(target)!r} already exists; pass overwrite=true or choose another out=")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"out={str(target)!r} exists and is not a directory")
+    check_writable(target, "out")
     return target
 
 

@@ -85,8 +85,8 @@ def _value(cfg: dict, dotted: str) -> object:
 
 def settings_differences(previous: dict, resolved: dict) -> list[str]:
     """`key: old -> new` for every setting but the runtime ones in which two runs' settings differ."""
-    return [f"{display_key('train', k)}: {_value(previous, k)!r} -> {_value(resolved, k)!r}"
-            for k in _differences(_identity(previous), _identity(resolved))]
+    keys = sorted(_differences(_identity(previous), _identity(resolved)), key=lambda k: display_key("train", k))
+    return [f"{display_key('train', k)}: {_value(previous, k)!r} -> {_value(resolved, k)!r}" for k in keys]
 
 
 def check_run_dir(out_dir: Path, resolved: dict, *, allow_changed: bool = False) -> None:

@@ -13,8 +13,14 @@ import pytest
 
 from dlr.cli import compare as compare_cli
 from dlr.cli import evaluate as eval_cli
+from dlr.cli import finetune as finetune_cli
 from dlr.cli import fold as fold_cli
+from dlr.cli import prepare as prepare_cli
+from dlr.cli import scaling as scaling_cli
 from dlr.cli import train as train_cli
+
+# Where nothing can be written, even by root: a kernel pseudo-filesystem.
+UNWRITABLE = "/proc/dlr-out"
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4", "log_every=1",
         "data.val_tokens=1000", "data.num_workers=0", "eval_every=2", "save_every=2", "steps=2", "method=dlr"]
@@ -53,6 +59,16 @@ def files(run):
     data = bytearray(w.read_bytes())
     data[-10] ^= 0x01
     w.write_bytes(bytes(data))
+    # A killed run (no summary.json, no final/) whose config.yaml is not YAML; finished runs
+    # whose config.yaml is a YAML list, whose summary.json holds a val_loss that is no number.
+    killed = d / "killed"
+    shutil.copytree(run, killed, ignore=shutil.ignore_patterns("final", "folded", "summary.json"))
+    (killed / "config.yaml").write_text("model: {name: [llama_tiny\n")
+    for name, edit in (("listed", lambda r: (r / "config.yaml").write_text("- model\n- method\n")),
+                       ("textloss", lambda r: (r / "summary.json").write_text(
+                           (r / "summary.json").read_text().replace('"val_loss": ', '"val_loss": "abc", "x": ')))):
+        shutil.copytree(run, d / name, ignore=shutil.ignore_patterns("checkpoints", "final", "folded"))
+        edit(d / name)
     return d
 
 
@@ -73,6 +89,8 @@ def invoke(command: str, args: list[str], monkeypatch) -> int:
             eval_cli.main(args)
         elif command == "fold":
             fold_cli.main(args)
+        elif command in ("prepare", "scaling", "finetune"):
+            {"prepare": prepare_cli, "scaling": scaling_cli, "finetune": finetune_cli}[command].main(args)
         else:
             compare_cli.main(args)
     return e.value.code
@@ -131,7 +149,7 @@ CASES = [
     (T, ["optimizer=spectron", "parallelism=fsdp2"], "optimizer=spectron is not supported with parallelism='fsdp2'"),
     # the run directory and the data, checked before anything is written
     (T, ["resume=never"], "resume='never'"),
-    (T, ["out_dir={files}/new", "rank=8", "resume={run}/checkpoints/step_2"], "does not match"),
+    (T, ["out_dir={files}/new", "rank=8", "resume={run}/checkpoints/step_2"], "differs in: rank: 16 -> 8"),
     (T, ["lr=0.1"], "differs in: lr"),
     (T, ["out_dir={files}/afile"], "is a file"),
     (T, ["out_dir={files}/afile/sub"], "cannot be created"),
@@ -144,6 +162,9 @@ CASES = [
       "data.validation_files={files}/val.json.gz"],
      "notjson.json"),
     (T, ["data=c4_local", "data.validation_files={files}/val.json.gz"], "data.train_files is required"),
+    (T, ["lr=1e309"], "lr=1e309 is not valid"),
+    (T, ["out_dir={files}/killed"], "config.yaml' is not readable YAML (ParserError at line 2)"),
+    (T, ["out_dir=" + UNWRITABLE], "is not writable"),
     # dlr-eval
     ("eval", [], "ckpt is required"),
     ("eval", ["ckpt=/nonexistent/ck"], "/nonexistent/ck"),
@@ -156,6 +177,7 @@ CASES = [
     ("eval", ["ckpt={run}/final", "json=maybe"], "json='maybe'"),
     ("eval", ["ckpt={run}/final", "out={run}"], "is a directory"),
     ("eval", ["ckpt={files}/flipped"], "sha256"),
+    ("eval", ["ckpt={run}/final", f"out={UNWRITABLE}.json"], f"out='{UNWRITABLE}.json' is not writable"),
     # dlr-fold
     ("fold", ["ckpt={run}/final", "check_batches=0"], "check_batches=0"),
     ("fold", ["ckpt={run}/final", "tolerance=0"], "tolerance=0"),
@@ -164,17 +186,28 @@ CASES = [
     ("fold", ["ckpt={run}/final", "+tolerence=1"], "did you mean 'tolerance'"),
     ("fold", ["ckpt={run}/final", "dense=maybe"], "dense='maybe'"),
     ("fold", ["ckpt={files}/flipped", "out={files}/f2"], "sha256"),
+    ("fold", ["ckpt={run}/final", f"out={UNWRITABLE}"], f"out='{UNWRITABLE}' is not writable"),
     # dlr-compare
     ("compare", ["{run}", "--metric", "nope"], "'nope'"),
     ("compare", ["{run}", "--out", "{files}/afile"], "afile"),
     ("compare", ["{run}", "--bogus"], "--bogus"),
     ("compare", ["{run}", "--out="], "out=''"),
     ("compare", ["{run}", "--by", "no_such_key"], "no_such_key"),
+    ("compare", ["{run}", "--out", UNWRITABLE], f"--out='{UNWRITABLE}' is not writable"),
+    ("compare", ["{files}/listed"], "config.yaml' holds a YAML list, not a mapping"),
+    # dlr-scaling, dlr-prepare, dlr-finetune
+    ("scaling", ["{run}", "--out", UNWRITABLE], f"--out='{UNWRITABLE}' is not writable"),
+    ("scaling", ["{files}/listed"], "config.yaml' holds a YAML list, not a mapping"),
+    ("scaling", ["{files}/textloss"], "has val_loss='abc' in summary.json"),
+    ("prepare", ["data=c4_sample", f"out={UNWRITABLE}"], f"out='{UNWRITABLE}' is not writable"),
+    ("finetune", ["ckpt={run}/final", "data=pairs.jsonl", f"out_dir={UNWRITABLE}"],
+     f"out_dir='{UNWRITABLE}' is not writable"),
 ]
 
 
 def test_enough_cases():
-    assert len(CASES) >= 40 and {c[0] for c in CASES} == {"train", "eval", "fold", "compare"}
+    assert len(CASES) >= 40
+    assert {c[0] for c in CASES} == {"train", "eval", "fold", "compare", "scaling", "prepare", "finetune"}
 
 
 @pytest.mark.parametrize("command,args,needle", CASES, ids=[f"{c[0]}:{' '.join(c[1])}"[:60] for c in CASES])

@@ -162,3 +162,47 @@ def test_sha256_mismatch_is_refused_and_verify_false_skips_it(finished, tmp_path
     with pytest.raises(SystemExit) as e:
         eval_cli([*args, "verify=false"])
     assert e.value.code == 0
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_like_sigint_one_line_lock_freed_checkpoint_kept(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dlr.cli.train", *TINY, "steps=40", "save_every=2",
+                             "data.num_workers=2", f"out_dir={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_2").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be terminated"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "dlr-train: terminated (SIGTERM)" and "Traceback" not in err, err[-2000:]
+    assert not (out / ".lock").exists() and not (out / "summary.json").exists()
+    from dlr.train.training_state import check_checkpoint, checkpoint_dirs
+
+    # The newest complete checkpoint is whole (every file's sha256 as recorded): resume=auto goes on from it.
+    assert check_checkpoint(checkpoint_dirs(out)[-1])["step"] >= 2
+
+
+def test_output_closed_early_ends_quietly(finished):
+    """`dlr-<command> --help | head -1` and a command's normal output piped to head: no traceback."""
+    import subprocess
+    import sys
+
+    out, _ = finished
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = [[m, "--help"] for m in ("train", "evaluate", "fold", "finetune", "prepare", "compare", "scaling")]
+    commands.append(["compare", str(out)])  # normal output, the reader gone after one line
+    script = "; ".join(f"{sys.executable} -m dlr.cli.{c[0]} {' '.join(c[1:])} | head -c 1 >/dev/null; "
+                       "echo ${PIPESTATUS[0]} >&2" for c in commands)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    codes = done.stderr.split()
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr[-3000:]
+    assert len(codes) == len(commands) and set(codes) <= {"0", "141"}, done.stderr[-3000:]

@@ -1,10 +1,13 @@
-"""The one entry pattern of dlr-train, dlr-eval, dlr-fold and dlr-compare.
+"""The one entry pattern of every dlr command (dlr-train, -eval, -fold, -finetune, -prepare,
+-compare, -scaling).
 
 Each command is `main(argv) -> run_cli(prog, usage, body, argv)`: `body` gets the arguments
 and returns an exit code, and `run_cli` maps failures onto the one exit-code convention:
 
     0  done            2  bad input (one line: `<prog>: error: ...`, nothing written)
     3  diverged        1  a bug (Python's traceback)
+    130 / 143  stopped by SIGINT / SIGTERM (one line; a run keeps its last checkpoint and frees its lock)
+    141  its output was closed early (`| head`): it stops quietly, as a shell tool does
 
 Overrides become the command's typed config in `dlr.config.from_overrides` (Hydra's compose
 API; unknown keys refused before composing, values validated before anything runs).
@@ -14,6 +17,7 @@ dlr-train keeps `@hydra.main` for multirun (-m), but checks every sweep combinat
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,30 +50,59 @@ def write_json(path: str | os.PathLike, obj: dict) -> Path:
 
 
 USAGE_FLAGS = ("-h", "--help")
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_CLOSED_OUTPUT = 130, 143, 141
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds as SIGINT does (finally blocks run)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _closed_output() -> int:
+    # Further writes (and the flush at exit) go nowhere instead of raising again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_CLOSED_OUTPUT
 
 
 def guarded(prog: str, body: Callable[..., int], *args: Any) -> int:
-    """body(*args) -> its exit code; ConfigError -> 2 and TrainingDiverged -> 3, each one line on stderr."""
+    """body(*args) -> its exit code; ConfigError -> 2 and TrainingDiverged -> 3, each one line on
+    stderr; SIGINT / SIGTERM -> 130 / 143 with one line; a closed stdout -> 141, quietly."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return body(*args)
+        code = body(*args)
+        sys.stdout.flush()  # here, so a reader that went away is seen while we can still handle it
+        return code
     except ConfigError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingDiverged as e:
         print(f"{prog}: diverged: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_DIVERGED
+    except BrokenPipeError:
+        return _closed_output()
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def print_help(prog: str, usage: str) -> int:
+    from dlr.config.help import SUMMARIES, command_help
+
+    command = prog.removeprefix("dlr-")
+    print(command_help(command) + "\nexamples:\n" + usage.strip() if command in SUMMARIES else usage.strip())
+    return 0
 
 
 def run_cli(prog: str, usage: str, body: Callable[[list[str]], int], argv: list[str] | None = None) -> None:
     """Call body(args) and exit with its code (see the module docstring for the convention)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in USAGE_FLAGS for a in args):
-        from dlr.config.help import SUMMARIES, command_help
-
-        command = prog.removeprefix("dlr-")
-        print(command_help(command) + "\nexamples:\n" + usage.strip() if command in SUMMARIES else usage.strip())
-        sys.exit(0)
+        sys.exit(guarded(prog, print_help, prog, usage))
     sys.exit(guarded(prog, body, args))

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 import dlr.configs  # noqa: F401  (registers the schemas and the run-dir resolver)
 
-from ._common import EXIT_BAD_INPUT, USAGE_FLAGS, canonical_overrides, guarded, from_overrides, parse_overrides, typed
+from ._common import USAGE_FLAGS, canonical_overrides, guarded, from_overrides, parse_overrides, typed
 
 PROG = "dlr-train"
 MAX_CHECKED_COMBINATIONS = 256
@@ -68,16 +68,20 @@ def precheck(argv: list[str]) -> None:
         from_overrides("train", combo)
 
 
+def _help() -> int:
+    from dlr.config.help import command_help
+
+    print(command_help("train"))
+    return 0
+
+
 def main() -> None:
     args = sys.argv[1:]
     if any(a in USAGE_FLAGS for a in args):
-        from dlr.config.help import command_help
-
-        print(command_help("train"))
-        sys.exit(0)
+        sys.exit(guarded(PROG, _help))
     code = guarded(PROG, lambda: precheck(args) or 0)
     if code:
-        sys.exit(code if code != 0 else EXIT_BAD_INPUT)
+        sys.exit(code)
     # Hydra reads sys.argv itself: hand it the settings' full keys (`rank=8` -> `factorization.rank=8`).
     sys.argv[1:] = [a if a.startswith("-") else canonical_overrides("train", [a])[0] for a in args]
     _main()

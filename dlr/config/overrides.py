@@ -97,6 +97,7 @@ def check_override_keys(command: str, args: list[str]) -> None:
         if full in known and not o.is_sweep_override():
             # OmegaConf would take yes/no/on/off/1/0 for a bool; a setting says true or false.
             value = o.value()
+            _check_overflow(display_key(command, full), o.input_line.partition("=")[2].strip(), value, known[full])
             if str(known[full].type) == "bool" and not isinstance(value, bool) and not \
                     (isinstance(value, str) and value.startswith("${")):
                 raise bad_value(key, value, "true, false")
@@ -107,6 +108,16 @@ def check_override_keys(command: str, args: list[str]) -> None:
             if siblings:
                 raise unknown_key(leaf, siblings, shown + "." if shown else "")
             raise unknown_key(key, list(known))
+
+
+def _check_overflow(key: str, text: str, value: Any, f: Any) -> None:
+    """A number typed too large for a float (1e309) reads as inf: name what was typed, not inf."""
+    import math
+
+    from .fields import describe_field
+
+    if isinstance(value, float) and not math.isfinite(value) and "inf" not in text.lower() and "nan" not in text.lower():
+        raise ConfigError(f"{key}={text} is not valid (it overflows a float: {value}); accepted: {describe_field(f)}")
 
 
 def _compose_error(command: str, e: BaseException) -> ConfigError:
