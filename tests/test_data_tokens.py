@@ -522,3 +522,32 @@ def test_prepare_cli_then_train_refuses_a_truncated_shard_in_one_line(docs, tmp_
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and "train-00002.bin' is truncated" in err[0], proc.stderr[-2000:]
     assert not run.exists()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("id", "hold token id 65535, outside the tokenizer's 32000 ids"),
+    ("offsets", "train-00000.idx' is damaged (offsets do not run from 0 to"),
+    ("validation", "validation token shards"),
+])
+def test_damaged_shards_are_refused_before_the_run_directory_is_made(sample_dir, tmp_path, capsys, monkeypatch,
+                                                                      damage, needle):
+    import sys
+
+    from dlr.cli import train as train_cli
+
+    tokens = tmp_path / "tok"
+    shutil.copytree(sample_dir, tokens)
+    if damage in ("id", "validation"):  # every id of the split's shards: the first batch reads some
+        for p in tokens.glob(f"{'train' if damage == 'id' else 'validation'}-*.bin"):
+            np.full(p.stat().st_size // 2, 65535, dtype=np.uint16).tofile(p)
+    else:  # two offsets swapped: the sizes and both ends are still right
+        idx = np.fromfile(tokens / "train-00000.idx", dtype=IDX_DTYPE)
+        idx[[3, 4]] = idx[[4, 3]]
+        idx.tofile(tokens / "train-00000.idx")
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["dlr-train", *TRAIN, f"data.path={tokens}", f"out_dir={run}"])
+    with pytest.raises(SystemExit) as e:
+        train_cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0], err[-20:]
+    assert not run.exists()

@@ -56,10 +56,16 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _offsets_rise(idx: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """Every offset >= the one before it, read in chunks (memory stays small for a large split)."""
+    return not any(bool((np.diff(idx[a:a + chunk + 1]) < 0).any()) for a in range(0, max(len(idx) - 1, 0), chunk))
+
+
 def check_shard_files(root: Path, stem: str, documents: int, tokens: int, dtype: np.dtype, full: bool = True) -> str | None:
     """None if the shard's .bin/.idx have the sizes its record promises, else why not (one line).
-    `full` also reads every offset (prepare does; a training start checks only sizes and ends, so
-    it does not read gigabytes of offsets of a large split)."""
+    `full` also reads every offset: from 0, never falling, to the last token, so every document
+    lies inside the .bin (8 bytes per document: a training start of a large split reads them
+    once; only a resume scan of dlr-prepare checks sizes and ends alone)."""
     bin_path, idx_path = root / f"{stem}.bin", root / f"{stem}.idx"
     for p, want in ((bin_path, tokens * dtype.itemsize), (idx_path, (documents + 1) * IDX_DTYPE.itemsize)):
         try:
@@ -69,7 +75,7 @@ def check_shard_files(root: Path, stem: str, documents: int, tokens: int, dtype:
         if size != want:
             return f"token shard {str(p)!r} is truncated or damaged: {size} bytes, the manifest says {want}"
     idx = np.memmap(idx_path, dtype=IDX_DTYPE, mode="r")
-    if int(idx[0]) != 0 or int(idx[-1]) != tokens or (full and documents and bool((np.diff(idx) < 0).any())):
+    if int(idx[0]) != 0 or int(idx[-1]) != tokens or (full and documents and not _offsets_rise(idx)):
         return f"token shard index {str(idx_path)!r} is damaged (offsets do not run from 0 to {tokens})"
     return None
 
@@ -96,6 +102,8 @@ class SplitShards:
         entry = splits[split]
         self.split, self.complete = split, bool(entry.get("complete", False))
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+        # Ids at or past it would index past the embedding: a damaged .bin, refused where it is read.
+        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
         self.bins: list[np.ndarray] = []
         self.idxs: list[np.ndarray] = []
         docs, toks = [0], [0]
@@ -103,7 +111,7 @@ class SplitShards:
             n, t = int(shard["documents"]), int(shard["tokens"])
             if n == 0:
                 continue
-            problem = check_shard_files(self.root, shard["name"], n, t, self.dtype, full=False)
+            problem = check_shard_files(self.root, shard["name"], n, t, self.dtype)
             if problem:
                 raise ConfigError(f"{problem}; re-run the same dlr-prepare command to rewrite it")
             self.bins.append(_memmap(self.root / f"{shard['name']}.bin", self.dtype, t))
@@ -135,19 +143,27 @@ class SplitShards:
         """Token ids (int64) at global token positions `pos` (reads only those pages)."""
         pos = np.asarray(pos, dtype=np.int64)
         if len(self.bins) == 1:
-            return self.bins[0][pos].astype(np.int64)
+            return self._in_vocab(self.bins[0][pos].astype(np.int64))
         shard = np.searchsorted(self.tok_cum, pos, side="right") - 1
         out = np.empty(pos.shape, dtype=np.int64)
         for s in _groups(shard):
             sel = shard == s
             out[sel] = self.bins[s][pos[sel] - self.tok_cum[s]]
-        return out
+        return self._in_vocab(out)
+
+    def _in_vocab(self, ids: np.ndarray) -> np.ndarray:
+        # One max over the ids a batch reads: cheap next to the forward pass it feeds.
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise ConfigError(f"the {self.split} token shards of data.path={str(self.root)!r} hold token id "
+                              f"{int(ids.max())}, outside the tokenizer's {self.vocab_size} ids (damaged .bin); "
+                              "re-run the same dlr-prepare command into a new out to rewrite them")
+        return ids
 
     def iter_documents(self):
         """Every document in order, as a list of ids (what the validation set is built from)."""
         for b, idx in zip(self.bins, self.idxs):
             offsets = np.asarray(idx)
-            tokens = np.asarray(b)
+            tokens = self._in_vocab(np.asarray(b))
             for i in range(len(offsets) - 1):
                 yield tokens[offsets[i]:offsets[i + 1]].tolist()
 
