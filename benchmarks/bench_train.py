@@ -110,7 +110,7 @@ def build(size: str, method: str, device: torch.device, compile: bool = False) -
     return model
 
 
-def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int, loss: str = "auto",
+def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int, loss: str = "chunked",
               compile: bool = False):
     # The trainer's loss: plain = HF's lm_head + fp32 logits; chunked/liger from the hidden states.
     model.fused_loss = make_loss_fn(resolve_loss_impl(loss, device), compiled=compile)
@@ -189,7 +189,7 @@ def timed(step) -> float:
 
 
 def bench_size(size: str, methods: list[str], device: torch.device, dtype: str, batch: int, warmup: int,
-               repeats: int, compile: bool = False, loss: str = "auto") -> list[dict]:
+               repeats: int, compile: bool = False, loss: str = "chunked") -> list[dict]:
     stats = {m: model_stats(build(size, m, torch.device("meta")), SEQ) for m in methods}
     mem, live = {}, {}
     for m in methods:
@@ -309,7 +309,7 @@ def main() -> None:
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (a Python literal), e.g. --inductor coordinate_descent_tuning=True")
     ap.add_argument("--profile", type=Path, default=None, help="write the top CUDA kernels of one step per method here")
-    ap.add_argument("--loss", default="auto", choices=LOSS_IMPLS, help="the LM loss (dlr-train loss=...); plain = HF logits")
+    ap.add_argument("--loss", default="chunked", choices=LOSS_IMPLS, help="the LM loss (dlr-train loss=...); plain = HF logits")
     ap.add_argument("--json", type=Path, default=None, help="also write rows and ratios here")
     ap.add_argument("--_memory-child", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()

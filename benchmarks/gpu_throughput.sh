@@ -94,7 +94,7 @@ fi
 BENCH="python3 -m benchmarks.bench_train --device cuda --dtype bf16 --micro-batch 0"
 if want small 120; then
   stamp small
-  timeout $(( $(left) - 5 )) $BENCH --sizes "${SMALL_SIZES:-llama_60m,llama_130m}" --methods full,lowrank,dlr --compile --loss auto \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${SMALL_SIZES:-llama_60m,llama_130m}" --methods full,lowrank,dlr --compile --loss chunked \
     --repeats 10 --warmup 3 --json "$OUT/step_default_small.json" 2>&1 | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
   stamp small-eager
   timeout $(( $(left) - 5 )) $BENCH --sizes "${SMALL_SIZES:-llama_60m,llama_130m}" --methods full,lowrank,dlr --loss plain \
@@ -146,7 +146,7 @@ fi
 
 if want large 100; then
   stamp large
-  timeout $(( $(left) - 5 )) $BENCH --sizes "${LARGE_SIZES:-llama_350m,llama_1b}" --methods "${LARGE_METHODS:-full,lowrank}" --compile --loss auto \
+  timeout $(( $(left) - 5 )) $BENCH --sizes "${LARGE_SIZES:-llama_350m,llama_1b}" --methods "${LARGE_METHODS:-full,lowrank}" --compile --loss chunked \
     --repeats 6 --warmup 2 --profile "$OUT/profile_large.txt" --json "$OUT/step_default_large.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi
@@ -163,7 +163,7 @@ fi
 
 if want autotune 100; then
   stamp autotune
-  timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m --methods full,lowrank --compile --loss auto \
+  timeout $(( $(left) - 5 )) $BENCH --sizes llama_350m --methods full,lowrank --compile --loss chunked \
     --compile-mode max-autotune-no-cudagraphs --repeats 6 --warmup 2 --json "$OUT/step_autotune_350m.json" 2>&1 \
     | grep -v "^llama.*done" | tee -a "$OUT/report.txt"
 fi

@@ -496,47 +496,14 @@ def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bo
 
 # ---------------------------------------------------------------- sensitivity (--by KEY)
 
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with integer df (e.g. t_{0.975, 2} = 4.303), by bisection.
-
-    The CDF is the finite series of Abramowitz & Stegun 26.7.3-4, exact for integer df: the
-    intervals here are over seeds, so df is a small integer. (scipy is not a dependency.)
-    """
-    if df < 1 or not 0.5 <= p < 1:
-        raise ValueError(f"t_quantile needs df >= 1 and 0.5 <= p < 1, got df={df}, p={p}")
-
-    def two_sided(t: float) -> float:  # P(|T| <= t)
-        theta = math.atan(t / math.sqrt(df))
-        c2, s = math.cos(theta) ** 2, math.sin(theta)
-        if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
-            term, total = 1.0, 1.0 if df > 1 else 0.0
-            for k in range(1, (df - 1) // 2):
-                term *= 2 * k / (2 * k + 1) * c2
-                total += term
-            return 2 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
-        term, total = 1.0, 1.0  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
-        for k in range(1, df // 2):
-            term *= (2 * k - 1) / (2 * k) * c2
-            total += term
-        return s * total
-
-    target, lo, hi = 2 * p - 1, 0.0, 1.0
-    while two_sided(hi) < target:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if two_sided(mid) < target else (lo, mid)
-        if hi - lo < 1e-12:
-            break
-    return (lo + hi) / 2
-
-
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
     """(mean, half width of the two-sided `level` t-interval, n); the half width is nan for n < 2."""
     st = stats(values)
     if st.n < 2:
         return st.mean, math.nan, st.n
-    return st.mean, t_quantile(0.5 + level / 2, st.n - 1) * st.std / math.sqrt(st.n), st.n
+    from scipy.stats import t
+
+    return st.mean, float(t.ppf(0.5 + level / 2, st.n - 1)) * st.std / math.sqrt(st.n), st.n
 
 
 def _paired(a: Group, b: Group, metric: str) -> Paired:

@@ -181,24 +181,22 @@ def liger_available() -> bool:
 
 
 def resolve_loss_impl(impl: str, device: torch.device) -> str:
-    """`auto` is `chunked`, on every device.
+    """`impl`, once it is known to run on `device`.
 
-    Liger's kernel alone can be faster (docs/performance.md), but its forward reads the label
-    count back to the host
+    `chunked` is the default on every device: Liger's kernel alone can be faster
+    (docs/performance.md), but its forward reads the label count back to the host
     (`target_mask.sum().item()`): one host sync per micro-batch, which the trainer's hot path
-    must not have. `loss=liger` stays available.
+    must not have.
     """
     if impl not in LOSS_IMPLS:
         from .errors import bad_value
 
         raise bad_value("loss", impl, LOSS_IMPLS)
-    if impl == "auto":
-        return "chunked"
     if impl == "liger" and (device.type != "cuda" or not liger_available()):
         from .errors import ConfigError
 
         raise ConfigError(f"loss='liger' needs a CUDA device and liger-kernel (pip install 'dlr[gpu]'); "
-                          f"device is {device.type}; accepted here: chunked, plain, auto")
+                          f"device is {device.type}; accepted here: chunked, plain")
     return impl
 
 

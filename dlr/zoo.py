@@ -8,7 +8,7 @@ import yaml
 
 from .errors import bad_value
 
-# The T5 SentencePiece tokenizer the anchors use: 32000 pieces, pad 0, eos 1, no bos.
+# The T5 SentencePiece tokenizer GaLore's and CoLA's C4 code uses: 32000 pieces, pad 0, eos 1, no bos.
 VOCAB_SIZE = 32000
 PAD_ID = 0
 EOS_ID = 1

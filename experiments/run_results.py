@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the global batch (no accumulation)")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--lr", type=float, default=3e-3, help="lowrank and dlr (CoLA's low-rank lr)")
-    ap.add_argument("--lr-full", type=float, default=1e-3, help="full-rank models (the anchors' dense lr)")
+    ap.add_argument("--lr-full", type=float, default=1e-3, help="full-rank models (GaLore's dense lr)")
     ap.add_argument("--rank", type=int, default=None, help="default: the model's default_rank")
     ap.add_argument("--val-tokens", type=int, default=None, help="default: the whole ~88k-token validation split")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),

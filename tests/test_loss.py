@@ -105,8 +105,9 @@ def test_evaluation_from_hidden_states_equals_the_logits_path():
 
 def test_loss_choice_is_checked():
     cpu = torch.device("cpu")
-    assert resolve_loss_impl("auto", cpu) == "chunked"
-    assert resolve_loss_impl("auto", torch.device("cuda")) == "chunked"  # sync-free, unlike Liger
+    assert resolve_loss_impl("chunked", cpu) == "chunked"
+    with pytest.raises(ConfigError, match="loss='auto'.*accepted: chunked, liger, plain"):
+        resolve_loss_impl("auto", cpu)
     assert resolve_loss_impl("plain", cpu) == "plain" and make_loss_fn("plain") is None
     with pytest.raises(ConfigError, match="loss='fused'.*accepted"):
         resolve_loss_impl("fused", cpu)

@@ -32,9 +32,13 @@ def alpha_sweep(tmp_path):
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (29, 2.0452)])
-def test_t_quantile_matches_the_tables(df, expected):
-    assert compare.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
-    assert compare.t_quantile(0.95, 1) == pytest.approx(6.3138, abs=1e-4)
+def test_t_interval_uses_the_tables_t_quantile(df, expected):
+    values = [float(v) for v in range(df + 1)]  # n = df + 1 seeds
+    mean, half, n = compare.t_interval(values)
+    std = compare.stats(values).std
+    assert n == df + 1 and mean == pytest.approx(df / 2)
+    assert half == pytest.approx(expected * std / (df + 1) ** 0.5, abs=1e-4 * std)
+    assert compare.t_interval([1.0, 2.0], level=0.90)[1] == pytest.approx(6.3138 * 0.5 ** 0.5 / 2 ** 0.5, abs=1e-4)
 
 
 def test_sweep_points_have_t_intervals_and_paired_differences_to_lowrank(alpha_sweep):

@@ -18,7 +18,7 @@ SOURCES = ("hub", "json", "text", "tokens")
 MODES = ("paper", "packed")
 SAMPLE_BY = ("paragraph", "line")
 
-LOSS_IMPLS = ("auto", "chunked", "liger", "plain")
+LOSS_IMPLS = ("chunked", "liger", "plain")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLELISMS = ("ddp", "fsdp2")
 LOGGERS = ("none", "wandb")

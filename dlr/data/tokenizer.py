@@ -1,4 +1,4 @@
-"""Tokenizers: the bundled T5 SentencePiece model (what the anchors use) or any HF tokenizer."""
+"""Tokenizers: the bundled T5 SentencePiece model (what GaLore and CoLA train with) or any HF tokenizer."""
 from __future__ import annotations
 
 import json

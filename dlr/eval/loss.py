@@ -1,7 +1,7 @@
 """Validation loss/perplexity averaged over tokens (not over batches).
 
 Every label token weighs the same, whatever the batch or process it falls in: the loss is
-sum(token CE) / number of label tokens, both summed across processes. The anchors' per-batch
+sum(token CE) / number of label tokens, both summed across processes. GaLore's and CoLA's evaluation code's per-batch
 mean (divided by N+1) over-weights short batches; we deliberately do not reproduce it.
 """
 from __future__ import annotations
