@@ -248,7 +248,7 @@ def _validate(n_params, n_tokens, loss) -> tuple[np.ndarray, np.ndarray, np.ndar
     for name, x in (("n_params", n), ("n_tokens", d), ("loss", l_)):
         bad = np.flatnonzero(~(np.isfinite(x) & (x > 0)))
         if len(bad):
-            raise ConfigError(f"{name}[{bad[0]}]={x[bad[0]]!r} is not valid; accepted: positive finite numbers")
+            raise ConfigError(f"{name}[{bad[0]}]={float(x[bad[0]])!r} is not valid; accepted: positive finite numbers")
     distinct = len(set(zip(n.tolist(), d.tolist())))
     if distinct < MIN_POINTS:
         raise ConfigError(f"{distinct} distinct (N, D) point(s); a fit of {MIN_POINTS} parameters needs at least {MIN_POINTS}")

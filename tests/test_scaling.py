@@ -1,5 +1,6 @@
 """dlr.scaling: the approach-3 fit recovers a known law; intervals, optimum and FLOPs per token."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -96,9 +97,21 @@ def test_difference_between_two_laws_has_an_interval():
 @pytest.mark.parametrize("args,needle", [
     (([1e5, 1e6], [1e8, 1e9], [3.0, 2.9]), "2 distinct (N, D) point"),
     (([1e5] * 6, [1e8] * 6, [3.0] * 6), "1 distinct"),
-    (([1e5, 1e6, 1e7, 1e8, 1e9], [1e8] * 5, [3.0, 2.9, 2.8, 2.7, math.nan]), "loss holds"),
+    (([1e5, 1e6, 1e7, 1e8, 1e9], [1e8] * 5, [3.0, 2.9, 2.8, 2.7, math.nan]), "loss[4]=nan is not valid"),
+    (([1e5, 1e6, 1e7, 1e8, 1e9], [1e8, 1e9] * 2 + [1e8], [3.0, -2.9, 2.8, 2.7, 2.6]), "loss[1]=-2.9 is not valid"),
+    (([1e5] * 5, [1e8, 1e9, 1e10, 1e11, 1e12], [3.0, 2.9, 2.8, 2.7, 2.6]),
+     "every point has N=1e+05: E, A and alpha cannot be identified from one N"),
+    (([1e5, 1e6, 1e7, 1e8, 1e9], [1e8] * 5, [3.0, 2.9, 2.8, 2.7, 2.6]),
+     "every point has D=1e+08: E, B and beta cannot be identified from one D"),
     (([1e5, 1e6], [1e8], [3.0, 2.9]), "differ in length"),
 ])
 def test_bad_points_are_refused_in_one_line(args, needle):
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         fit_law(*args)
+
+
+def test_a_law_prints_as_its_parameters_and_intervals(fitted):
+    law = fitted[0] if isinstance(fitted, tuple) else fitted
+    text = repr(law)
+    assert text.startswith("Law(E=") and "alpha=" in text and "beta=" in text and f"points={len(law.points)}" in text
+    assert len(text) < 400 and "residuals" not in text  # not every point and residual

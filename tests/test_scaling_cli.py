@@ -132,3 +132,28 @@ def test_a_group_with_too_few_points_is_refused_saying_how_many(tmp_path, capsys
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "group 'full' has 4 distinct (N, D) point(s) (5 run(s))" in err and "needs at least 5" in err
     assert not out.exists()
+
+
+def test_a_group_of_one_model_size_is_refused_naming_what_cannot_be_identified(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for t in (1e8, 3e8, 1e9, 3e9, 1e10):
+        make_run(root, "llama_s1", "full", t)
+    out = tmp_path / "fit"
+    with pytest.raises(SystemExit) as exit_info:
+        scaling_cli.main([str(root), "--out", str(out)])
+    assert exit_info.value.code == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "group 'full': every point has N=1e+05: E, A and alpha cannot be identified from one N" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("loss,shown", [(float("inf"), "inf"), (-1.5, "-1.5"), ("abc", "'abc'")])
+def test_a_run_with_a_bad_loss_is_refused_naming_the_run_and_the_value(grid, tmp_path, capsys, loss, shown):
+    run = make_run(grid, "llama_s1", "full", 3e8)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "val_loss": loss}))
+    with pytest.raises(SystemExit) as exit_info:
+        scaling_cli.main([str(grid), "--bootstrap", "0"])
+    assert exit_info.value.code == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{str(run)!r} has val_loss={shown} in summary.json" in err, err
