@@ -126,10 +126,16 @@ def test_uint32_shards_round_trip(tmp_path):
     ids = np.array([5, 70_000, 131_071, 9, 65_536], dtype="<u4")
     offsets = np.array([0, 2, 5], dtype=IDX_DTYPE)
     rec = _write_shard(tmp_path, "train-00000", "x", ids, offsets)
-    manifest = {"dtype": "uint32", "splits": {"train": {"documents": 2, "tokens": 5, "shards": [rec]}}}
+    manifest = {"dtype": "uint32", "tokenizer": {"vocab_size": 131_072},
+                "splits": {"train": {"documents": 2, "tokens": 5, "shards": [rec]}}}
     s = SplitShards(tmp_path, "train", manifest)
     assert list(s.iter_documents()) == [[5, 70_000], [131_071, 9, 65_536]]
     assert s.gather(np.array([1, 4])).tolist() == [70_000, 65_536]
+    # One vocabulary smaller, 131,071 is no id of it.
+    smaller = SplitShards(tmp_path, "train", {**manifest, "tokenizer": {"vocab_size": 131_071}})
+    assert smaller.gather(np.array([0, 1])).tolist() == [5, 70_000]
+    with pytest.raises(ConfigError, match="hold token id 131071, outside the tokenizer's 131071 ids"):
+        smaller.gather(np.array([2]))
 
 
 # --- validation: the same rows as the streaming path -------------------------------------------
