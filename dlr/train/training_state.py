@@ -32,6 +32,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -197,11 +198,15 @@ def _sha256(path: Path, chunk: int = 16 << 20) -> str:
 
 
 def _file_records(tmp: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} of every file every process wrote into `tmp`."""
-    out = {}
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        out[f.relative_to(tmp).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    return out
+    """{relative path: {size, sha256}} of every file every process wrote into `tmp`.
+
+    hashlib releases the GIL, so the files (one state shard per process) hash in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_sha256, files))
+    return {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": d} for f, d in zip(files, digests)}
 
 
 def _write_parts(tmp: Path, accelerator, tensors: dict, optim_json: dict, scheduler, data_state: dict) -> None:
