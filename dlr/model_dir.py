@@ -6,8 +6,10 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
     model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
     configuration_dlr.py, lowrank.py, modeling_dlr.py   HF remote code (auto_map)
     generation_config.json
-    spiece.model (T5/SentencePiece) | tokenizer files of an HF tokenizer
-    README.md                       the model card (YAML front matter + text), if given
+    spiece.model + tokenizer.json + tokenizer_config.json (T5, loadable by AutoTokenizer)
+                                    | the tokenizer files of an HF tokenizer
+    README.md                       the model card (YAML front matter + text): the caller's, else
+                                    one written from `extra` and the fold report
     dlr_checkpoint.json             format version, dlr version, size and sha256 of every
                                     weight file, sha256 of every shipped .py, caller's `extra`
 
@@ -300,7 +302,8 @@ def load_model_dir(
     The model is built on `meta` (no allocation, no random init) and each tensor is read
     from safetensors straight to `device` and assigned, so peak memory is one model.
     `verify` checks the sha256 of each weight file and shipped .py recorded by save_model_dir
-    and requires that record (one read of the files; verify=False skips it for trusted copies). Returns (model in eval mode, tokenizer).
+    and requires that record (one read of the files; verify=False skips it for trusted copies).
+    Returns (model in eval mode, tokenizer).
     """
     from .data import load_tokenizer
 
