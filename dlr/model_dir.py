@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -35,9 +35,6 @@ from .atomic import atomic_dir
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig
 
 FORMAT_VERSION = 2
 META_FILE = "dlr_checkpoint.json"
@@ -204,6 +201,8 @@ def read_config(path: str | os.PathLike, dense: bool = False) -> Any:
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise ConfigError(f"{str(p / CONFIG_FILE)!r} has model_type={got!r}; a dlr checkpoint has model_type="
                           + " or ".join(map(repr, accepted)))
+    from transformers import LlamaConfig
+
     raw.pop("auto_map", None)  # only meaningful to AutoModel; we know the class
     cls = DlrLlamaConfig if raw["model_type"] == DlrLlamaConfig.model_type else LlamaConfig
     try:
