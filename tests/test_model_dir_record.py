@@ -215,3 +215,17 @@ def test_dlr_eval_reads_every_directory(run, kind, capsys):
     if kind != "finetuned":  # the fold and the dense export compute the unfolded model's function
         code, ref, _ = call(eval_cli, [f"ckpt={run['final']}", *args[1:]], capsys)
         assert abs(got["val_loss"] - json.loads(ref)["val_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("overrides,want", [
+    (["data=c4"], {"data": "c4", "dataset": "allenai/c4"}),
+    (["data=c4_sample", "data.seq_len=64"], {"data": "c4_sample", "dataset": "allenai/c4"}),
+    (["data=c4_local", "data.train_files=/data/c4/t.json.gz", "data.validation_files=/data/c4/v.json.gz"],
+     {"data": "c4_local", "dataset": "allenai/c4"}),
+    (["data=text", "data.validation_files=/home/me/corpus.txt"], {"data": "text"}),
+    (["data=c4", "data.path=someone/corpus"], {"data": "custom hub data", "dataset": "someone/corpus"}),
+])
+def test_data_provenance_names_the_setting_and_its_hub_id_never_a_path(overrides, want):
+    from dlr.data import data_provenance
+
+    assert data_provenance(from_overrides("train", ["model=llama_tiny", *overrides]).data) == want
