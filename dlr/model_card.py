@@ -77,7 +77,7 @@ def _training(extra: dict) -> list[str]:
                      f"{tuned.get('steps', '?')} steps on `{tuned.get('data', '?')}`.")
     for key in ("folded_from", "finetuned_from", "exported_from"):
         if extra.get(key):
-            lines.append(f"- {key.replace('_', ' ').capitalize()}: the directory `{extra[key]}` of the same run.")
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: the directory `{extra[key]}`.")
     return lines
 
 
