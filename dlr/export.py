@@ -6,7 +6,6 @@ A DLR residual is included through the effective up weight B + sR (folded or not
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from .atomic import atomic_dir
 from .errors import ConfigError
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
-from .model_dir import save_pretrained_quietly, write_errors
+from .model_dir import finish_model_dir, save_pretrained_quietly, write_errors
 
 
 def dense_refusal(config: DlrLlamaConfig) -> str | None:
@@ -75,12 +74,12 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
     return dense.eval()
 
 
-def save_dense_dir(dense: LlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, files: dict | None = None) -> Path:
-    """Atomic write like save_model_dir; the result loads with plain AutoModelForCausalLM."""
+def save_dense_dir(dense: LlamaForCausalLM, tokenizer: Any, out_dir: str | os.PathLike, files: dict | None = None,
+                   extra: dict | None = None) -> Path:
+    """Atomic write like save_model_dir, with the same card and record (dlr-eval verifies and
+    reads it); the result loads with plain AutoModelForCausalLM."""
     with write_errors(out_dir), atomic_dir(out_dir) as tmp:
         save_pretrained_quietly(dense, tmp)
-        tokenizer.save(tmp)
-        for name, obj in (files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        finish_model_dir(tmp, extra, tokenizer=tokenizer, files=files)
     return Path(out_dir).expanduser().absolute()
 

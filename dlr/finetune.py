@@ -283,12 +283,17 @@ def _final_model(trained: torch.nn.Module, model: torch.nn.Module, *, lora: bool
 
 
 def _provenance(ckpt: Path, cfg: FinetuneConfig, train_loss: float) -> dict[str, Any]:
-    """dlr_checkpoint.json extras: the input's step and tokens, and what fine-tuned it."""
-    meta = json.loads((ckpt / "dlr_checkpoint.json").read_text()).get("extra", {}) \
-        if (ckpt / "dlr_checkpoint.json").is_file() else {}
-    return {**{k: v for k, v in meta.items() if k in ("step", "tokens")}, "finetuned_from": str(ckpt.resolve()),
-            "finetune": {"data": str(cfg.train_data), "steps": int(cfg.steps), "lora": bool(cfg.lora),
-                         "train_loss": train_loss}}
+    """dlr_checkpoint.json extras: the input's step, tokens and data, and what fine-tuned it. A
+    local file or directory is named by its name only: the output holds no path of this machine."""
+    from dlr.model_dir import read_meta
+
+    meta = read_meta(ckpt).get("extra", {})
+    data = str(cfg.train_data)
+    local = _is_local(data)
+    tuned = {"data": Path(data).name if local else data, "steps": int(cfg.steps), "lora": bool(cfg.lora),
+             "train_loss": train_loss, **({} if local else {"dataset": data})}
+    return {**{k: v for k, v in meta.items() if k in ("step", "tokens", "data", "dataset")},
+            "finetuned_from": ckpt.resolve().name, "finetune": tuned}
 
 
 def finetune(cfg: FinetuneConfig, callbacks: list | tuple = ()) -> dict[str, Any]:

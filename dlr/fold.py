@@ -230,16 +230,20 @@ def _fold(model: nn.Module, dense: bool) -> tuple[nn.Module, int]:
 
 
 def _write(report: FoldReport, model: nn.Module, tokenizer: Any, ckpt: Path, out: Path) -> None:
+    """The output directory; its report and record name the input by its directory name only, so
+    no file holds a path of this machine (the directory is published as it is)."""
     from dlr.model_dir import read_meta, save_model_dir
 
-    files = {"fold_report.json": report.to_dict()}
+    files = {"fold_report.json": {**report.to_dict(), "input": ckpt.resolve().name, "output": out.name}}
+    extra = dict(read_meta(ckpt).get("extra", {}))
+    if "val_loss" in extra:  # the fold is exact: the input's loss is the output's, and the card says so
+        extra["unfolded_val_loss"] = extra["val_loss"]
     if report.kind == "dense":
         from dlr.export import save_dense_dir
 
-        save_dense_dir(model, tokenizer, out, files=files)
+        save_dense_dir(model, tokenizer, out, files=files, extra={**extra, "exported_from": ckpt.resolve().name})
         return
-    extra = dict(read_meta(ckpt).get("extra", {}))
-    extra["folded_from"] = str(ckpt.resolve())
+    extra["folded_from"] = ckpt.resolve().name
     save_model_dir(model, tokenizer, out, extra=extra, files=files)
 
 

@@ -12,18 +12,26 @@ from typing import Any
 
 import yaml
 
-# Data configs that read C4 (allenai/c4), as the Hub names the dataset.
-C4_DATA = ("c4", "c4_sample", "c4_local")
 LICENSE = "apache-2.0"
+PROMPT = "The weather today is"
+# The server the tests start (tests/test_vllm.py): vLLM's CPU wheel has no working `vllm` command.
+SERVER = "python -m vllm.entrypoints.openai.api_server"
+
+
+def datasets_of(extra: dict) -> list[str]:
+    """The Hub ids of the data the model was trained on (`dataset`, from dlr.data.data_provenance),
+    then those it was fine-tuned on."""
+    found = [extra["dataset"]] if extra.get("dataset") else []
+    tuned = extra.get("finetune", {}).get("dataset") if isinstance(extra.get("finetune"), dict) else None
+    return found + [tuned] if tuned and tuned not in found else found
 
 
 def front_matter(config: Any, extra: dict) -> dict:
-    data = extra.get("data")
-    datasets = ["allenai/c4"] if data in C4_DATA else [extra["dataset"]] if extra.get("dataset") else []
     tags = ["dlr", "low-rank", "llama", "text-generation", f"method-{config.dlr_method}"]
     if config.dlr_folded:
         tags.append("folded")
     meta = {"library_name": "transformers", "license": LICENSE, "pipeline_tag": "text-generation", "tags": tags}
+    datasets = datasets_of(extra)
     return {**meta, "datasets": datasets} if datasets else meta
 
 
@@ -50,7 +58,8 @@ def _results(extra: dict, fold: dict | None) -> list[str]:
                      "the fold is exact, so the two agree.")
     if fold:
         check = fold.get("check", {})
-        lines.append(f"- Fold check (dlr-fold, {check.get('tokens', '?')} validation tokens, fp32): max relative logit "
+        what = "Dense export check" if fold.get("kind") == "dense" else "Fold check"
+        lines.append(f"- {what} (dlr-fold, {check.get('tokens', '?')} validation tokens, fp32): max relative logit "
                      f"difference {check.get('max_rel_diff', 'n/a')} (tolerance {check.get('tolerance', 'n/a')}); "
                      f"parameters equal a plain low-rank model's: {fold.get('params', {}).get('equal', 'n/a')}; "
                      f"passed: {fold.get('passed', 'n/a')}.")
@@ -58,13 +67,65 @@ def _results(extra: dict, fold: dict | None) -> list[str]:
 
 
 def _training(extra: dict) -> list[str]:
-    lines = [f"- Data: `{extra['data']}`." if extra.get("data") else "- Data: not recorded."]
+    hub = f" ([{extra['dataset']}](https://huggingface.co/datasets/{extra['dataset']}))" if extra.get("dataset") else ""
+    lines = [f"- Data: `data={extra['data']}`{hub}." if extra.get("data") else "- Data: not recorded."]
     if isinstance(extra.get("tokens"), int):
         lines.append(f"- Tokens trained on: {extra['tokens']:,} ({extra.get('step', '?')} steps).")
-    for key in ("folded_from", "finetuned_from"):
+    tuned = extra.get("finetune")
+    if isinstance(tuned, dict):
+        lines.append(f"- Fine-tuned (dlr-finetune, {'LoRA merged' if tuned.get('lora') else 'full'}) for "
+                     f"{tuned.get('steps', '?')} steps on `{tuned.get('data', '?')}`.")
+    for key in ("folded_from", "finetuned_from", "exported_from"):
         if extra.get(key):
-            lines.append(f"- {key.replace('_', ' ').capitalize()}: a directory named `{str(extra[key]).rsplit('/', 1)[-1]}`.")
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: the directory `{extra[key]}`.")
     return lines
+
+
+def use_section(remote_code: bool) -> str:
+    """How to load, generate with and serve the directory; every snippet runs as written from
+    inside the directory (tested), or with MODEL set to its Hub id."""
+    load = "import dlr.hf  # registers the dlr_llama classes with transformers: no downloaded code runs\n" \
+        if remote_code else ""
+    flags = " --model-impl transformers --trust-remote-code" if remote_code else ""
+    intro = "With dlr installed, no downloaded code runs:" if remote_code else \
+        "A plain LLaMA: transformers and vLLM load it without remote code."
+    text = f"""## Use
+
+{intro}
+
+```python
+{load}from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+MODEL = "."  # this directory; on the Hub, the repository id
+model = AutoModelForCausalLM.from_pretrained(MODEL{", trust_remote_code=False" if remote_code else ""})
+tokenizer = AutoTokenizer.from_pretrained(MODEL)
+generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+print(generate("{PROMPT}", max_new_tokens=20, do_sample=False)[0]["generated_text"])
+```
+"""
+    if remote_code:
+        text += """
+Without dlr, transformers runs the three `.py` files of this directory; on the Hub, pin the
+commit whose code you reviewed (`revision`):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+MODEL, REVISION = ".", None  # on the Hub: the repository id and the reviewed commit's sha
+model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True, revision=REVISION)
+tokenizer = AutoTokenizer.from_pretrained(MODEL, trust_remote_code=True, revision=REVISION)
+```
+"""
+    return text + f"""
+## Serve
+
+An OpenAI-compatible server with vLLM (the command works with its CPU build too):
+
+```bash
+MODEL=.  # this directory; on the Hub, the repository id
+{SERVER} --model "$MODEL"{flags} --dtype float32
+```
+"""
 
 
 def model_card(config: Any, params: int, extra: dict | None = None, fold: dict | None = None) -> str:
@@ -95,30 +156,37 @@ Residuals, arXiv 2606.28932). A folded DLR model costs exactly a rank-{config.dl
 
 {chr(10).join(_results(extra, fold))}
 
-## Use
-
-With dlr installed, no downloaded code runs:
-
-```python
-import dlr  # registers the dlr_llama classes with transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=False)
-tokenizer = AutoTokenizer.from_pretrained(MODEL)
-```
-
-Without dlr, transformers runs the three `.py` files of this directory; pin the revision you reviewed:
-
-```python
-model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True, revision=COMMIT_SHA)
-```
-
-## Serve
-
-```bash
-vllm serve MODEL --model-impl transformers --trust-remote-code
-```
-
+{use_section(remote_code=True)}
 vLLM's Transformers backend runs attention, RMSNorm and scheduling; the factor layers run as
 this directory's PyTorch modules (not sharded by tensor parallelism, not quantized).
 """
     return f"---\n{yaml.safe_dump(front_matter(config, extra), sort_keys=False)}---\n\n{body}"
+
+
+def dense_card(config: dict, params: int, extra: dict | None = None, fold: dict | None = None) -> str:
+    """README.md text for the dense export (`dlr-fold dense=true`): a plain LLaMA whose `config`
+    (config.json, a dict) has no dlr_* fields; `extra` and `fold` say where it came from."""
+    extra = extra or {}
+    arch = (f"{config.get('num_hidden_layers')} layers, hidden size {config.get('hidden_size')}, "
+            f"{config.get('num_attention_heads')} heads, FFN {config.get('intermediate_size')}, "
+            f"vocabulary {config.get('vocab_size')}; {params:,} parameters")
+    model = (fold or {}).get("model", "dlr model")
+    meta = {"library_name": "transformers", "license": LICENSE, "pipeline_tag": "text-generation",
+            "tags": ["dlr", "llama", "text-generation", "dense-export"]}
+    datasets = datasets_of(extra)
+    body = f"""# Dense export of a {model}
+
+A plain LLaMA ({arch}), a `LlamaForCausalLM`: the low-rank model pre-trained with dlr (low-rank
+LLaMA with Duplicated Latent Residuals, arXiv 2606.28932) with activation=identity, its
+factors multiplied out (W = (B + s R) A), so it computes the same function with dense weights.
+
+## Training
+
+{chr(10).join(_training(extra))}
+
+## Evaluation
+
+{chr(10).join(_results(extra, fold))}
+
+{use_section(remote_code=False)}"""
+    return f"---\n{yaml.safe_dump({**meta, 'datasets': datasets} if datasets else meta, sort_keys=False)}---\n\n{body}"

@@ -11,7 +11,10 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
     README.md                       the model card (YAML front matter + text): the caller's, else
                                     one written from `extra` and the fold report
     dlr_checkpoint.json             format version, dlr version, size and sha256 of every
-                                    weight file, sha256 of every shipped .py, caller's `extra`
+                                    other file (all a loader may read), caller's `extra`
+
+The dense export (dlr.export) has the same layout with a plain LlamaForCausalLM's config.json
+and no .py files. No file holds a path of the machine that wrote it.
 
 Nothing here uses pickle. The per-layer expand index (`*.dlr_index`, random_reuse
 included) is a persistent buffer, so it travels in the safetensors with the weights.
@@ -40,6 +43,10 @@ META_FILE = "dlr_checkpoint.json"
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CARD_FILE = "README.md"
+DENSE_MODEL_TYPE = "llama"  # the dense export (dlr.export): a plain LlamaForCausalLM
+# Not in the record: no loader reads them, and a card may be edited before publishing.
+UNRECORDED = (CARD_FILE, META_FILE)
 # Shards bound the transient memory of safetensors' serializer (it turns a whole shard into
 # bytes before writing), so saving a 7B model costs about one shard on top of the model.
 MAX_SHARD_SIZE = "2GB"
@@ -77,7 +84,7 @@ def save_model_dir(
         raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
     with write_errors(out_dir), atomic_dir(out_dir) as tmp:
         save_pretrained_quietly(model, tmp)
-        finish_model_dir(tmp, tokenizer, extra, files)
+        finish_model_dir(tmp, extra, tokenizer=tokenizer, files=files)
     return Path(out_dir).expanduser().absolute()
 
 
@@ -96,50 +103,64 @@ def write_errors(out_dir: str | os.PathLike) -> Iterator[None]:
         raise ConfigError(f"cannot write {str(out_dir)!r}: {found.group(1) if found else ' '.join(str(e).split())[:160]}") from None
 
 
-def finish_model_dir(tmp: Path, tokenizer: Any, extra: dict | None = None, files: Mapping[str, Any] | None = None) -> None:
-    """Tokenizer, extra files and dlr_checkpoint.json beside weights already in `tmp`.
+def finish_model_dir(tmp: str | os.PathLike, extra: dict | None = None, *, tokenizer: Any = None,
+                     files: Mapping[str, Any] | None = None) -> None:
+    """Make the model directory `tmp` (weights and config.json already in it) complete: the
+    tokenizer, the extra `files`, the model card (README.md, unless `files` holds one) and
+    dlr_checkpoint.json with `extra` and the size and sha256 of every other file.
 
-    Shared with the FSDP2 writer (dlr.train.sharding), which streams the weights itself.
+    For any Hugging Face model directory dlr writes (dlr_llama, the dense llama export, the
+    FSDP2 writer in dlr.train.sharding, which streams the weights itself): the record is what
+    `check_integrity` verifies before a loader reads a byte. Nothing may be written after it.
     """
-    tokenizer.save(tmp)
+    tmp = Path(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
     for name, obj in (files or {}).items():
         if isinstance(obj, str):  # text as is (the model card)
             (tmp / name).write_text(obj)
         else:
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    weights = sorted(p for p in tmp.iterdir() if p.name.endswith(".safetensors"))
+    if CARD_FILE not in (files or {}):
+        write_model_card(tmp, extra or {}, (files or {}).get("fold_report.json"))
     meta = {
         "format": "dlr-model-dir",
         "format_version": FORMAT_VERSION,
         "dlr_version": _dlr_version(),
-        # Sizes catch a truncated shard cheaply; sha256 any flipped byte (verify=true).
-        "weight_files": {f.name: f.stat().st_size for f in weights},
-        "sha256": {f.name: sha256_file(f) for f in weights},
-        # The code trust_remote_code=True runs: a changed or added .py is refused by dlr's loader.
-        "code_sha256": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.py"))},
+        # Every file a loader may read: sizes catch a truncated file cheaply (always checked),
+        # sha256 any changed byte (verify=true); a file not listed here is refused.
+        "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                  for name in recorded_names(tmp)},
         "extra": extra or {},
     }
-    if "README.md" not in (files or {}):
-        write_model_card(tmp, extra or {}, (files or {}).get("fold_report.json"))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def recorded_names(d: Path) -> list[str]:
+    """The files of `d` that the record must cover: all but the card, the record itself and hidden
+    files (the Hub's .gitattributes, huggingface_hub's .cache/), which no loader reads."""
+    names = []
+    for f in sorted(d.rglob("*")):
+        rel = f.relative_to(d)
+        if f.is_file() and rel.as_posix() not in UNRECORDED and not any(part.startswith(".") for part in rel.parts):
+            names.append(rel.as_posix())
+    return names
+
+
 def write_model_card(tmp: Path, extra: dict, fold: dict | None) -> None:
-    """README.md in the Hub's model-card format, from the config, the weights and `extra`."""
+    """README.md in the Hub's model-card format, from config.json, the weights and `extra`."""
     from safetensors import safe_open
 
-    from .model_card import model_card
+    from .model_card import dense_card, model_card
 
     params = 0
     for f in sorted(tmp.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             params += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys() if not k.endswith(".dlr_index"))
-    card_extra = dict(extra)
-    unfolded = read_meta(extra["folded_from"]).get("extra", {}) if extra.get("folded_from") and \
-        Path(extra["folded_from"], META_FILE).is_file() else {}
-    if "val_loss" in unfolded:
-        card_extra["unfolded_val_loss"] = unfolded["val_loss"]
-    (tmp / "README.md").write_text(model_card(read_config(tmp), params, card_extra, fold))
+    raw = json.loads((tmp / CONFIG_FILE).read_text())
+    card = model_card(read_config(tmp), params, extra, fold) if raw.get("model_type") == DlrLlamaConfig.model_type \
+        else dense_card(raw, params, extra, fold)
+    (tmp / CARD_FILE).write_text(card)
 
 
 def save_pretrained_quietly(model: Any, path: Path, **kwargs: Any) -> None:
@@ -169,21 +190,25 @@ def _check_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_config(path: str | os.PathLike) -> DlrLlamaConfig:
-    """The checkpoint's config, validated, without touching the weights."""
+def read_config(path: str | os.PathLike, dense: bool = False) -> Any:
+    """The checkpoint's DlrLlamaConfig, validated, without touching the weights; with `dense`,
+    the LlamaConfig of a dense export (`dlr-fold dense=true`) is accepted too."""
     p = _check_dir(path)
     try:
         raw = json.loads((p / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{str(p / CONFIG_FILE)!r} is not valid JSON ({e.__class__.__name__}: {str(e)[:80]})") from None
-    if not isinstance(raw, dict) or raw.get("model_type") != DlrLlamaConfig.model_type:
+    accepted = (DlrLlamaConfig.model_type, DENSE_MODEL_TYPE) if dense else (DlrLlamaConfig.model_type,)
+    if not isinstance(raw, dict) or raw.get("model_type") not in accepted:
         got = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
-        raise ConfigError(
-            f"{str(p / CONFIG_FILE)!r} has model_type={got!r}; a dlr checkpoint has model_type='dlr_llama'"
-        )
+        raise ConfigError(f"{str(p / CONFIG_FILE)!r} has model_type={got!r}; a dlr checkpoint has model_type="
+                          + " or ".join(map(repr, accepted)))
+    from transformers import LlamaConfig
+
     raw.pop("auto_map", None)  # only meaningful to AutoModel; we know the class
+    cls = DlrLlamaConfig if raw["model_type"] == DlrLlamaConfig.model_type else LlamaConfig
     try:
-        config = DlrLlamaConfig.from_dict(raw)
+        config = cls.from_dict(raw)
     except Exception as e:
         msg = " ".join(str(e).split())[:160]
         raise ConfigError(f"{str(p / CONFIG_FILE)!r} is not a valid dlr config ({msg})") from None
@@ -199,7 +224,8 @@ def _validate_dlr_fields(c: DlrLlamaConfig, where: Path) -> None:
             v = getattr(c, field)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise bad_value(field, v, "a positive integer")
-        check_factorization(factorization_of(c), c.dlr_rank, c.hidden_size, c.intermediate_size, prefix="dlr_")
+        if isinstance(c, DlrLlamaConfig):
+            check_factorization(factorization_of(c), c.dlr_rank, c.hidden_size, c.intermediate_size, prefix="dlr_")
     except ConfigError as e:
         raise ConfigError(f"{str(where)!r}: {e}") from None
 
@@ -236,37 +262,55 @@ def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
 
 
 def check_integrity(p: Path, verify: bool = True) -> None:
-    """Format version and sizes always; with `verify`, the metadata must exist and every
-    weight file's and shipped .py's sha256 must match it (verify=False: trusted copies)."""
+    """Format version and recorded sizes always; with `verify`, the record must exist and list
+    every file a loader may read (see `recorded_names`) with its sha256, and each must match
+    (verify=False: trusted copies). Every refusal is one line naming the file."""
     meta_path = p / META_FILE
     if not meta_path.is_file():
         if verify:
-            raise ConfigError(f"checkpoint {str(p)!r} has no {META_FILE}, so its weights and code cannot be verified; "
+            raise ConfigError(f"checkpoint {str(p)!r} has no {META_FILE}, so its files cannot be verified; "
                               "accepted: a directory written by dlr (verify=false loads it unchecked)")
         return
     meta = read_meta(p)
-    version = meta.get("format_version") if isinstance(meta, dict) else None
+    version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ConfigError(f"{str(meta_path)!r} has format_version={version!r}; this dlr reads format_version={FORMAT_VERSION} "
                           "only (re-save the model with the dlr that wrote it)")
-    for name, size in meta.get("weight_files", {}).items():
+    record = meta.get("files")
+    if not isinstance(record, dict) or not all(isinstance(v, dict) for v in record.values()):
+        if verify:
+            raise ConfigError(f"{str(meta_path)!r} has no record of the directory's files ('files': name -> bytes, sha256), "
+                              "so they cannot be verified; accepted: a directory written by dlr (verify=false loads it unchecked)")
+        return
+    _check_sizes(p, record if verify else {k: v for k, v in record.items() if k.endswith(".safetensors")})
+    if verify:
+        _check_hashes(p, record)
+
+
+def _check_sizes(p: Path, record: Mapping[str, dict]) -> None:
+    """Each file there; a weight file of its recorded size (a cheap check for a truncated copy)."""
+    for name, entry in sorted(record.items()):
         f = p / name
         if not f.is_file():
-            raise ConfigError(f"weight file {str(f)!r} is missing")
-        if f.stat().st_size != size:
-            raise ConfigError(f"weight file {str(f)!r} is truncated or corrupted: {f.stat().st_size} bytes, expected {size}")
-    if not verify:
-        return
-    for name, digest in meta.get("sha256", {}).items():
+            raise ConfigError(f"{str(f)!r} is missing (listed in {META_FILE}); accepted: the complete directory dlr wrote")
+        size = entry.get("bytes")
+        if name.endswith(".safetensors") and isinstance(size, int) and f.stat().st_size != size:
+            raise ConfigError(f"{str(f)!r} is truncated or corrupted: {f.stat().st_size} bytes, expected {size}")
+
+
+def _check_hashes(p: Path, record: Mapping[str, dict]) -> None:
+    for name in recorded_names(p):
+        if name not in record:
+            raise ConfigError(f"{str(p / name)!r} is not listed in {META_FILE} (added after saving), and a loader may read it; "
+                              "accepted: the files dlr wrote (verify=false skips this check)")
+    for name, entry in sorted(record.items()):
+        digest = entry.get("sha256")
+        if not isinstance(digest, str):
+            raise ConfigError(f"{str(p / name)!r} has no sha256 in {META_FILE}, so it cannot be verified; "
+                              "accepted: a directory written by dlr (verify=false skips this check)")
         if sha256_file(p / name) != digest:
-            raise ConfigError(f"weight file {str(p / name)!r} does not match its sha256 in {META_FILE} (corrupted); "
+            raise ConfigError(f"{str(p / name)!r} does not match its sha256 in {META_FILE} (changed after saving); "
                               "accepted: an intact copy (verify=false skips this check)")
-    code = meta.get("code_sha256", {})
-    for f in sorted(set(code) | {f.name for f in p.glob("*.py")}):
-        if f not in code or not (p / f).is_file() or sha256_file(p / f) != code[f]:
-            state = "is not listed" if f not in code else "is missing" if not (p / f).is_file() else "does not match its sha256"
-            raise ConfigError(f"shipped code {str(p / f)!r} {state} in {META_FILE} (changed after saving); "
-                              "accepted: the code dlr wrote (verify=false skips this check)")
 
 
 def find_tokenizer(path: str | os.PathLike) -> Path:
@@ -282,7 +326,7 @@ def find_tokenizer(path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
-def _fresh_rotary(model: DlrLlamaForCausalLM, device: torch.device) -> None:
+def _fresh_rotary(model: Any, device: torch.device) -> None:
     # inv_freq is a non-persistent buffer: not in the safetensors, and still on meta.
     # Rebuilt on the CPU (the rope init functions compute there), then moved.
     rotary = model.model.rotary_emb
@@ -296,27 +340,35 @@ def load_model_dir(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
-) -> tuple[DlrLlamaForCausalLM, Any]:
+    dense: bool = False,
+) -> tuple[Any, Any]:
     """Load a model directory; every problem is a one-line ConfigError naming the path.
 
     The model is built on `meta` (no allocation, no random init) and each tensor is read
     from safetensors straight to `device` and assigned, so peak memory is one model.
-    `verify` checks the sha256 of each weight file and shipped .py recorded by save_model_dir
-    and requires that record (one read of the files; verify=False skips it for trusted copies).
+    `verify` requires the record in dlr_checkpoint.json and checks the sha256 of every file a
+    loader may read against it before any weight is read (verify=False skips it for trusted
+    copies). `dense` also accepts the dense export, loaded as a plain LlamaForCausalLM.
     Returns (model in eval mode, tokenizer).
     """
     from .data import load_tokenizer
 
     p = _check_dir(path)
-    config = read_config(p)
+    config = read_config(p, dense=dense)
     find_tokenizer(p)
     shards = weight_files(p)
     check_integrity(p, verify)
-    device = torch.device(device)
+    model = _build_and_fill(p, config, shards, torch.device(device), dtype)
+    return model, load_tokenizer(str(p))
+
+
+def _build_and_fill(p: Path, config: Any, shards: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> Any:
+    """The model of `config` built on meta and filled from the checked shards, in eval mode."""
+    from transformers import LlamaForCausalLM
 
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = DlrLlamaForCausalLM(config)
+        model = DlrLlamaForCausalLM(config) if isinstance(config, DlrLlamaConfig) else LlamaForCausalLM(config)
     # Persistent buffers (dlr_index) are in state_dict, so the file must hold them too.
     expected = model.state_dict()
     found = _read_tensors(p, shards, expected=expected, config=config, device=device, dtype=dtype)
@@ -337,8 +389,7 @@ def load_model_dir(
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a bug in this loader, not bad input
         raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
-    model.eval()
-    return model, load_tokenizer(str(p))
+    return model.eval()
 
 
 def _read_tensors(p: Path, shards: Mapping[str, Any], *, expected: dict[str, torch.Tensor], config: DlrLlamaConfig,
@@ -380,14 +431,16 @@ def _check_index(p: Path, name: str, index: torch.Tensor, rank: int) -> None:
         raise ConfigError(f"checkpoint {str(p)!r}: {name} is not an expand index into rank {rank} (corrupted weights)")
 
 
-def _describe(c: DlrLlamaConfig) -> str:
+def _describe(c: Any) -> str:
+    if not isinstance(c, DlrLlamaConfig):
+        return "dense llama (exported)"
     state = "folded " if c.dlr_folded else ""
     rank = f" rank={c.dlr_rank}" if c.dlr_method != "full" else ""
     return f"{c.dlr_size or 'custom'} {state}{c.dlr_method}{rank}"
 
 
-def describe(config: DlrLlamaConfig) -> str:
-    """Short human description, e.g. 'llama_1b dlr rank=512 (folded)'."""
+def describe(config: Any) -> str:
+    """Short human description, e.g. 'llama_1b folded dlr rank=512' (a dense export: 'dense llama (exported)')."""
     return _describe(config)
 
 

@@ -167,13 +167,17 @@ BAD = {
 }
 
 
+RECORD_CASES = ("no metadata", "older format", "bad metadata", "code changed", "code added", "code removed")
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_checkpoints_give_one_line_errors(tmp_path, ckpt, case):
     d = _copy(ckpt[0], tmp_path / "ck")
     damage, needle = BAD[case]
     damage(d)
-    # Without the metadata only verify=false loads; the checks that need none still run.
-    verify = case == "no metadata" or (d / "dlr_checkpoint.json").is_file()
+    # The record's own cases with verify; every other case changes a recorded file, which verify
+    # would refuse first (tests/test_model_dir_record.py), so its own check runs without verify.
+    verify = case in RECORD_CASES
     with pytest.raises(ConfigError) as e:
         load_model_dir(d, verify=verify)
     msg = str(e.value)
@@ -181,12 +185,14 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, ckpt, case):
     assert str(d) in msg  # names the path
 
 
-def test_the_metadata_covers_every_shipped_file_and_verify_false_skips_the_hashes(tmp_path, ckpt):
+def test_the_record_covers_every_file_a_loader_reads_and_verify_false_skips_the_hashes(tmp_path, ckpt):
     d = _copy(ckpt[0], tmp_path / "ck")
     meta = read_meta(d)
     assert meta["format_version"] == 2
-    assert sorted(meta["code_sha256"]) == ["configuration_dlr.py", "lowrank.py", "modeling_dlr.py"]
-    assert sorted(meta["sha256"]) == ["model.safetensors"]
+    files = sorted(p.name for p in d.iterdir() if p.name not in ("README.md", "dlr_checkpoint.json"))
+    assert sorted(meta["files"]) == files and {"config.json", "generation_config.json", "tokenizer.json",
+                                               "lowrank.py", "model.safetensors"} <= set(files)
+    assert all(len(e["sha256"]) == 64 and e["bytes"] == (d / n).stat().st_size for n, e in meta["files"].items())
     _append(d / "lowrank.py", "\n# edited\n")
     (d / "dlr_checkpoint.json").unlink()
     model, _ = load_model_dir(d, verify=False)  # a trusted copy: loads unchecked

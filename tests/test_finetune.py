@@ -105,7 +105,7 @@ def test_finetune_learns_the_responses_keeps_the_factors_and_loads_anywhere(fold
     c0, c1 = read_config(folded), read_config(out / "final")
     assert (c1.dlr_method, c1.dlr_rank, c1.dlr_folded) == (c0.dlr_method, c0.dlr_rank, True)
     extra = json.loads((out / "final" / "dlr_checkpoint.json").read_text())["extra"]
-    assert extra["finetuned_from"] == str(folded) and (extra["step"], extra["tokens"]) == (7, 1234)
+    assert extra["finetuned_from"] == folded.name and (extra["step"], extra["tokens"]) == (7, 1234)
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {1, 2, 3, 4} <= set(steps)
     run_plain_transformers([out / "final"], tmp_path, trust_remote_code=True)

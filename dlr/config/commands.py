@@ -41,7 +41,8 @@ class TrainConfig:
 
 
 # The same check for every command that reads a model directory (dlr.model_dir.check_integrity).
-VERIFY_HELP = ("check the sha256 of every weight file and shipped .py against dlr_checkpoint.json before loading; "
+VERIFY_HELP = ("check the sha256 of every file a loader reads (config, tokenizer, weights, code) against "
+               "dlr_checkpoint.json before loading, and refuse a file it does not list; "
                "false also loads a directory without that file (trusted copies only)")
 
 

@@ -7,13 +7,13 @@ Public API: `data_spec`, `DataSpec`, `load_tokenizer`, `check_vocab`, `train_bat
 from dlr.data.batching import TrainBatches, paper_batch, train_batches
 from dlr.data.sources import resolve_files
 from dlr.config.choices import MODES, SOURCES
-from dlr.data.spec import DataSpec, data_spec
+from dlr.data.spec import DataSpec, data_provenance, data_spec
 from dlr.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, bundled_t5_path, check_vocab, load_tokenizer
 from dlr.data.token_batches import TokenBatches
 from dlr.data.validation import validation_batches, validation_rows
 
 __all__ = [
     "MODES", "SOURCES", "DataSpec", "HFTokenizer", "SentencePieceTokenizer", "TokenBatches", "Tokenizer", "TrainBatches",
-    "bundled_t5_path", "check_vocab", "data_spec", "load_tokenizer", "paper_batch", "resolve_files",
+    "bundled_t5_path", "check_vocab", "data_provenance", "data_spec", "load_tokenizer", "paper_batch", "resolve_files",
     "train_batches", "validation_batches", "validation_rows",
 ]

@@ -93,3 +93,66 @@ def _tokens_spec(c: Any) -> DataSpec:
     tokenizer = c.tokenizer if c.tokenizer is not None else os.path.join(path, "tokenizer")
     return DataSpec(source="tokens", path=path, name=None, tokenizer=tokenizer, seq_len=c.seq_len, mode=c.mode,
                     shuffle_buffer=c.shuffle_buffer, num_workers=0, val_tokens=c.val_tokens, prefetch=c.prefetch)
+
+
+# What names a data setting: two configs that agree on these read the same documents.
+IDENTITY_KEYS = ("source", "path", "name", "train_files", "validation_files", "text_field")
+
+
+def _named_configs() -> list[tuple[str, dict]]:
+    """The bundled configs/data/<name>.yaml, as plain mappings (`???` kept: the user's value)."""
+    from importlib import resources
+
+    import yaml
+
+    folder = resources.files("dlr.configs").joinpath("data")
+    named = [(f.name[:-len(".yaml")], yaml.safe_load(f.read_text()) or {})
+             for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")]
+    # The most specific first: c4_sample's files before c4_local's "any files".
+    return sorted(named, key=lambda item: sum(v == "???" for v in item[1].values()))
+
+
+def _matches(named: dict, c: DataConfig) -> bool:
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(DataConfig)}
+    for key in IDENTITY_KEYS:
+        want = named.get(key, defaults[key])
+        if want == "???":  # the setting asks the user for it: any value fits
+            continue
+        got = getattr(c, key)
+        if key.endswith("_files") and _files(want) == _files(got):
+            continue
+        if want != got:
+            return False
+    return True
+
+
+def data_provenance(cfg: DataConfig | Mapping[str, Any]) -> dict[str, str]:
+    """What a model card says a run trained on: {"data": the configs/data/<name>.yaml the setting
+    matches, "dataset": the Hugging Face Hub id its documents come from}, each only where known.
+
+    Never a local path: a model directory must not carry the paths of the machine that wrote it.
+    """
+    c = cfg if isinstance(cfg, DataConfig) else build(DataConfig, cfg, "data.")
+    if c.source == "tokens":
+        return {"data": "tokens", **_prepared_from(c.path)}
+    for name, named in _named_configs():
+        if named.get("source", "hub") == c.source and _matches(named, c):
+            hub = named.get("path", "allenai/c4") if c.source in ("hub", "json") else None
+            return {"data": name, **({"dataset": hub} if hub and hub != "???" else {})}
+    hub = {"dataset": c.path} if c.source == "hub" and c.path else {}
+    return {"data": f"custom {c.source} data", **hub}
+
+
+def _prepared_from(path: str | None) -> dict[str, str]:
+    """The Hub id of the documents dlr-prepare tokenized into `path`, if they came from the Hub."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(os.path.expanduser(str(path)), "manifest.json"), encoding="utf-8") as f:
+            source = json.load(f)["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {"dataset": source["path"]} if isinstance(source, dict) and source.get("source") == "hub" and source.get("path") else {}

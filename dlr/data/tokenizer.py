@@ -109,6 +109,7 @@ class SentencePieceTokenizer:
     def _convert(self):
         import tempfile
 
+        from tokenizers import decoders
         from transformers import PreTrainedTokenizerFast, T5Tokenizer
 
         sp = self._sp
@@ -122,6 +123,11 @@ class SentencePieceTokenizer:
             t5 = T5Tokenizer.from_pretrained(tmp, extra_ids=0)
         backend = t5.backend_tokenizer
         backend.post_processor = None  # no `</s>` after every text: prompts of a causal LM end open
+        # Keep a word's leading space when decoding: transformers' text-generation pipeline decodes
+        # the new tokens alone and appends them to the prompt, and T5's decoder drops the space of
+        # the first piece ("The weather today is" + "the"). A decoded whole text therefore starts
+        # with the space SentencePiece puts before its first word.
+        backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
         hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=sp.id_to_piece(sp.eos_id()),
                                      pad_token=sp.id_to_piece(sp.pad_id()), unk_token=sp.id_to_piece(sp.unk_id()))
         for text in _PROBES:

@@ -220,14 +220,14 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, *, data: DataSpec | None = None
     ckpt = Path(ckpt).expanduser()
     _, world, local_rank = dist_env()
     dev = pick_device(device, local_rank)
-    config = read_config(ckpt)
+    config = read_config(ckpt, dense=True)  # the dense export too, as a plain LlamaForCausalLM
     request = _task_request(tasks)
     if request is not None and world > 1:
         raise ConfigError("tasks=... runs in one process; launch dlr-eval without torchrun for benchmarks")
     protocol = resolve_protocol(protocol, data, stride) if data is not None else protocol
     with _process_group(dev, world):
         t0 = time.perf_counter()
-        model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify)
+        model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify, dense=True)
         check_vocab(tokenizer, model.config.vocab_size)
         kw = dict(batch_size=batch_size, device=dev, dtype=None if dtype == "fp32" else DTYPES[dtype],
                   min_coverage=min_coverage, progress=progress)
@@ -241,5 +241,5 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, *, data: DataSpec | None = None
 
             scores = run_tasks(model, ckpt, request, batch_size=batch_size, device=dev, dtype=dtype)
         seconds = round(time.perf_counter() - t0, 3)
-    return EvalReport(ckpt=str(ckpt.resolve()), model=describe(config), folded=bool(config.dlr_folded), dtype=dtype,
+    return EvalReport(ckpt=str(ckpt.resolve()), model=describe(config), folded=bool(getattr(config, "dlr_folded", False)), dtype=dtype,
                       device=str(dev), world_size=world, seconds=seconds, perplexity=ppl, tasks=scores)

@@ -6,6 +6,7 @@ each process's rows of B, and final/ and folded/ are streamed from the shards.
 from __future__ import annotations
 
 from ..counting import model_stats
+from ..data import data_provenance
 from ..fold import fold_model
 from ..run_dir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
 from .sharding import save_final
@@ -41,7 +42,8 @@ def _fold(state: TrainerState, summary: dict, extra: dict) -> None:
                     "deploy_non_embedding_params": deploy.non_embedding_params,
                     "fold_rel_ppl_diff": abs(folded_eval["val_ppl"] - last["val_ppl"]) / last["val_ppl"]})
     save_final(model, state.tokenizer, state.out_dir / FOLDED_DIR, state.is_main,
-               extra={**extra, "val_loss": folded_eval["val_loss"], "folded_from": str(state.out_dir / FINAL_DIR)})
+               extra={**extra, "val_loss": folded_eval["val_loss"], "unfolded_val_loss": last["val_loss"],
+                      "folded_from": FINAL_DIR})  # a name in the run directory: no path of this machine
 
 
 def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimate: dict) -> dict:
@@ -49,7 +51,7 @@ def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimat
     acc, last = state.accelerator, state.last_eval
     # What docs/checkpoints.md promises in dlr_checkpoint.json: where in training this model is.
     extra = {"step": state.plan.steps, "tokens": state.plan.total_tokens, "val_loss": last["val_loss"],
-             "val_tokens": last["val_tokens"]}
+             "val_tokens": last["val_tokens"], **data_provenance(state.cfg.data)}
     save_final(state.plain_model(), state.tokenizer, state.out_dir / FINAL_DIR, state.is_main, extra=extra)
     summary = _summary(state, wall_s, speed, memory_estimate)
     acc.wait_for_everyone()

@@ -178,7 +178,7 @@ def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_mai
                 index = {"metadata": {"total_parameters": model.num_parameters(), **plan.metadata},
                          "weight_map": plan.tensor_to_filename}
                 (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            finish_model_dir(tmp, tokenizer, extra=extra)
+            finish_model_dir(tmp, extra, tokenizer=tokenizer)
     if dist.is_initialized():
         dist.barrier()
     return Path(out_dir).expanduser().absolute()
