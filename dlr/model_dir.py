@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_dir
+from .config import method_named
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
@@ -303,6 +304,7 @@ def load_model_dir(
     and requires that record (one read of the files; verify=False skips it for trusted copies). Returns (model in eval mode, tokenizer).
     """
     from .data import load_tokenizer
+    from .model import build_from_config
 
     p = _check_dir(path)
     config = read_config(p)
@@ -311,9 +313,7 @@ def load_model_dir(
     check_integrity(p, verify)
     device = torch.device(device)
 
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = DlrLlamaForCausalLM(config)
+    model = build_from_config(config, device="meta")  # with a registered method's own layers
     # Persistent buffers (dlr_index) are in state_dict, so the file must hold them too.
     expected = model.state_dict()
     found = _read_tensors(p, shards, expected=expected, config=config, device=device, dtype=dtype)
@@ -379,7 +379,7 @@ def _check_index(p: Path, name: str, index: torch.Tensor, rank: int) -> None:
 
 def _describe(c: DlrLlamaConfig) -> str:
     state = "folded " if c.dlr_folded else ""
-    rank = f" rank={c.dlr_rank}" if c.dlr_method != "full" else ""
+    rank = f" rank={c.dlr_rank}" if method_named(c.dlr_method).factorized else ""
     return f"{c.dlr_size or 'custom'} {state}{c.dlr_method}{rank}"
 
 

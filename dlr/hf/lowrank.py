@@ -17,8 +17,6 @@ from torch import nn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RESIDUAL_PROJECTIONS = {"all": PROJECTIONS, "attn": PROJECTIONS[:4], "mlp": PROJECTIONS[4:]}
-METHODS, SCOPES = ("full", "lowrank", "dlr"), tuple(RESIDUAL_PROJECTIONS)
-ACTIVATIONS, EXPAND_MODES = ("silu", "identity", "gelu", "relu"), ("uniform", "random_reuse", "permuted")
 
 
 def expansion_factor(d_out: int, rank: int) -> int:
@@ -129,7 +127,7 @@ class LowRankLinear(nn.Module):
 def factorize_projections(layers: nn.ModuleList, config) -> int:
     """Swap the dense projections of every layer before weight init; returns how many. A folded
     config gets neither residual nor latent scale: a plain lowrank model's layout."""
-    if config.dlr_method == "full":
+    if config.dlr_method == "full" or config.dlr_rank is None:  # no rank: a dense method
         return 0
     unfolded, rank, count = not config.dlr_folded, config.dlr_rank, 0
     residual = RESIDUAL_PROJECTIONS[config.dlr_scope] if config.dlr_method == "dlr" and unfolded else ()
