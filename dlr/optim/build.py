@@ -101,6 +101,7 @@ class OptimizerSpec:
     settings: type
     build: Callable[[Any, nn.Module, bool], torch.optim.Optimizer]
     factorized_only: bool = False  # it needs the A/B factor pairs of a factorized method (Spectron)
+    fsdp2: bool = True  # it steps FSDP2-sharded parameters (Spectron needs each factor whole)
 
     @property
     def name(self) -> str:
@@ -118,7 +119,7 @@ def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
 
 
 register_optimizer(OptimizerSpec(AdamWConfig, _adamw))
-register_optimizer(OptimizerSpec(SpectronConfig, _spectron, factorized_only=True))
+register_optimizer(OptimizerSpec(SpectronConfig, _spectron, factorized_only=True, fsdp2=False))
 
 
 def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
