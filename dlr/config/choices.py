@@ -25,6 +25,7 @@ SAMPLE_BY = ("paragraph", "line")
 
 LOSS_IMPLS = ("auto", "chunked", "liger", "plain")
 PRECISIONS = ("auto", "fp32", "bf16")
+DTYPE_NAMES = ("fp32", "bf16")  # what evaluation and the benchmarks compute in
 PARALLELISMS = ("ddp", "fsdp2")
 LOGGERS = ("none", "wandb")
 EVAL_PROTOCOLS = ("auto", "sliding", "rows")

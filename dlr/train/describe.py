@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import PARALLELISMS
 from ..counting import ModelStats, model_stats
 from ..loss import DEFAULT_CHUNK_TOKENS
 from ..model import build_from_config, deploy_config
@@ -29,7 +30,7 @@ def describe_plan(cfg, plan: TrainPlan, config) -> dict:
     """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
     train_stats = model_stats(build_from_config(config, device="meta"), plan.seq_len)
     deploy_stats = model_stats(build_from_config(deploy_config(config), device="meta"), plan.seq_len)
-    memory = {p: memory_estimate(cfg, plan, config, train_stats, p) for p in ("ddp", "fsdp2")}
+    memory = {p: memory_estimate(cfg, plan, config, train_stats, p) for p in PARALLELISMS}
     return {
         "model": config.dlr_size, "method": cfg.factorization.method, "rank": config.dlr_rank, "alpha": cfg.factorization.alpha,
         "train_params": train_stats.total_params, "train_non_embedding_params": train_stats.non_embedding_params,
