@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EXPAND_MODES, LOWRANK, METHODS, PRECISIONS, SCOPES, FactorizationConfig
+from .config import DLR, EXPAND_MODES, LOWRANK, METHODS, PRECISIONS, SCOPES, FactorizationConfig
 from .errors import ConfigError, bad_value
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ class RunSpec:
     @property
     def name(self) -> str:
         rank = f"-r{self.rank}"
-        if self.method != "dlr":
+        if self.method != DLR.name:
             return f"{self.method}{rank}-s{self.seed}"
         s = dict(self.settings)
         vc = "vc1" if s["variance_correction"] else "vc0"
@@ -193,12 +193,12 @@ def plan(studies: list[str], seeds: list[int], values: str | None = None, model:
         for seed in seeds:  # seed-major: a study cut short still has whole seeds
             if st.both_methods:
                 for v in grid:
-                    runs.append(RunSpec("lowrank", int(v), (), seed))
-                    runs.append(RunSpec("dlr", int(v), tuple(BASE.items()), seed))
+                    runs.append(RunSpec(LOWRANK.name, int(v), (), seed))
+                    runs.append(RunSpec(DLR.name, int(v), tuple(BASE.items()), seed))
             else:
-                runs.append(RunSpec("lowrank", base_rank, (), seed))
+                runs.append(RunSpec(LOWRANK.name, base_rank, (), seed))
                 for v in grid:
-                    runs.append(RunSpec("dlr", base_rank, tuple({**BASE, st.key: v}.items()), seed))
+                    runs.append(RunSpec(DLR.name, base_rank, tuple({**BASE, st.key: v}.items()), seed))
         out[name] = runs
     return out
 
