@@ -31,6 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from dlr.config import MODES  # noqa: E402
 from dlr.data import data_spec, load_tokenizer, train_batches  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def stalls(it, kind: str, step_s: float, steps: int, warmup: int = 5) -> tuple[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", nargs="+", choices=["paper", "packed"], default=["paper", "packed"])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="streaming loader's DataLoader workers")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches", type=int, default=200, help="timed batches of the streaming loader")

@@ -83,7 +83,7 @@ def hardware(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["llama_tiny", "llama_60m"])
-    parser.add_argument("--optimizers", nargs="+", default=["adamw", "spectron"], choices=sorted(CONFIGS))
+    parser.add_argument("--optimizers", nargs="+", default=list(dlr.config.OPTIMIZERS), choices=sorted(CONFIGS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)

@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import dlr.config
 from dlr import build_model, model_stats
+from dlr.config import DTYPE_NAMES
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
 from dlr.train.compile import compile_decoder, compile_layers
@@ -47,7 +49,7 @@ from dlr.train.telemetry import peak_flops
 
 from .recipe import SEQ, recipe_micro_batch
 
-METHODS = ("full", "lowrank", "dlr", "dlr_scatter", "dlr_ri")
+METHODS = (*dlr.config.METHODS, "dlr_scatter", "dlr_ri")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -295,7 +297,7 @@ def markdown(rows: list[dict], rat: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     ap.add_argument("--sizes", default="llama_tiny,llama_60m")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--micro-batch", type=int, default=4, help="0: each size's recipe micro-batch")

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dlr.config import PARALLELISMS
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,7 +26,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--parallelism", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
+    ap.add_argument("--parallelism", nargs="+", default=list(PARALLELISMS), choices=PARALLELISMS)
     ap.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     ap.add_argument("extra", nargs="*", help="more dlr-train overrides, e.g. gradient_checkpointing=true")
     args = ap.parse_args()

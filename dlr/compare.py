@@ -23,21 +23,23 @@ from typing import Any
 
 from .atomic import check_writable, write_atomic
 from .errors import ConfigError
-from .config import display_key, short_form
+from .config import LOWRANK, METHODS, display_key, short_form
 from .run_dir import RUNTIME_KEYS as _RUNTIME_KEYS, read_run_config
 
 RUNTIME_KEYS = {display_key("train", k) for k in _RUNTIME_KEYS}
 
 # Beyond the runtime keys: what makes a run one sample of a group rather than another group.
 SAMPLE_KEYS = {"seed", "out_dir"}
-# Config keys a method does not read, so they must not split groups or block pairing.
-DLR_ONLY = {"alpha", "expand", "scope", "variance_correction", "trainable_alpha"}
-UNUSED_BY_METHOD = {
-    "full": {"rank", "activation", "latent_alpha", "trainable_latent_scale"} | DLR_ONLY,
-    "lowrank": DLR_ONLY,
-    "dlr": set(),
-}
-METHOD_ORDER = {"full": 0, "lowrank": 1, "dlr": 2}
+
+
+def unused_by(method: str) -> set[str]:
+    """Config keys `method` does not read, so they must not split groups or block pairing."""
+    return METHODS[method].unused() if method in METHODS else set()
+
+
+def method_order(method: str) -> int:
+    """Simpler methods first, as declared (full < lowrank < dlr < registered ones); unknown last."""
+    return list(METHODS).index(method) if method in METHODS else len(METHODS)
 
 
 @dataclass
@@ -182,7 +184,7 @@ def settings(run: Run, ignore: Iterable[str] = ()) -> dict:
     """
     flat = _flatten(run.config)
     ignored = SAMPLE_KEYS | RUNTIME_KEYS
-    ignored |= UNUSED_BY_METHOD.get(run.method, set())
+    ignored |= unused_by(run.method)
     extra = tuple(ignore)
     return {k: v for k, v in flat.items()
             if k not in ignored and k.split(".")[0] not in ignored and not matches(k, extra)}
@@ -202,7 +204,7 @@ def group_runs(runs: Iterable[Run], ignore: Iterable[str] = ()) -> list[Group]:
         groups.setdefault(key, Group(key, s, [])).runs.append(run)
     for g in groups.values():
         g.runs.sort(key=lambda r: r.seed)
-    return sorted(groups.values(), key=lambda g: (str(g.settings.get("model.name")), METHOD_ORDER.get(g.method, 9),
+    return sorted(groups.values(), key=lambda g: (str(g.settings.get("model.name")), method_order(g.method),
                                                   str(g.settings.get("rank", "")), str(g.key)))
 
 
@@ -296,7 +298,7 @@ def group_stats(group: Group, metric: str) -> Stats:
 def _pairable(a: Group, b: Group) -> bool:
     if a.method == b.method:
         return False
-    unused = UNUSED_BY_METHOD.get(a.method, set()) | UNUSED_BY_METHOD.get(b.method, set()) | {"method"}
+    unused = unused_by(a.method) | unused_by(b.method) | {"method"}
     keys = (set(a.settings) | set(b.settings)) - unused
     return all(a.settings.get(k) == b.settings.get(k) for k in keys)
 
@@ -308,7 +310,7 @@ def paired_differences(groups: Sequence[Group], metric: str) -> list[Paired]:
         for b in groups[i + 1:]:
             if not _pairable(a, b):
                 continue
-            if METHOD_ORDER.get(a.method, 9) > METHOD_ORDER.get(b.method, 9):
+            if method_order(a.method) > method_order(b.method):
                 a, b = b, a
             va = {r.seed: metric_value(r, metric) for r in a.runs}
             vb = {r.seed: metric_value(r, metric) for r in b.runs}
@@ -330,6 +332,10 @@ def _first(group: Group, key: str) -> Any:
     return next((r.summary[key] for r in group.runs if r.summary.get(key) is not None), None)
 
 
+def _reads(method: str, knob: str) -> bool:
+    return method in METHODS and METHODS[method].reads(knob)
+
+
 def table_rows(groups: Sequence[Group], metric: str) -> list[dict]:
     keys = varying_keys(groups)
     rows = []
@@ -338,8 +344,8 @@ def table_rows(groups: Sequence[Group], metric: str) -> list[dict]:
         tps = stats([r.summary.get("mean_tokens_per_s") for r in g.runs])
         rows.append({
             "group": label(g, keys), "method": g.method, "size": g.settings.get("model.name", _first(g, "model")),
-            "rank": _first(g, "rank") if g.method != "full" else None,
-            "alpha": g.settings.get("alpha") if g.method == "dlr" else None,
+            "rank": _first(g, "rank") if _reads(g.method, "rank") else None,
+            "alpha": g.settings.get("alpha") if _reads(g.method, "alpha") else None,
             "steps": _first(g, "steps"), "tokens": _first(g, "tokens"), "n": st.n,
             "seeds": " ".join(str(s) for s in g.seeds),
             f"{metric}_mean": st.mean, f"{metric}_std": st.std,
@@ -561,11 +567,11 @@ def sweep_points(groups: Sequence[Group], key: str, metric: str) -> list[SweepPo
         raise ConfigError(f"--by {key!r} is a setting of none of the runs; accepted (settings that vary): {accepted}")
     swept = [g for g in groups if key in g.settings]
     series_keys = [k for k in varying_keys(swept) if k != key]
-    lowrank = [g for g in groups if g.method == "lowrank"]
+    lowrank = [g for g in groups if g.method == LOWRANK.name]
     points = []
     for g in groups:
         mean, half, n = t_interval([metric_value(r, metric) for r in g.runs])
-        base = next((lg for lg in lowrank if lg is not g and _pairable(lg, g)), None) if g.method != "lowrank" else None
+        base = next((lg for lg in lowrank if lg is not g and _pairable(lg, g)), None) if g.method != LOWRANK.name else None
         paired = _paired(base, g, metric) if base is not None else None
         diff_half = math.nan
         if paired is not None and len(paired.diffs) > 1:
@@ -574,7 +580,7 @@ def sweep_points(groups: Sequence[Group], key: str, metric: str) -> list[SweepPo
         points.append(SweepPoint(g, value, label(g, series_keys), mean, half, n, paired, diff_half))
     # Baselines first, then by value, lowrank before dlr at the same value (rank: 16 lowrank, 16 dlr, 32 ...).
     return sorted(points, key=lambda p: (p.value is not None, _sort_key(p.value) if p.value is not None else (),
-                                         METHOD_ORDER.get(p.group.method, 9), p.series))
+                                         method_order(p.group.method), p.series))
 
 
 def _pm(mean: float, half: float, digits: int = 2, signed: bool = False) -> str:
@@ -623,21 +629,21 @@ def plot_sweep(points: Sequence[SweepPoint], key: str, metric: str, path: Path) 
     series: dict[tuple[str, str], list[SweepPoint]] = {}
     for p in points:
         series.setdefault((p.group.method, p.series), []).append(p)
-    n_swept = sum(1 for (m, _), ps in series.items() if m != "lowrank" and ps[0].value is not None)
+    n_swept = sum(1 for (m, _), ps in series.items() if m != LOWRANK.name and ps[0].value is not None)
     i_swept = 0
     for (method, name), ps in series.items():
         text = f"{name} (n={max(p.n for p in ps)})"
         if ps[0].value is None:  # does not use the key: a horizontal band over the whole range
             for p in ps:
                 half = 0.0 if math.isnan(p.half) else p.half
-                line = ax.axhline(p.mean, ls="--", lw=1, color="grey" if method != "lowrank" else "black", label=f"{text}, mean ± 95% CI")
+                line = ax.axhline(p.mean, ls="--", lw=1, color="grey" if method != LOWRANK.name else "black", label=f"{text}, mean ± 95% CI")
                 ax.axhspan(p.mean - half, p.mean + half, color=line.get_color(), alpha=0.15, lw=0)
             continue
         ps = sorted(ps, key=lambda p: _sort_key(p.value))
         xs = [pos[p.value] for p in ps]
         means = [p.mean for p in ps]
         halves = [0.0 if math.isnan(p.half) else p.half for p in ps]
-        if method == "lowrank":  # a baseline that depends on the key (e.g. rank): a band along x
+        if method == LOWRANK.name:  # a baseline that depends on the key (e.g. rank): a band along x
             line, = ax.plot(xs, means, ls="--", color="black", lw=1, label=f"{text}, mean ± 95% CI")
             ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
                             color="black", alpha=0.12, lw=0)

@@ -50,6 +50,7 @@ def model_stats(model: nn.Module, seq_len: int = 256) -> ModelStats:
 
 def zoo_table(seq_len: int = 256) -> str:
     """Markdown table of every zoo size, full vs low-rank at its default rank (docs/models.md)."""
+    from .config import FULL, LOWRANK
     from .model import build_model
     from .zoo import get_size, size_names
 
@@ -57,11 +58,11 @@ def zoo_table(seq_len: int = 256) -> str:
         "| size | hidden / inter / heads / layers | rank | full params | low-rank params | full non-emb | low-rank non-emb | full GFLOPs/tok (fwd) | low-rank GFLOPs/tok (fwd) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    sizes = sorted(size_names(), key=lambda n: model_stats(build_model(n, "full", device="meta")).total_params)
+    sizes = sorted(size_names(), key=lambda n: model_stats(build_model(n, FULL.name, device="meta")).total_params)
     for name in sizes:
         s = get_size(name)
-        full = model_stats(build_model(name, "full", device="meta"), seq_len)
-        low = model_stats(build_model(name, "lowrank", device="meta"), seq_len)
+        full = model_stats(build_model(name, FULL.name, device="meta"), seq_len)
+        low = model_stats(build_model(name, LOWRANK.name, device="meta"), seq_len)
         rows.append(
             f"| {name} | {s.hidden_size} / {s.intermediate_size} / {s.num_attention_heads} / {s.num_hidden_layers} "
             f"| {s.default_rank} | {full.total_params:,} | {low.total_params:,} | {full.non_embedding_params:,} "

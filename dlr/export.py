@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .atomic import atomic_dir
+from .config import method_named
 from .errors import ConfigError
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
@@ -22,7 +23,7 @@ from .model_dir import finish_model_dir, save_pretrained_quietly, write_errors
 
 def dense_refusal(config: DlrLlamaConfig) -> str | None:
     """Why this model cannot be exported dense, or None if it can."""
-    if config.dlr_method != "full" and config.dlr_activation != "identity":
+    if not method_named(config.dlr_method).exports_dense(config.dlr_activation):
         return (
             f"dense export needs activation=identity (y = B A x); this checkpoint uses "
             f"activation={config.dlr_activation!r}, where y = B {config.dlr_activation}(A x) is not a linear map, "

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from .atomic import check_writable
+from .config import FULL, FactorizationConfig, method_named
 from .errors import ConfigError
 from .hf.lowrank import LowRankLinear
+from .model import deploy_config, factorization_of
 
 if TYPE_CHECKING:
     from .data.spec import DataSpec
@@ -59,8 +61,11 @@ def fold_model(model: nn.Module) -> int:
         if isinstance(m, LowRankLinear):
             folded += _fold_shard_(m) if isinstance(m.B, DTensor) else m.fold_()
     config = getattr(model, "config", None)
-    if config is not None and (getattr(config, "dlr_method", None) == "dlr" or folded):
-        # Recorded so that a reload builds the residual-free (lowrank) layout.
+    method = method_named(config.dlr_method) if hasattr(config, "dlr_method") else None
+    if method is not None and method.fold is not None and not config.dlr_folded:
+        folded += method.fold(model)
+    if method is not None and (method.folds(factorization_of(config)) or folded):
+        # Recorded so that a reload builds the layout of method.deploys_as (no residual, no latent scale).
         config.dlr_folded = True
     return folded
 
@@ -115,8 +120,8 @@ class FoldReport:
         return dataclasses.asdict(self)
 
 
-KNOBS = ("dlr_size", "dlr_method", "dlr_rank", "dlr_activation", "dlr_alpha", "dlr_expand", "dlr_scope", "dlr_seed",
-         "dlr_variance_correction", "dlr_trainable_alpha", "dlr_latent_alpha", "dlr_trainable_latent_scale", "dlr_bias")
+# The config.json fields a fold report records: the size, every factorization setting, the seed.
+KNOBS = ("dlr_size", *(f"dlr_{f.name}" for f in dataclasses.fields(FactorizationConfig)), "dlr_seed")
 
 
 def default_out(ckpt: Path, dense: bool) -> Path:
@@ -141,9 +146,9 @@ def resolve_out(ckpt: Path, out: str | os.PathLike | None, dense: bool, overwrit
 
 
 def foldable(config: Any) -> bool:
-    """A DLR residual or a latent scale that has not been folded yet."""
-    latent = config.dlr_latent_alpha is not None or config.dlr_trainable_latent_scale
-    return not config.dlr_folded and config.dlr_method != "full" and (config.dlr_method == "dlr" or latent)
+    """Something not folded yet (a DLR residual, a latent scale, a registered method's layers):
+    what the trainer asks too before it writes folded/ (`Method.folds`)."""
+    return not config.dlr_folded and method_named(config.dlr_method).folds(factorization_of(config))
 
 
 def nothing_to_fold(ckpt: str | os.PathLike) -> str | None:
@@ -153,7 +158,8 @@ def nothing_to_fold(ckpt: str | os.PathLike) -> str | None:
     config = read_config(Path(ckpt).expanduser())
     if foldable(config):
         return None
-    why = "already folded" if config.dlr_folded else f"a {config.dlr_method} checkpoint, it has no DLR residual"
+    why = "already folded" if config.dlr_folded else \
+        f"a {config.dlr_method} checkpoint with nothing to fold (no DLR residual, no latent scale)"
     return f"{str(Path(ckpt).expanduser())!r} is {why} ({describe(config)})"
 
 
@@ -200,14 +206,14 @@ def peak_rss_mb() -> float:
 
 def _reference(config: Any, dense: bool) -> tuple[Any, str]:
     """The config of the model the result must match in size, and its name in the report."""
-    ref = copy.deepcopy(config)
     if dense:
         # Same LLaMA, method=full: the dense model's own reference layout.
-        ref.dlr_method, ref.dlr_rank, ref.dlr_folded = "full", None, False
+        ref = copy.deepcopy(config)
+        ref.dlr_method, ref.dlr_rank, ref.dlr_folded = FULL.name, None, False
         return ref, "full (dense) model of the same size"
-    # dlr_folded: no residual and no latent scale, the bias (if any) kept.
-    ref.dlr_method, ref.dlr_folded = "lowrank", True
-    return ref, f"plain lowrank model of the same size and rank {config.dlr_rank}"
+    ref = deploy_config(config)
+    rank = f" and rank {ref.dlr_rank}" if method_named(ref.dlr_method).factorized else ""
+    return ref, f"plain {ref.dlr_method} model of the same size{rank}"
 
 
 def _agreement(before: Any, after: Any, reference: Any, key: str) -> Agreement:

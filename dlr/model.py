@@ -1,11 +1,13 @@
 """Build a full / low-rank / DLR LLaMA from a zoo size and the factorization options."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 
 import torch
 
-from .config import FactorizationConfig, build, check_field
+from .config import FactorizationConfig, build, check_field, method_named
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
@@ -30,7 +32,7 @@ def make_config(size: str | LlamaSize, fact: FactorizationConfig, *, seed: int =
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise bad_value("vocab_size", vocab_size, "a positive integer")
     dlr_fields = {hf: getattr(fact, name) for name, hf in _HF_FIELDS.items()}
-    dlr_fields.update(dlr_rank=None if fact.method == "full" else rank, dlr_alpha=float(fact.alpha),
+    dlr_fields.update(dlr_rank=rank if method_named(fact.method).factorized else None, dlr_alpha=float(fact.alpha),
                       dlr_latent_alpha=None if fact.latent_alpha is None else float(fact.latent_alpha))
     return DlrLlamaConfig(
         vocab_size=vocab_size,
@@ -60,6 +62,17 @@ def factorization_of(config: DlrLlamaConfig) -> FactorizationConfig:
     return FactorizationConfig(**{name: getattr(config, hf) for name, hf in _HF_FIELDS.items()})
 
 
+def deploy_config(config: DlrLlamaConfig) -> DlrLlamaConfig:
+    """The config of the model `config` deploys as (a copy): folded into its method's deploys_as
+    layout (no residual, no latent scale; the bias kept), or itself when there is nothing to fold."""
+    method, out = method_named(config.dlr_method), copy.deepcopy(config)
+    if method.folds(factorization_of(config)):
+        target = method_named(method.deploys_as)
+        out.dlr_method, out.dlr_folded = target.name, True
+        out.dlr_rank = out.dlr_rank if target.factorized else None
+    return out
+
+
 def check_factorization(fact: FactorizationConfig, rank: int | None, hidden_size: int, intermediate_size: int, *,
                         prefix: str = "", where: str = "") -> None:
     """What ties the factorization settings together, and each one's declared range.
@@ -75,17 +88,20 @@ def check_factorization(fact: FactorizationConfig, rank: int | None, hidden_size
                           f"{prefix}trainable_latent_scale=true (the trainable scale is tanh(p), p starting at 1); "
                           "accepted: one of the two")
     smallest = min(hidden_size, intermediate_size)
-    if fact.method != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
+    if method_named(fact.method).factorized and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank < smallest):
         raise bad_value(prefix + "rank", rank, f"an integer with 0 < rank < {smallest}{where}")
 
 
 def build_from_config(config: DlrLlamaConfig, device: str | torch.device | None = None) -> DlrLlamaForCausalLM:
-    """Instantiate with SDPA attention (flash / memory-efficient kernels on GPU)."""
+    """Instantiate with SDPA attention (flash / memory-efficient kernels on GPU); a method whose
+    layers dlr/hf does not ship swaps its own in (not once folded: then it is its deploys_as layout)."""
     config._attn_implementation = "sdpa"
-    if device is None:
-        return DlrLlamaForCausalLM(config)
-    with torch.device(device):
-        return DlrLlamaForCausalLM(config)
+    method = method_named(config.dlr_method)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = DlrLlamaForCausalLM(config)
+        if method.build is not None and not config.dlr_folded:
+            method.build(model)
+    return model
 
 
 def build_model(
@@ -98,9 +114,8 @@ def build_model(
 ) -> DlrLlamaForCausalLM:
     """`dlr.build_model("llama_60m", method="dlr", rank=128)`; device="meta" allocates nothing.
 
-    options: seed (random_reuse / permuted), vocab_size, and the factorization knobs of
-    dlr.config.FactorizationConfig: activation, expand, scope, variance_correction,
-    trainable_alpha, latent_alpha, trainable_latent_scale, bias.
+    options: seed (random_reuse / permuted), vocab_size, and the other settings of
+    dlr.config.FactorizationConfig (activation, expand, scope, ...).
     """
     seed, vocab_size = options.pop("seed", 0), options.pop("vocab_size", VOCAB_SIZE)
     knobs = set(_HF_FIELDS) - {"method", "rank", "alpha"}

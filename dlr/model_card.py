@@ -7,10 +7,13 @@ config and the writer's `extra` (dlr_checkpoint.json), so a directory describes 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import yaml
+
+from .config import FactorizationConfig, method_named
 
 LICENSE = "apache-2.0"
 PROMPT = "The weather today is"
@@ -36,12 +39,9 @@ def front_matter(config: Any, extra: dict) -> dict:
 
 
 def _knobs(config: Any) -> list[tuple[str, Any]]:
-    return [("size", config.dlr_size or "custom"), ("method", config.dlr_method), ("rank", config.dlr_rank),
-            ("activation", config.dlr_activation), ("alpha", config.dlr_alpha), ("expand", config.dlr_expand),
-            ("scope", config.dlr_scope), ("seed", config.dlr_seed), ("variance_correction", config.dlr_variance_correction),
-            ("trainable_alpha", config.dlr_trainable_alpha), ("latent_alpha", config.dlr_latent_alpha),
-            ("trainable_latent_scale", config.dlr_trainable_latent_scale), ("bias", config.dlr_bias),
-            ("folded", config.dlr_folded)]
+    """The size, every factorization setting (config.json's dlr_<setting>), the seed, folded."""
+    settings = [(f.name, getattr(config, f"dlr_{f.name}")) for f in dataclasses.fields(FactorizationConfig)]
+    return [("size", config.dlr_size or "custom"), *settings, ("seed", config.dlr_seed), ("folded", config.dlr_folded)]
 
 
 def _ppl(loss: Any) -> str:
@@ -133,7 +133,7 @@ def model_card(config: Any, params: int, extra: dict | None = None, fold: dict |
     extra = extra or {}
     arch = (f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
             f"FFN {config.intermediate_size}, vocabulary {config.vocab_size}; {params:,} parameters")
-    layer = ("dense projections" if config.dlr_method == "full" else
+    layer = ("dense projections" if not method_named(config.dlr_method).factorized else
              "every projection (q, k, v, o, gate, up, down) factorized, y = c (B + s R) act(A x) + b"
              + (", with the DLR residual folded into B" if config.dlr_folded else ""))
     table = "\n".join(f"| {k} | `{v}` |" for k, v in _knobs(config))

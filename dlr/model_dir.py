@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_dir
+from .config import method_named
 from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
@@ -366,9 +367,14 @@ def _build_and_fill(p: Path, config: Any, shards: Mapping[str, Any], device: tor
     """The model of `config` built on meta and filled from the checked shards, in eval mode."""
     from transformers import LlamaForCausalLM
 
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = DlrLlamaForCausalLM(config) if isinstance(config, DlrLlamaConfig) else LlamaForCausalLM(config)
+    from .model import build_from_config
+
+    if not isinstance(config, DlrLlamaConfig):  # the dense export
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    else:
+        model = build_from_config(config, device="meta")  # with a registered method's own layers
     # Persistent buffers (dlr_index) are in state_dict, so the file must hold them too.
     expected = model.state_dict()
     found = _read_tensors(p, shards, expected=expected, config=config, device=device, dtype=dtype)
@@ -435,7 +441,7 @@ def _describe(c: Any) -> str:
     if not isinstance(c, DlrLlamaConfig):
         return "dense llama (exported)"
     state = "folded " if c.dlr_folded else ""
-    rank = f" rank={c.dlr_rank}" if c.dlr_method != "full" else ""
+    rank = f" rank={c.dlr_rank}" if method_named(c.dlr_method).factorized else ""
     return f"{c.dlr_size or 'custom'} {state}{c.dlr_method}{rank}"
 
 

@@ -76,7 +76,7 @@ def group_for_scaling(runs: list) -> list:
         s = _size_free_settings(run)
         key = tuple(sorted((k, repr(v)) for k, v in s.items()))
         groups.setdefault(key, compare.Group(key, s, [])).runs.append(run)
-    return sorted(groups.values(), key=lambda g: (compare.METHOD_ORDER.get(g.method, 9), str(g.key)))
+    return sorted(groups.values(), key=lambda g: (compare.method_order(g.method), str(g.key)))
 
 
 def _check_counts(groups: list, labels: list[str], points: list[list[dict]]) -> None:
@@ -122,7 +122,7 @@ def differences(groups: list, laws: list, labels: list[str], budgets: list[float
     from dlr.scaling import difference_at
 
     rows = []
-    order = sorted(range(len(groups)), key=lambda i: (compare.METHOD_ORDER.get(groups[i].method, 9), i))
+    order = sorted(range(len(groups)), key=lambda i: (compare.method_order(groups[i].method), i))
     for x, i in enumerate(order):
         for j in order[x + 1:]:
             for c in budgets:

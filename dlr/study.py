@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FactorizationConfig
+from .config import DLR, EXPAND_MODES, LOWRANK, METHODS, PRECISIONS, SCOPES, FactorizationConfig
 from .errors import ConfigError, bad_value
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,8 +62,8 @@ class Study:
 STUDIES = {s.name: s for s in (
     Study("alpha", "alpha", (0.25, 0.5, 1.0, 2.0, 4.0), doc="residual strength"),
     Study("variance_correction", "variance_correction", (True, False), doc="alpha / sqrt(K) vs plain alpha"),
-    Study("scope", "scope", ("all", "attn", "mlp"), doc="which projections carry the residual"),
-    Study("expand", "expand", ("uniform", "random_reuse", "permuted"), doc="which latent feeds which output"),
+    Study("scope", "scope", SCOPES, doc="which projections carry the residual"),
+    Study("expand", "expand", EXPAND_MODES, doc="which latent feeds which output"),
     Study("rank", "rank", (16, 32, 64), both_methods=True, doc="lowrank vs dlr at each rank"),
 )}
 ORDER = tuple(STUDIES)  # alpha first: the one to have if time is short
@@ -71,9 +71,9 @@ SCALING = "scaling"  # the size x token budget x method grid (ScalingRun), fitte
 # The scaling grid's default axes: CPU-sized (docs/scaling.md); a GPU takes the larger zoo sizes.
 SCALING_SIZES = ("llama_n100k", "llama_n300k", "llama_n800k")
 SCALING_TOKENS = (16_384, 32_768, 65_536)
-SCALING_METHODS = ("full", "lowrank", "dlr")
+SCALING_METHODS = tuple(METHODS)
 # A scaling "method" beyond the trainer's: the low-rank model trained with Spectron.
-SCALING_OPTIMIZERS = {"spectron": ("lowrank", "spectron")}
+SCALING_OPTIMIZERS = {"spectron": (LOWRANK.name, "spectron")}
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class RunSpec:
     @property
     def name(self) -> str:
         rank = f"-r{self.rank}"
-        if self.method != "dlr":
+        if self.method != DLR.name:
             return f"{self.method}{rank}-s{self.seed}"
         s = dict(self.settings)
         vc = "vc1" if s["variance_correction"] else "vc0"
@@ -193,12 +193,12 @@ def plan(studies: list[str], seeds: list[int], values: str | None = None, model:
         for seed in seeds:  # seed-major: a study cut short still has whole seeds
             if st.both_methods:
                 for v in grid:
-                    runs.append(RunSpec("lowrank", int(v), (), seed))
-                    runs.append(RunSpec("dlr", int(v), tuple(BASE.items()), seed))
+                    runs.append(RunSpec(LOWRANK.name, int(v), (), seed))
+                    runs.append(RunSpec(DLR.name, int(v), tuple(BASE.items()), seed))
             else:
-                runs.append(RunSpec("lowrank", base_rank, (), seed))
+                runs.append(RunSpec(LOWRANK.name, base_rank, (), seed))
                 for v in grid:
-                    runs.append(RunSpec("dlr", base_rank, tuple({**BASE, st.key: v}.items()), seed))
+                    runs.append(RunSpec(DLR.name, base_rank, tuple({**BASE, st.key: v}.items()), seed))
         out[name] = runs
     return out
 
@@ -425,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="one more dlr-train override for every run, e.g. data.path=/data/c4_t5; repeatable")
     ap.add_argument("--val-tokens", type=int, default=None, help="default: the whole ~88k-token validation split")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--bundle", type=Path, default=None, help="default: OUT/study_bundle.tar.gz")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs and their count, run nothing")

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+from dlr.config import METHODS
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("full", "lowrank", "dlr")
 DEFAULTS = {"pretrain_steps": 100, "sft_steps": 80, "sft_lr": 1e-3, "sft_batch": 16, "out": "runs/downstream"}
 
 

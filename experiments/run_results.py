@@ -33,9 +33,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from dlr.config import METHODS, PRECISIONS
 
-METHODS = ("full", "lowrank", "dlr")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr-full", type=float, default=1e-3, help="full-rank models (GaLore's dense lr)")
     ap.add_argument("--rank", type=int, default=None, help="default: the model's default_rank")
     ap.add_argument("--val-tokens", type=int, default=None, help="default: the whole ~88k-token validation split")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto = bf16 on GPU, fp32 on CPU (the trainer's rule)")
     ap.add_argument("--data", default="tokens", choices=("tokens", "stream"),
                     help="tokens: prepare once, train every run from the shards; stream: tokenize in every run")

@@ -59,3 +59,24 @@ def test_library_defaults_are_the_settings_defaults():
     params = inspect.signature(fold_and_verify).parameters
     for name in ("out", "overwrite", "dense", "check_batches", "batch_size", "tolerance", "device", "verify"):
         assert params[name].default == defaults[name], name
+
+
+@pytest.mark.parametrize("method,knobs,expected", [
+    ("full", {}, False), ("lowrank", {}, False), ("lowrank", {"latent_alpha": 8.0}, True),
+    ("lowrank", {"trainable_latent_scale": True}, True), ("dlr", {}, True)])
+def test_what_is_foldable_is_one_answer_for_dlr_fold_and_the_trainer(tmp_path, method, knobs, expected):
+    """dlr-fold refuses exactly what the trainer does not fold; a latent scale on lowrank folds into B."""
+    from dlr.config import from_overrides
+    from dlr.train.loop import train
+
+    ckpt = save_model_dir(tiny(method=method, **knobs), load_tokenizer("t5"), tmp_path / "d")
+    assert (nothing_to_fold(ckpt) is None) is expected
+    if method != "lowrank" or not knobs.get("trainable_latent_scale"):
+        return  # one real run: the case where the trainer and dlr-fold disagreed
+    args = [f"{k}={str(v).lower()}" for k, v in knobs.items()]
+    summary = train(from_overrides("train", ["model=llama_tiny", "data=c4_sample", "steps=2", "global_batch=4",
+                                             "micro_batch=4", "data.val_tokens=1000", "data.num_workers=0",
+                                             f"method={method}", *args, f"out_dir={tmp_path / 'run'}"]))
+    assert nothing_to_fold(tmp_path / "run" / "final") is None and read_config(tmp_path / "run" / "folded").dlr_folded
+    assert summary["folded_layers"] == 14 and summary["fold_rel_ppl_diff"] < 1e-5
+    assert summary["deploy_params"] == summary["train_params"] - 14  # one latent scale per layer, folded into B

@@ -95,3 +95,22 @@ def test_functions_are_short_with_few_positional_parameters():
 def test_scripts_holds_only_user_tools():
     files = [p for p in (ROOT / "scripts").iterdir() if p.is_file()]
     assert len(files) <= 6, sorted(p.name for p in files)
+
+
+def test_choice_tuples_are_declared_once():
+    """The accepted values of a choice live in dlr/config/choices.py (methods and optimizers in
+    their registries); everywhere else, in the library and around it, they are imported."""
+    import dlr.config.choices as choices
+
+    declared = {name: tuple(v) for name, v in vars(choices).items() if isinstance(v, (tuple, dict)) and len(v) > 1}
+    again = []
+    for folder in ("dlr", "benchmarks", "experiments", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path == PACKAGE / "config" / "choices.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(isinstance(e, ast.Constant) for e in node.elts):
+                    values = tuple(e.value for e in node.elts)
+                    again += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name, v in declared.items()
+                              if len(values) > 1 and set(values) == set(v)]
+    assert not again, again

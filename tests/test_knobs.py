@@ -60,7 +60,7 @@ def tiny_decoder(method, activation, expand, vc, trainable_alpha, latent, bias, 
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
             if layer.bias is not None:
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
-            if layer.has_trainable_latent_scale:
+            if layer.has_trainable_latent:
                 layer.latent_scale_raw.fill_(0.4)  # as if trained: tanh(0.4), not the initial tanh(1)
             if layer.alpha_divisor is not None:
                 layer.dlr_alpha.mul_(0.7).add_(0.2)  # a learned value, not the initial alpha

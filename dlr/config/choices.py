@@ -1,17 +1,22 @@
 """The accepted values of every choice setting, declared once.
 
-The code that gives each value its meaning (the layer, the loss, the optimizer, the data
-readers) branches on these names; the settings in `dlr.config.sections` accept exactly these.
+The code that gives each value its meaning (the layer, the loss, the data readers) branches on
+these names; the settings in `dlr.config.sections` accept exactly these. Methods and optimizers
+are registries, not tuples: each is a declaration (`dlr.config.methods`, `dlr.optim`), and one
+registered later is accepted by every command.
 """
 from __future__ import annotations
 
-METHODS = ("full", "lowrank", "dlr")
-FACTORIZED_METHODS = ("lowrank", "dlr")
+from typing import Any
+
+# name -> dlr.config.methods.Method: full, lowrank, dlr, and any registered method.
+METHODS: dict[str, Any] = {}
 ACTIVATIONS = ("silu", "identity", "gelu", "relu")
 EXPAND_MODES = ("uniform", "random_reuse", "permuted")
 SCOPES = ("all", "attn", "mlp")
 
-OPTIMIZERS = ("adamw", "spectron")
+# name -> settings schema: adamw, spectron (dlr.config.sections), and any registered optimizer.
+OPTIMIZERS: dict[str, type] = {}
 NS_DTYPES = ("float32", "bfloat16")
 
 SOURCES = ("hub", "json", "text", "tokens")
@@ -20,6 +25,7 @@ SAMPLE_BY = ("paragraph", "line")
 
 LOSS_IMPLS = ("chunked", "liger", "plain")
 PRECISIONS = ("auto", "fp32", "bf16")
+DTYPE_NAMES = ("fp32", "bf16")  # what evaluation and the benchmarks compute in
 PARALLELISMS = ("ddp", "fsdp2")
 LOGGERS = ("none", "wandb")
 EVAL_PROTOCOLS = ("auto", "sliding", "rows")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Any, Optional
 
-from .choices import EVAL_PROTOCOLS, LOGGERS, OPTIMIZERS, PRECISIONS
+from .choices import DTYPE_NAMES, EVAL_PROTOCOLS, LOGGERS, OPTIMIZERS, PRECISIONS
 from .fields import group, section, setting
 from .sections import (MAX_LR, CheckpointConfig, DataConfig, FactorizationConfig, LoggingConfig, ModelConfig,
                        OPTIMIZER_SCHEMAS, ScheduleConfig, SystemConfig)
@@ -56,7 +56,7 @@ class EvalConfig:
                                          ge=1)
     batch_size: int = setting(16, "rows per forward; the result does not depend on it (token-weighted)", ge=1)
     device: str = setting("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N", check=_device)
-    dtype: str = setting("fp32", "fp32 | bf16 (autocast; weights stay fp32)", choices=("fp32", "bf16"))
+    dtype: str = setting("fp32", "fp32 | bf16 (autocast; weights stay fp32)", choices=DTYPE_NAMES)
     out: Optional[str] = setting(None, "write {val_ppl, val_loss, tokens, ...} as JSON to this file", nonempty=True)
     json: bool = setting(False, "print the JSON result on stdout instead of the one-line summary (also --json)")
     progress: bool = setting(True, "progress bar on stderr (rank 0 only)")

@@ -5,17 +5,16 @@ configs/<command>.yaml start with `- <command>_schema`; group option files with
 """
 from __future__ import annotations
 
+from importlib import resources
+
 from .commands import COMMAND_SCHEMAS
+from .methods import method_named
 from .sections import OPTIMIZER_SCHEMAS, ModelConfig
 
 
 def run_name(model: str, method: str, rank: int, alpha: float, seed: int, optimizer: str) -> str:
     """The default out_dir: deterministic (never a timestamp), so every process and every resume agree."""
-    parts = [model, method]
-    if method != "full":
-        parts.append(f"r{rank}")
-    if method == "dlr":
-        parts.append(f"a{alpha:g}")
+    parts = [model, method, *method_named(method).name_parts(rank=rank, alpha=alpha)]
     if optimizer != "adamw":
         parts.append(optimizer)
     parts.append(f"s{seed}")
@@ -32,6 +31,9 @@ def register() -> None:
         if name != "compare":
             cs.store(name=f"{name}_schema", node=node)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    shipped = resources.files("dlr.configs") / "optimizer"
     for name, node in OPTIMIZER_SCHEMAS.items():
         cs.store(group="optimizer", name=f"{name}_schema", node=node)
+        if not (shipped / f"{name}.yaml").is_file():  # a registered optimizer: its schema is its recipe
+            cs.store(group="optimizer", name=name, node=node)
     OmegaConf.register_new_resolver("dlr_run_dir", lambda *parts: run_name(*parts), replace=True)

@@ -21,8 +21,12 @@ GROUPS = ("model", "data", "optimizer")
 
 
 def group_options(group: str) -> list[str]:
+    """The options of a config group: its YAML files, and every registered optimizer."""
+    from .sections import OPTIMIZER_SCHEMAS
+
     d = resources.files("dlr.configs") / group
-    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+    files = {p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml")}
+    return sorted(files | set(OPTIMIZER_SCHEMAS) if group == "optimizer" else files)
 
 
 def parse_overrides(args: list[str]) -> list[Any]:

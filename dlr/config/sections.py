@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Any, Optional
 
-from .choices import (ACTIVATIONS, EXPAND_MODES, LOGGERS, LOSS_IMPLS, METHODS, MODES, NS_DTYPES, PARALLELISMS,
-                      PRECISIONS, SAMPLE_BY, SCOPES, SOURCES)
+from .choices import (ACTIVATIONS, EXPAND_MODES, LOGGERS, LOSS_IMPLS, METHODS, MODES, NS_DTYPES, OPTIMIZERS,
+                      PARALLELISMS, PRECISIONS, SAMPLE_BY, SCOPES, SOURCES)
 from .fields import is_number, section, setting
 
 # Far above any recipe; what keeps lr / (1 - beta) (AdamW's first steps) inside float32.
@@ -128,7 +128,8 @@ class SpectronConfig:
     eps: float = setting(1e-8, "AdamW part: epsilon", gt=0)
 
 
-OPTIMIZER_SCHEMAS: dict[str, type] = {"adamw": AdamWConfig, "spectron": SpectronConfig}
+OPTIMIZERS.update(adamw=AdamWConfig, spectron=SpectronConfig)
+OPTIMIZER_SCHEMAS = OPTIMIZERS
 
 
 @dataclass

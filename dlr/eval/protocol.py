@@ -27,12 +27,10 @@ import torch
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
 from dlr.device import dist_env, pick_device
+from dlr.config.choices import DTYPE_NAMES, EVAL_PROTOCOLS
 from dlr.errors import ConfigError
 from dlr.eval.corpus import CorpusMetrics
 from dlr.eval.harness import TaskRequest
-
-PROTOCOLS = ("auto", "sliding", "rows")
-DTYPE_NAMES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -93,8 +91,8 @@ def resolve_protocol(protocol: str, spec: DataSpec, stride: int | None = None) -
     """`auto` -> sliding for plain-text corpora, rows otherwise; checked before any weight is read."""
     from dlr.eval.corpus import check_window
 
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol={protocol!r} is not valid; accepted: {', '.join(PROTOCOLS)}")
+    if protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(f"protocol={protocol!r} is not valid; accepted: {', '.join(EVAL_PROTOCOLS)}")
     if protocol == "auto":
         protocol = "sliding" if spec.source == "text" else "rows"
     if protocol == "sliding":

@@ -8,7 +8,7 @@ class DlrLlamaConfig(LlamaConfig):
     """LlamaConfig plus the factorization. dlr_method: full | lowrank (y = B act(A x)) | dlr (plus
     the residual (alpha/sqrt(K)) Expand_K(z)); dlr_folded: residual and latent scale folded into B.
     The reference's knobs: dlr_variance_correction (s = alpha/sqrt(K), else alpha), dlr_trainable_alpha,
-    dlr_latent_alpha (fixed latent scale latent_alpha / r), dlr_trainable_latent_scale (tanh of a
+    dlr_latent_alpha (fixed latent scale latent_alpha / r), a trainable latent scale (tanh of a
     scalar, initialised to 1), dlr_bias (LLaMA's attention_bias / mlp_bias match it)."""
 
     model_type = "dlr_llama"

@@ -17,8 +17,6 @@ from torch import nn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RESIDUAL_PROJECTIONS = {"all": PROJECTIONS, "attn": PROJECTIONS[:4], "mlp": PROJECTIONS[4:]}
-METHODS, SCOPES = ("full", "lowrank", "dlr"), tuple(RESIDUAL_PROJECTIONS)
-ACTIVATIONS, EXPAND_MODES = ("silu", "identity", "gelu", "relu"), ("uniform", "random_reuse", "permuted")
 
 
 def expansion_factor(d_out: int, rank: int) -> int:
@@ -52,15 +50,15 @@ def cola_init_std(d_in: int, d_out: int, rank: int) -> float:
 class LowRankLinear(nn.Module):
     """y = c (B + s R) act(A x) + b. dlr_index (s = dlr_scale) adds the residual; the reference's
     knobs: trainable_alpha_divisor (s = Parameter dlr_alpha / divisor), latent_scale (fixed c),
-    trainable_latent_scale (c = tanh(latent_scale_raw)), bias (b)."""
+    trainable_latent (c = tanh(latent_scale_raw)), bias (b)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, activation: str = "silu",
                  dlr_scale: float = 0.0, dlr_index: torch.Tensor | None = None, *,
                  trainable_alpha_divisor: float | None = None, latent_scale: float | None = None,
-                 trainable_latent_scale: bool = False, bias: bool = False) -> None:
+                 trainable_latent: bool = False, bias: bool = False) -> None:
         super().__init__()
-        if trainable_latent_scale and latent_scale is not None:
-            raise ValueError("latent_scale (fixed) and trainable_latent_scale exclude each other")
+        if trainable_latent and latent_scale is not None:
+            raise ValueError("latent_scale (fixed) and trainable_latent exclude each other")
         self.in_features, self.out_features, self.rank, self.activation = in_features, out_features, rank, activation
         self.A = nn.Parameter(torch.empty(rank, in_features))
         self.B = nn.Parameter(torch.empty(out_features, rank))
@@ -73,19 +71,19 @@ class LowRankLinear(nn.Module):
             self.alpha_divisor = float(trainable_alpha_divisor)  # dlr_alpha of shape [1]: FSDP2 refuses 0-d
             self.dlr_alpha = nn.Parameter(torch.full((1,), self.dlr_scale * self.alpha_divisor, device=device))
         self.latent_scale = None if latent_scale is None else float(latent_scale)
-        if trainable_latent_scale:
+        if trainable_latent:
             self.latent_scale_raw = nn.Parameter(torch.ones(1, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
-    has_trainable_latent_scale = property(lambda self: "latent_scale_raw" in self._parameters)
-    has_latent_scale = property(lambda self: self.latent_scale is not None or self.has_trainable_latent_scale)
+    has_trainable_latent = property(lambda self: "latent_scale_raw" in self._parameters)
+    has_latent_scale = property(lambda self: self.latent_scale is not None or self.has_trainable_latent)
     has_residual = property(lambda self: self.dlr_index is not None)
 
     def residual_scale(self) -> torch.Tensor | float:
         return self.dlr_alpha / self.alpha_divisor if self.alpha_divisor is not None else self.dlr_scale
 
     def latent_multiplier(self) -> torch.Tensor | float | None:
-        return torch.tanh(self.latent_scale_raw) if self.has_trainable_latent_scale else self.latent_scale
+        return torch.tanh(self.latent_scale_raw) if self.has_trainable_latent else self.latent_scale
 
     def up_weight(self) -> torch.Tensor:
         """c (B + s R), the weight z is multiplied by, and what the fold writes into B."""
@@ -129,7 +127,7 @@ class LowRankLinear(nn.Module):
 def factorize_projections(layers: nn.ModuleList, config) -> int:
     """Swap the dense projections of every layer before weight init; returns how many. A folded
     config gets neither residual nor latent scale: a plain lowrank model's layout."""
-    if config.dlr_method == "full":
+    if config.dlr_method == "full" or config.dlr_rank is None:  # no rank: a dense method
         return 0
     unfolded, rank, count = not config.dlr_folded, config.dlr_rank, 0
     residual = RESIDUAL_PROJECTIONS[config.dlr_scope] if config.dlr_method == "dlr" and unfolded else ()
@@ -148,6 +146,6 @@ def factorize_projections(layers: nn.ModuleList, config) -> int:
                 setattr(parent, proj, LowRankLinear(
                     d_in, d_out, rank, config.dlr_activation, scale, index, trainable_alpha_divisor=divisor,
                     latent_scale=None if latent_alpha is None else latent_alpha / rank,
-                    trainable_latent_scale=unfolded and config.dlr_trainable_latent_scale, bias=config.dlr_bias))
+                    trainable_latent=unfolded and config.dlr_trainable_latent_scale, bias=config.dlr_bias))
                 count += 1
     return count

@@ -24,7 +24,7 @@ def _init_weights(self, module: torch.nn.Module) -> None:
     init.normal_(module.B, mean=0.0, std=std)
     if module.bias is not None:
         init.zeros_(module.bias)
-    if module.has_trainable_latent_scale:
+    if module.has_trainable_latent:
         init.ones_(module.latent_scale_raw)  # c = tanh(1) at the start, as the reference
     if module.alpha_divisor is not None:
         init.constant_(module.dlr_alpha, module.dlr_scale * module.alpha_divisor)

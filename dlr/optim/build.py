@@ -1,14 +1,16 @@
-"""Build the optimizer named by the `optimizer` config group (configs/optimizer/*.yaml)."""
+"""The optimizers, each declared once (`OptimizerSpec`: its settings and how it is built), and
+build_optimizer, which makes the one the `optimizer` config group names (configs/optimizer/*.yaml)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from dlr.config import OPTIMIZER_SCHEMAS, build
-from dlr.config.choices import FACTORIZED_METHODS, METHODS, OPTIMIZERS
+from dlr.config import METHODS, OPTIMIZER_SCHEMAS, AdamWConfig, SpectronConfig, build, method_named
 from dlr.errors import ConfigError, bad_value
 from dlr.optim.spectron import Spectron
 
@@ -68,34 +70,16 @@ def spectron_param_groups(
     return groups
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizer for `model` trained with `method` ("full" | "lowrank" | "dlr").
+def _adamw(c: Any, model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+    groups = _adamw_groups(_trainable(model), lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(float(b) for b in c.betas), eps=c.eps,
+                             weight_decay=c.weight_decay, fused=fused or None)
 
-    cfg: the optimizer section (a dlr.config.AdamWConfig / SpectronConfig, or a mapping with
-    their keys, checked there; unknown keys are refused). fused: AdamW's single-kernel
-    implementation (the trainer asks for it on CUDA); Spectron ignores it.
-    """
-    name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
-    if name not in OPTIMIZERS:
-        raise bad_value("optimizer", name, OPTIMIZERS)
-    if method not in METHODS:
-        raise bad_value("method", method, METHODS)
-    schema = OPTIMIZER_SCHEMAS[name]
-    c = cfg if isinstance(cfg, schema) else build(schema, {k: v for k, v in cfg.items() if k != "defaults"}, "optimizer.")
-    betas = tuple(float(b) for b in c.betas)
 
-    if name == "adamw":
-        groups = _adamw_groups(_trainable(model), lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay, fused=fused or None)
-
-    if method not in FACTORIZED_METHODS:
-        raise ConfigError(
-            f"optimizer='spectron' is not valid with method={method!r}; accepted: method=lowrank, dlr (or optimizer=adamw)"
-        )
+def _spectron(c: Any, model: nn.Module, fused: bool) -> torch.optim.Optimizer:
     if not find_factor_pairs(model):
-        raise ConfigError(
-            f"optimizer='spectron' found no factorized layers (A/B parameter pairs) in the {method} model; use optimizer=adamw"
-        )
+        raise ConfigError("optimizer='spectron' found no factorized layers (A/B parameter pairs) in the model; "
+                          "use optimizer=adamw")
     groups = spectron_param_groups(
         model,
         lr=c.lr,
@@ -105,4 +89,54 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused
         spectron=dict(momentum=c.momentum, ns_steps=c.ns_steps, power_init_iters=c.power_init_iters,
                       ns_dtype=c.ns_dtype, seed=c.seed),
     )
-    return Spectron(groups, lr=c.lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay)
+    return Spectron(groups, lr=c.lr, betas=tuple(float(b) for b in c.betas), eps=c.eps, weight_decay=c.weight_decay)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer: its settings (a dataclass of dlr.config `setting`s whose `name` field
+    defaults to the optimizer's name; the configs/optimizer/<name> group option) and how it is
+    built from them: build(settings, model, fused) -> torch.optim.Optimizer."""
+
+    settings: type
+    build: Callable[[Any, nn.Module, bool], torch.optim.Optimizer]
+    factorized_only: bool = False  # it needs the A/B factor pairs of a factorized method (Spectron)
+    fsdp2: bool = True  # it steps FSDP2-sharded parameters (Spectron needs each factor whole)
+
+    @property
+    def name(self) -> str:
+        return {f.name: f for f in dataclasses.fields(self.settings)}["name"].default
+
+
+BUILDERS: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
+    """Make `spec` a value of optimizer= for dlr-train (and build_optimizer); returns it."""
+    BUILDERS[spec.name] = spec
+    OPTIMIZER_SCHEMAS[spec.name] = spec.settings
+    return spec
+
+
+register_optimizer(OptimizerSpec(AdamWConfig, _adamw))
+register_optimizer(OptimizerSpec(SpectronConfig, _spectron, factorized_only=True, fsdp2=False))
+
+
+def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer for `model` trained with `method` (a name in dlr.config.METHODS).
+
+    cfg: the optimizer section (its registered settings dataclass, e.g. dlr.config.AdamWConfig,
+    or a mapping with their keys, checked there; unknown keys are refused). fused: AdamW's
+    single-kernel implementation (the trainer asks for it on CUDA); the others ignore it.
+    """
+    name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
+    if name not in BUILDERS:
+        raise bad_value("optimizer", name, BUILDERS)
+    spec, factorized = BUILDERS[name], method_named(method).factorized
+    c = cfg if isinstance(cfg, spec.settings) else build(spec.settings, {k: v for k, v in cfg.items() if k != "defaults"},
+                                                         "optimizer.")
+    if spec.factorized_only and not factorized:
+        accepted = ", ".join(m for m in METHODS if method_named(m).factorized)
+        raise ConfigError(f"optimizer={name!r} is not valid with method={method!r}; accepted: method={accepted} "
+                          "(or optimizer=adamw)")
+    return spec.build(c, model, fused)

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import FactorizationConfig
+from ..config import PARALLELISMS
 from ..counting import ModelStats, model_stats
 from ..loss import DEFAULT_CHUNK_TOKENS
-from ..model import build_from_config, make_config
-from ..zoo import size_from_mapping
+from ..model import build_from_config, deploy_config
 from .compile import compile_enabled
 from .plan import TrainPlan, memory_estimate_gib
 from .setup import precision
@@ -27,19 +26,11 @@ def memory_estimate(cfg, plan: TrainPlan, config, stats: ModelStats, parallelism
     return {k: round(v, 2) for k, v in memory.items()}
 
 
-def _deploy_config(cfg, config):
-    fact = cfg.factorization
-    # A DLR model deploys folded: no residual, alpha or latent scale; the bias stays.
-    if fact.method == "dlr":
-        fact = FactorizationConfig(method="lowrank", rank=fact.rank, activation=fact.activation, bias=fact.bias)
-    return make_config(size_from_mapping(cfg.model), fact, vocab_size=config.vocab_size)
-
-
 def describe_plan(cfg, plan: TrainPlan, config) -> dict:
     """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
     train_stats = model_stats(build_from_config(config, device="meta"), plan.seq_len)
-    deploy_stats = model_stats(build_from_config(_deploy_config(cfg, config), device="meta"), plan.seq_len)
-    memory = {p: memory_estimate(cfg, plan, config, train_stats, p) for p in ("ddp", "fsdp2")}
+    deploy_stats = model_stats(build_from_config(deploy_config(config), device="meta"), plan.seq_len)
+    memory = {p: memory_estimate(cfg, plan, config, train_stats, p) for p in PARALLELISMS}
     return {
         "model": config.dlr_size, "method": cfg.factorization.method, "rank": config.dlr_rank, "alpha": cfg.factorization.alpha,
         "train_params": train_stats.total_params, "train_non_embedding_params": train_stats.non_embedding_params,

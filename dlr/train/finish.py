@@ -1,4 +1,4 @@
-"""The end of a run: final/, the fold and folded/ (method=dlr), summary.json.
+"""The end of a run: final/, the fold and folded/ (when there is something to fold), summary.json.
 
 Under FSDP2 the model stays sharded throughout: evaluation runs sharded, the fold works on
 each process's rows of B, and final/ and folded/ are streamed from the shards.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..counting import model_stats
 from ..data import data_provenance
-from ..fold import fold_model
+from ..fold import fold_model, foldable
 from ..run_dir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
 from .sharding import save_final
 from .state import TrainerState
@@ -47,7 +47,7 @@ def _fold(state: TrainerState, summary: dict, extra: dict) -> None:
 
 
 def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimate: dict) -> dict:
-    """Write final/ (and folded/ for dlr, with its perplexity) and summary.json; the summary."""
+    """Write final/ (and folded/ with its perplexity when dlr-fold would fold it) and summary.json; the summary."""
     acc, last = state.accelerator, state.last_eval
     # What docs/checkpoints.md promises in dlr_checkpoint.json: where in training this model is.
     extra = {"step": state.plan.steps, "tokens": state.plan.total_tokens, "val_loss": last["val_loss"],
@@ -55,7 +55,7 @@ def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimat
     save_final(state.plain_model(), state.tokenizer, state.out_dir / FINAL_DIR, state.is_main, extra=extra)
     summary = _summary(state, wall_s, speed, memory_estimate)
     acc.wait_for_everyone()
-    if state.cfg.factorization.method == "dlr":
+    if foldable(state.plain_model().config):  # what dlr-fold folds: a residual, a latent scale, ...
         _fold(state, summary, extra)
     if state.is_main:
         write_summary(state.out_dir, summary)

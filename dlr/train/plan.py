@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..config import PARALLELISMS
 from ..counting import ModelStats
 from ..errors import bad_value
 
@@ -75,8 +76,8 @@ def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, *, hidden: int, laye
     is kept. An estimate, not a measurement: compare it with `peak_mem_gib` in summary.json
     (docs/training.md, "Memory"; measured figures in docs/performance.md).
     """
-    if parallelism not in ("ddp", "fsdp2"):
-        raise bad_value("parallelism", parallelism, ("ddp", "fsdp2"))
+    if parallelism not in PARALLELISMS:
+        raise bad_value("parallelism", parallelism, PARALLELISMS)
     s, b, n = plan.seq_len, plan.micro_batch, stats.total_params
     compute_bytes = 2 if bf16 else 4
     per_state = 4 + 4 + optimizer_bytes_per_param

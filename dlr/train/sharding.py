@@ -20,22 +20,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import PARALLELISMS
+from ..config.methods import KNOBS
 from ..errors import ConfigError, bad_value
-
-PARALLELISMS = ("ddp", "fsdp2")
+from ..optim.build import BUILDERS
 
 
 def check_parallelism(cfg) -> str:
     value = cfg.system.parallelism
     if value not in PARALLELISMS:
         raise bad_value("parallelism", value, PARALLELISMS)
-    if value == "fsdp2" and cfg.optimizer.name == "spectron":
-        # Newton-Schulz and the power iteration need each factor whole; FSDP2 shards its rows.
-        raise ConfigError("optimizer=spectron is not supported with parallelism='fsdp2' (it needs whole factors); "
-                          "accepted: optimizer=adamw with fsdp2, or spectron with parallelism=ddp")
+    name = cfg.optimizer.name
+    if value == "fsdp2" and not BUILDERS[name].fsdp2:
+        # Spectron's Newton-Schulz and power iteration need each factor whole; FSDP2 shards its rows.
+        raise ConfigError(f"optimizer={name} is not supported with parallelism='fsdp2' (it needs whole factors); "
+                          f"accepted: optimizer=adamw with fsdp2, or {name} with parallelism=ddp")
     if value == "fsdp2":
-        for key, on in (("trainable_alpha", cfg.factorization.trainable_alpha), ("trainable_latent_scale", cfg.factorization.trainable_latent_scale)):
-            if on:
+        for key in (k for k in KNOBS if k.startswith("trainable_")):  # each adds a per-layer Parameter
+            if getattr(cfg.factorization, key):
                 # Folding it removes a per-layer Parameter that FSDP2 keeps in its group and would
                 # register again (and apply again) at the next gather, e.g. the folded evaluation.
                 raise ConfigError(f"{key}=true is not supported with parallelism='fsdp2' (its fold removes a parameter "
