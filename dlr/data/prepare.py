@@ -26,7 +26,7 @@ import numpy as np
 
 from dlr.data.shards import (FORMAT, FORMAT_VERSION, IDX_DTYPE, MANIFEST, SPLITS, TOKENIZER_DIR, check_shard_files,
                              dtype_for, shard_stem)
-from dlr.data.sources import check_local_file, iter_file, resolve_files
+from dlr.data.sources import Part, check_local_file, iter_file, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 from dlr.errors import ConfigError, bad_value
@@ -128,6 +128,8 @@ class ShardJob:
     stem: str
     limit: Limit
     threads: int  # tokenizer threads; 1 in a pool, whose processes are the parallelism, -1 = its default
+    start: int = 0  # the file's records [start, stop) (data.holdout splits a file between the splits)
+    stop: int | None = None
 
 
 def _job_tokenizer(job: ShardJob) -> Tokenizer:
@@ -168,7 +170,7 @@ def tokenize_file(job: ShardJob, report: _Report) -> dict:
         return keep is not None and keep < n
 
     with out:
-        records = iter_file(job.spec, job.path)
+        records = iter_file(job.spec, job.path, start=job.start, stop=job.stop)
         cut = False  # whether the limit stopped us before the end of the file
         for _, text in records:
             chunk.append(text)
@@ -305,11 +307,12 @@ def _take_until_limit(maker: _ShardMaker, limit: Limit) -> tuple[list[dict], np.
     return shards, counts, None
 
 
-def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], limit: Limit, *, num_proc: int,
+def _prepare_split(spec: DataSpec, root: Path, split: str, parts: list[Part], limit: Limit, *, num_proc: int,
                    dtype: np.dtype, progress: bool) -> dict:
-    jobs = [ShardJob(spec=spec, tokenizer_dir=str(root / TOKENIZER_DIR), path=path, root=str(root),
-                     stem=shard_stem(split, k), limit=limit, threads=1 if num_proc > 1 else -1)
-            for k, path in enumerate(files)]
+    files = [p.path for p in parts]
+    jobs = [ShardJob(spec=spec, tokenizer_dir=str(root / TOKENIZER_DIR), path=p.path, root=str(root),
+                     stem=shard_stem(split, k), limit=limit, threads=1 if num_proc > 1 else -1, start=p.start, stop=p.stop)
+            for k, p in enumerate(parts)]
     bar = _Progress(progress, split)
     maker = _ShardMaker(jobs, root, dtype, bar)
     try:
@@ -328,8 +331,8 @@ def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], lim
 
 
 def _splits(spec: DataSpec) -> list[str]:
-    if spec.source == "hub":
-        return list(SPLITS)  # C4's layout gives both even without file globs
+    if spec.source == "hub" or spec.holdout is not None:
+        return list(SPLITS)  # C4's layout gives both even without file globs; data.holdout makes validation
     return [s for s in SPLITS if (spec.train_files if s == "train" else spec.validation_files)]
 
 
@@ -359,6 +362,9 @@ def _check_plan(root: Path, plan: dict, have: dict, what: str) -> None:
 def _check_request(spec: DataSpec, *, tokens: int | None, documents: int | None, num_proc: int) -> None:
     if spec.source == "tokens":
         raise ConfigError("data=tokens is already prepared; give dlr-prepare the data config it came from (c4, c4_local, c4_sample, text)")
+    if spec.source == "mix":
+        raise ConfigError("dlr-prepare takes one source; accepted: prepare each source of data.mix on its own "
+                          "(dlr-prepare data=<config>), a mixture of token shards is not supported")
     for key, value in (("tokens", tokens), ("documents", documents)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise bad_value(key, value, "an integer >= 1, or null for the whole train split")
@@ -378,15 +384,16 @@ def _out_root(out: str | os.PathLike) -> Path:
     return root
 
 
-def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[str]], *, tokens: int | None,
+def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[Part]], *, tokens: int | None,
           documents: int | None) -> dict:
     """Everything the shards depend on: a re-run continues or reuses `out` only when this is equal."""
     return {
         "source": {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
                    "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
                    "validation_files": list(spec.validation_files), "text_field": spec.text_field,
-                   "sample_by": spec.sample_by},
-        "files": files,
+                   "sample_by": spec.sample_by, **({"holdout": spec.holdout} if spec.holdout is not None else {})},
+        "files": {s: [p.path if (p.start, p.stop) == (0, None) else [p.path, p.start, p.stop] for p in parts]
+                  for s, parts in files.items()},
         "tokenizer": {"name": spec.tokenizer, "class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "sha256": tokenizer_hash(tokenizer)},
         "dtype": dtype_for(tokenizer.vocab_size).name,
@@ -435,10 +442,10 @@ def prepare(spec: DataSpec, out: str | os.PathLike, *, tokens: int | None = None
     root = _out_root(out)
     tokenizer = load_tokenizer(spec.tokenizer)
     splits = _splits(spec)
-    files = {s: resolve_files(spec, s) for s in splits}
+    files = {s: split_parts(spec, s) for s in splits}
     for s in splits:
         for f in files[s]:
-            check_local_file(spec, f)
+            check_local_file(spec, f.path)
     limits = {"train": Limit(documents=documents, tokens=tokens),
               "validation": Limit(val_tokens=spec.val_tokens, seq_len=spec.seq_len)}
     dtype = dtype_for(tokenizer.vocab_size)
