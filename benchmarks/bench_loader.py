@@ -124,8 +124,7 @@ def _format_spec(base, fmt: str, root: str):
 
 def formats(base, tok, args) -> None:
     """The streaming loader's throughput for each file format of the same documents, side by side."""
-    print("
-| format | mode | setting | positions/s (B*T) | real tokens/s | positions per CPU-s |")
+    print("\n| format | mode | setting | positions/s (B*T) | real tokens/s | positions per CPU-s |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="dlr-bench-formats-") as root:
         specs = {fmt: _format_spec(base, fmt, root) for fmt in args.formats}

@@ -170,3 +170,33 @@ def test_training_on_a_mixture_records_tokens_per_source(tmp_path):
     tokens = on_disk["data_tokens"]
     assert set(tokens) == {"c4_sample", "c4_again"} and tokens == summary["data_tokens"]
     assert 0 < tokens["c4_again"] < tokens["c4_sample"]  # 16 documents drawn 0.7 / 0.3
+
+
+def test_prepare_writes_the_mixture_in_its_order_and_resumes(tok, docs, tmp_path, monkeypatch):
+    from dlr.data import prepare_mix
+    from dlr.data.prepare import MIX_SEED, prepare
+    from dlr.data.shards import SplitShards
+
+    monkeypatch.setattr(prepare_mix, "SHARD_DOCS", 2000)  # 3 shards for 5000 documents
+    s = mix_spec(docs)
+    out = tmp_path / "tokens"
+    manifest = prepare(s, out, documents=5000, progress=False)
+    assert manifest["mix"]["weights"] == {"a": 0.7, "b": 0.3}
+    train = manifest["splits"]["train"]
+    assert train["documents"] == 5000 and [sh["documents"] for sh in train["shards"]] == [2000, 2000, 1000]
+    assert sum(manifest["mix"]["train_tokens"].values()) == train["tokens"]
+    cursor = iter(MixStream(s, MIX_SEED).cursor(None))
+    want = tok.encode_batch([next(cursor)[1] for _ in range(5000)])
+    assert [list(d) for d in SplitShards(str(out), "train").iter_documents()] == want
+
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
+    for name in ("manifest.json", "train-00001.json", "train-00002.json", "train-00002.bin"):
+        (out / name).unlink()
+    again = prepare(s, out, documents=5000, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "manifest.json"} == before
+    assert again["splits"] == manifest["splits"] and again["mix"] == manifest["mix"]
+
+    prepared = data_spec({"source": "tokens", "path": str(out), "seq_len": 16, "val_tokens": 400, "tokenizer": "t5"})
+    for x, y in zip(validation_rows(prepared, tok), validation_rows(s, tok)):
+        assert torch.equal(x, y)
+    assert next(train_batches(prepared, tok, 4, 0, 1, seed=0))["input_ids"].shape == (4, 16)

@@ -6,6 +6,7 @@ the command line, and the rest of dlr reads attributes (`cfg.factorization.rank`
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, Optional
@@ -27,6 +28,12 @@ def _files(v: Any) -> str | None:
     if v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v)):
         return None
     return "a path, a glob, or a list of them"
+
+
+def _source(v: Any) -> str | None:
+    if v in SOURCES or (isinstance(v, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v)):
+        return None
+    return f"{', '.join(SOURCES)}, or module:NAME of a dlr.data.Format"
 
 
 def _mix(v: Any) -> str | None:
@@ -85,7 +92,8 @@ class DataConfig:
 
     source: str = setting("hub", "hub (HF hub streaming: Parquet, JSON lines or text, by file extension) | json "
                                  "(JSON-lines files, plain, .gz or .zst) | parquet | text (plain text files) | "
-                                 "tokens (dlr-prepare shards) | mix (the weighted sources of data.mix)", choices=SOURCES)
+                                 "tokens (dlr-prepare shards) | mix (the weighted sources of data.mix) | module:NAME "
+                                 "(a dlr.data.Format declared in your own code)", check=_source)
     path: Optional[str] = setting("allenai/c4", "source=hub: the dataset id; source=tokens: the directory dlr-prepare "
                                                 "wrote (token shards + manifest.json)")
     name: Optional[str] = setting("en", "hub dataset config name (source=hub only)")

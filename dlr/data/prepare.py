@@ -26,12 +26,14 @@ import numpy as np
 
 from dlr.data.shards import (FORMAT, FORMAT_VERSION, IDX_DTYPE, MANIFEST, SPLITS, TOKENIZER_DIR, check_shard_files,
                              dtype_for, shard_stem)
+from dlr.data.prepare_mix import prepare_mix_train, prepare_mix_validation
 from dlr.data.sources import Part, check_local_file, iter_file, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 from dlr.errors import ConfigError, bad_value
 
 log = logging.getLogger(__name__)
+MIX_SEED = 0  # a prepared mixture's order: the documents of data=mix with seed 0
 PLAN = "prepare.json"
 PLAN_KEYS = ("source", "files", "tokenizer", "dtype", "limits")
 _CHUNK = 1000  # documents per encode_batch call
@@ -331,7 +333,7 @@ def _prepare_split(spec: DataSpec, root: Path, split: str, parts: list[Part], li
 
 
 def _splits(spec: DataSpec) -> list[str]:
-    if spec.source == "hub" or spec.holdout is not None:
+    if spec.source in ("hub", "mix") or spec.holdout is not None:
         return list(SPLITS)  # C4's layout gives both even without file globs; data.holdout makes validation
     return [s for s in SPLITS if (spec.train_files if s == "train" else spec.validation_files)]
 
@@ -362,9 +364,6 @@ def _check_plan(root: Path, plan: dict, have: dict, what: str) -> None:
 def _check_request(spec: DataSpec, *, tokens: int | None, documents: int | None, num_proc: int) -> None:
     if spec.source == "tokens":
         raise ConfigError("data=tokens is already prepared; give dlr-prepare the data config it came from (c4, c4_local, c4_sample, text)")
-    if spec.source == "mix":
-        raise ConfigError("dlr-prepare takes one source; accepted: prepare each source of data.mix on its own "
-                          "(dlr-prepare data=<config>), a mixture of token shards is not supported")
     for key, value in (("tokens", tokens), ("documents", documents)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise bad_value(key, value, "an integer >= 1, or null for the whole train split")
@@ -388,10 +387,7 @@ def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[Part]], *,
           documents: int | None) -> dict:
     """Everything the shards depend on: a re-run continues or reuses `out` only when this is equal."""
     return {
-        "source": {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
-                   "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
-                   "validation_files": list(spec.validation_files), "text_field": spec.text_field,
-                   "sample_by": spec.sample_by, **({"holdout": spec.holdout} if spec.holdout is not None else {})},
+        "source": _source_plan(spec),
         "files": {s: [p.path if (p.start, p.stop) == (0, None) else [p.path, p.start, p.stop] for p in parts]
                   for s, parts in files.items()},
         "tokenizer": {"name": spec.tokenizer, "class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
@@ -399,6 +395,27 @@ def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[Part]], *,
         "dtype": dtype_for(tokenizer.vocab_size).name,
         "limits": {"tokens": tokens, "documents": documents, "val_tokens": spec.val_tokens, "val_seq_len": spec.seq_len},
     }
+
+
+def _source_plan(spec: DataSpec) -> dict:
+    if spec.source == "mix":  # the weights, the sources and the order's seed decide the shards
+        return {"source": "mix", "seed": MIX_SEED, "exhausted": spec.exhausted,
+                "mix": [{"name": n, "weight": w, **_source_plan(sub)} for n, w, sub in spec.mix]}
+    return {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
+            "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
+            "validation_files": list(spec.validation_files), "text_field": spec.text_field,
+            "sample_by": spec.sample_by, **({"holdout": spec.holdout} if spec.holdout is not None else {})}
+
+
+def _split_files(spec: DataSpec, split: str) -> list[Part]:
+    """The split's files, each checked (a mixture: every source's, in the order of data.mix)."""
+    subs = [sub for _, _, sub in spec.mix] if spec.source == "mix" else [spec]
+    parts = []
+    for sub in subs:
+        for p in split_parts(sub, split):
+            check_local_file(sub, p.path)
+            parts.append(p)
+    return parts
 
 
 def _finished(root: Path, plan: dict, dtype: np.dtype) -> dict | None:
@@ -442,10 +459,7 @@ def prepare(spec: DataSpec, out: str | os.PathLike, *, tokens: int | None = None
     root = _out_root(out)
     tokenizer = load_tokenizer(spec.tokenizer)
     splits = _splits(spec)
-    files = {s: split_parts(spec, s) for s in splits}
-    for s in splits:
-        for f in files[s]:
-            check_local_file(spec, f.path)
+    files = {s: _split_files(spec, s) for s in splits}
     limits = {"train": Limit(documents=documents, tokens=tokens),
               "validation": Limit(val_tokens=spec.val_tokens, seq_len=spec.seq_len)}
     dtype = dtype_for(tokenizer.vocab_size)
@@ -458,10 +472,18 @@ def prepare(spec: DataSpec, out: str | os.PathLike, *, tokens: int | None = None
     _save_tokenizer(root, tokenizer, spec, plan["tokenizer"]["sha256"])
 
     t0 = time.perf_counter()
-    out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc=num_proc, dtype=dtype, progress=progress)
-                  for s in splits}
+    if spec.source == "mix":
+        out_splits = {"train": prepare_mix_train(spec, root, tokenizer, limits["train"], dtype, MIX_SEED),
+                      "validation": prepare_mix_validation(spec, root, tokenizer, dtype)}
+    else:
+        out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc=num_proc, dtype=dtype,
+                                        progress=progress) for s in splits}
     for tmp in root.glob("*.tmp"):
         tmp.unlink()
+    if spec.source == "mix":  # the weights and what each source gave, beside the plan's sources
+        plan = {**plan, "mix": {"weights": {n: w for n, w, _ in spec.mix},
+                                "train_tokens": out_splits["train"].pop("source_tokens"),
+                                "validation": out_splits["validation"].pop("mix")}}
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, **plan, "splits": out_splits,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dlr_version": _dlr_version(),
                 "num_proc": num_proc, "seconds": round(time.perf_counter() - t0, 2)}

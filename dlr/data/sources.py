@@ -1,7 +1,7 @@
 """Where documents come from: resolve a split's files, check them, and stream their texts.
 
-Every source (the hub, local JSON lines, Parquet or plain text) goes through
-`datasets.load_dataset(<format>, ..., streaming=True)` one file at a time, so the file order
+Every file is read through its `Format` (dlr.data.formats: JSON lines, Parquet, plain text
+through `datasets` streaming, or one declared elsewhere) one file at a time, so the file order
 (and hence shuffling and resume) is ours. A hub file's format is its extension's; a local file's
 is data.source's. With data.holdout a split is a list of `Part`s: files, or record ranges of a
 file, so that the held-out documents are the validation split and the train split skips them.
@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import glob
 import io
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from dlr.data.formats import extensions_of, first_line, format_of, open_text, text_blank
 from dlr.data.spec import DataSpec
 from dlr.errors import ConfigError
 
@@ -28,10 +28,7 @@ C4_LOCAL_OPTION = (
 )
 LOCAL_OPTION = C4_LOCAL_OPTION
 _GLOB_CHARS = set("*?[")
-# The compressions fsspec (and so `datasets`) opens by extension; .zst needs `zstandard`.
-_COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
-_JSON_EXTS = tuple(e + c for e in (".json", ".jsonl") for c in ("", *_COMPRESSED))
-EXTENSIONS = {"json": _JSON_EXTS, "parquet": (".parquet",), "text": tuple(".txt" + c for c in ("", *_COMPRESSED))}
+_first_line = first_line
 
 
 def local_option(spec: DataSpec) -> str:
@@ -42,25 +39,9 @@ def local_option(spec: DataSpec) -> str:
             f"(and data.validation_files=<glob> or data.holdout=<documents>), or data=c4_sample (bundled sample)")
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
-
-
 def _resolve_pkg(pattern: str) -> str:
     rel = pattern[len(PKG_PREFIX):]
     return str(Path(str(resources.files("dlr.assets"))) / rel)
-
-
-def file_format(spec: DataSpec, path: str) -> str:
-    """json, parquet or text: a hub file's by its extension, a local file's by data.source."""
-    if spec.source != "hub":
-        return spec.source
-    for fmt, exts in EXTENSIONS.items():
-        if path.endswith(exts):
-            return fmt
-    raise ConfigError(f"hub file {path!r} has an unknown format; accepted: "
-                      f"{', '.join(e for exts in EXTENSIONS.values() for e in exts if not e.endswith(('.bz2', '.xz')))}")
 
 
 def _resolve_local(pattern: str, split: str, source: str) -> list[str]:
@@ -69,7 +50,7 @@ def _resolve_local(pattern: str, split: str, source: str) -> list[str]:
     pattern = os.path.expanduser(pattern)
     if not _GLOB_CHARS & set(pattern):
         if os.path.isdir(pattern):
-            exts = EXTENSIONS[source]
+            exts = extensions_of(source)
             found = sorted(str(p) for p in Path(pattern).iterdir() if p.is_file() and p.name.endswith(exts))
             if not found:
                 raise ConfigError(f"data.{split}_files: directory {pattern!r} holds no {'/'.join(exts)} files")
@@ -140,7 +121,7 @@ def _resolve_hub(spec: DataSpec, split: str, patterns: tuple[str, ...]) -> list[
     if not files:
         raise ConfigError(f"hub dataset {spec.path}: {split} files {list(patterns)} match nothing; {local_option(spec)}")
     for f in files:
-        file_format(spec, f)
+        format_of(spec, f)
     return ["hf://" + f for f in files]
 
 
@@ -161,93 +142,31 @@ def resolve_files(spec: DataSpec, split: str) -> list[str]:
 
 
 def _open_text(path: str) -> io.TextIOBase:
-    import fsspec
-
-    # compression by extension (.gz, .zst, ...), as `datasets` opens the same file
-    return fsspec.open(path, mode="rt", encoding="utf-8", compression="infer").open()
-
-
-_READS = {"json": "JSON lines", "parquet": "Parquet", "text": "text"}
-
-
-def _check_parquet(spec: DataSpec, path: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ConfigError(f"cannot read {path!r} as Parquet: {_first_line(e)}") from None
-    col = schema.field(spec.text_field) if spec.text_field in schema.names else None
-    if col is None or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise ConfigError(f"{path!r}: records lack a string field data.text_field={spec.text_field!r} "
-                          f"(columns: {', '.join(schema.names[:8])})")
+    return open_text(path)
 
 
 def check_local_file(spec: DataSpec, path: str) -> None:
     """Cheap upfront check (first record) so a wrong file fails with one line, before workers start."""
-    if path.startswith("hf://"):
-        return
-    fmt = file_format(spec, path)
-    if fmt != "parquet" and path.endswith(".parquet"):
-        raise ConfigError(f"{path!r} is Parquet but data.source={spec.source!r}; accepted: data.source=parquet")
-    if fmt == "parquet":
-        if not path.endswith(".parquet"):
-            raise ConfigError(f"{path!r} has an unknown format for data.source=parquet; accepted: *.parquet files")
-        return _check_parquet(spec, path)
-    try:
-        with _open_text(path) as f:
-            if fmt == "text":
-                f.read(4096)
-                return
-            line = ""
-            for line in f:
-                if line.strip():
-                    break
-    except (OSError, UnicodeDecodeError, EOFError, ValueError) as e:
-        raise ConfigError(f"cannot read {path!r} as {_READS[fmt]}: {_first_line(e)}") from None
-    if not line.strip():
-        return  # an empty file; an empty *split* is reported when streaming finds no documents
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path!r} is not JSON lines (first line does not parse as JSON)") from None
-    if not isinstance(record, dict) or not isinstance(record.get(spec.text_field), str):
-        raise ConfigError(f"{path!r}: records lack a string field data.text_field={spec.text_field!r}")
+    if not path.startswith("hf://"):
+        format_of(spec, path).check(spec, path)
 
 
 def _is_blank(path: str) -> bool:
-    if path.endswith(".parquet"):
-        return False  # datasets reads an empty Parquet file as no records
-    try:
-        with _open_text(path) as f:
-            return not any(line.strip() for line in f)
-    except (OSError, UnicodeDecodeError, EOFError, ValueError):
-        return False  # let the real reader report it
-
-
-def _dataset(spec: DataSpec, path: str, fmt: str):  # -> datasets.IterableDataset
-    import datasets
-
-    if fmt == "text":
-        return datasets.load_dataset("text", data_files=[path], split="train", streaming=True, sample_by=spec.sample_by)
-    if fmt == "parquet":  # only the text column is read: FineWeb's rows carry a dozen others
-        return datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True,
-                                     columns=[spec.text_field])
-    return datasets.load_dataset("json", data_files=[path], split="train", streaming=True)
+    """An empty or whitespace-only text file (JSON lines, plain text)."""
+    return not path.endswith(".parquet") and text_blank(path)
 
 
 def iter_file(spec: DataSpec, path: str, start: int = 0, batch_size: int = 1000,
               stop: int | None = None) -> Iterator[tuple[int, str]]:
     """(record index, text) for records in [start, stop) of one file; blank documents are dropped
     (but still counted, so record indices are stable positions for resuming)."""
-    if not path.startswith("hf://") and _is_blank(path):
+    fmt = format_of(spec, path)
+    if not path.startswith("hf://") and fmt.blank(path):
         return  # datasets' json builder fails obscurely on an empty file; an empty split is ours to report
-    fmt = file_format(spec, path)
-    field = "text" if fmt == "text" else spec.text_field
+    field = fmt.field(spec)
     try:
         idx = 0
-        for batch in _dataset(spec, path, fmt).iter(batch_size=batch_size):
+        for batch in fmt.batches(spec, path, batch_size):
             if field not in batch:
                 raise ConfigError(f"{path!r}: records lack a string field data.text_field={field!r}")
             texts = batch[field]
@@ -266,8 +185,8 @@ def iter_file(spec: DataSpec, path: str, start: int = 0, batch_size: int = 1000,
         raise
     except Exception as e:
         if path.startswith("hf://") and isinstance(e, (OSError, ConnectionError)):
-            raise ConfigError(f"cannot stream {path} from the Hugging Face hub [{_first_line(e)}]; {local_option(spec)}") from None
-        raise ConfigError(f"cannot read {path!r} as {_READS[fmt]}: {_first_line(e)}") from None
+            raise ConfigError(f"cannot stream {path} from the Hugging Face hub [{first_line(e)}]; {local_option(spec)}") from None
+        raise ConfigError(f"cannot read {path!r} as {fmt.name}: {first_line(e)}") from None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ def _shard_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, tor
     manifest = read_manifest(spec.path)
     check_tokenizer(manifest, tokenizer, spec.path)
     shards = SplitShards(spec.path, "validation", manifest)
+    if "mix" in manifest:
+        return _prepared_mix_rows(spec, tokenizer, shards, manifest["mix"]["validation"])
     ids, labels, used, docs = _rows(spec, tokenizer, shards.iter_documents(), f"data.path={spec.path}")
     short = spec.val_tokens is None or used < spec.val_tokens
     if short and not shards.complete:
@@ -133,6 +135,24 @@ def _rows(spec: DataSpec, tokenizer: Tokenizer, token_lists, where: str) -> tupl
         lab[: len(stream)] = stream
         ids, labels = torch.from_numpy(flat).view(n_rows, T), torch.from_numpy(lab).view(n_rows, T)
     return ids, labels, used, docs
+
+
+def _prepared_mix_rows(spec: DataSpec, tokenizer: Tokenizer, shards, parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared mixture's validation rows, cut source by source as `_mix_rows` cuts the streamed ones."""
+    docs = shards.iter_documents()
+    total = sum(p["weight"] for p in parts)
+    out, start = [], 0
+    for part in parts:
+        budget = None if spec.val_tokens is None else max(1, round(spec.val_tokens * part["weight"] / total))
+        if part["val_tokens"] is not None and (budget is None or budget > part["val_tokens"]):
+            raise ConfigError(f"data.path={spec.path!r} holds the first {part['val_tokens']} validation tokens of "
+                              f"mixture source {part['name']!r}, but data.val_tokens={spec.val_tokens} asks for {budget}; "
+                              f"accepted: a data.val_tokens no larger than the one prepared, or re-run dlr-prepare")
+        n, start = part["validation_documents"] - start, part["validation_documents"]
+        mine = [next(docs) for _ in range(n)]
+        ids, labels, _, _ = _rows(replace(spec, val_tokens=budget), tokenizer, iter(mine), f"data.path={spec.path}")
+        out.append((ids, labels))
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
 def validation_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int = 0,

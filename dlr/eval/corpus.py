@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dlr.data.sources import _open_text, check_local_file, iter_part, split_parts
+from dlr.data.formats import format_of, open_text
+from dlr.data.sources import check_local_file, iter_part, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
@@ -53,7 +54,7 @@ class Corpus:
 def _read_text_file(path: str) -> Iterator[str]:
     """A whole text file, in pieces cut after a newline (SentencePiece starts a word after
     whitespace anyway, so the ids equal those of the file tokenized in one piece)."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         buf = io.StringIO()
         size = 0
         for line in f:
@@ -69,7 +70,7 @@ def _read_text_file(path: str) -> Iterator[str]:
 def _documents(spec: DataSpec) -> Iterator[list[str]]:
     """Each document as a list of text pieces: a whole text file, or one record (JSON, Parquet)."""
     for part in split_parts(spec, "validation"):
-        if spec.source == "text" and spec.holdout is None:
+        if format_of(spec, part.path).whole_file_documents and spec.holdout is None:
             pieces = [p for p in _read_text_file(part.path)]
             if any(p.strip() for p in pieces):
                 yield pieces
