@@ -8,7 +8,7 @@ import gzip
 import json
 from importlib import resources
 
-from test_data_helpers import DOC_RE  # noqa: F401  (sets HF offline env first)
+import test_data_helpers  # noqa: F401  (sets HF offline env first)
 
 import pytest
 

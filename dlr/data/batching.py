@@ -137,6 +137,10 @@ def saved_position(state: dict | None) -> list[int] | None:
     return [int(state[k]) for k in POSITION_KEYS]
 
 
+_FROM_TOKENS = ("cannot resume: the checkpoint's data state comes from token shards (data=tokens), this run streams "
+                "its data; resume with the data config that wrote it")
+
+
 class TrainBatches:
     """Endless iterator of {"input_ids", "labels"} LongTensor[B, T] batches for one process.
 

@@ -50,7 +50,7 @@ def _finished(root: Path, stem: str, dtype: np.dtype) -> dict | None:
     return record if record is not None and "end" in record else None
 
 
-def _train_shard(stream: MixStream, position: list[int] | None, tok: Tokenizer, limit, counts: np.ndarray,
+def _train_shard(stream: MixStream, position: list[int] | None, tok: Tokenizer, limit, counts: np.ndarray, *,
                  root: Path, stem: str, dtype: np.dtype) -> dict:
     """The next SHARD_DOCS documents of the mixture from `position`, or fewer where `limit` falls."""
     cursor = stream.cursor(position)
@@ -84,7 +84,7 @@ def prepare_mix_train(spec: DataSpec, root: Path, tok: Tokenizer, limit, dtype: 
         stem = shard_stem("train", k)
         record = _finished(root, stem, dtype)
         if record is None:
-            record = _train_shard(stream, position, tok, limit, counts, root, stem, dtype)
+            record = _train_shard(stream, position, tok, limit, counts, root=root, stem=stem, dtype=dtype)
         else:
             lengths = np.diff(np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE))
             counts += limit.counts(lengths)

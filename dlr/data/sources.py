@@ -35,8 +35,8 @@ def local_option(spec: DataSpec) -> str:
     """What to use instead of the hub, in the one line that says the hub cannot be reached."""
     if spec.path == "allenai/c4":
         return C4_LOCAL_OPTION
-    return (f"without internet download the files and use data.source=<json|parquet|text> data.train_files=<glob> "
-            f"(and data.validation_files=<glob> or data.holdout=<documents>), or data=c4_sample (bundled sample)")
+    return ("without internet download the files and use data.source=<json|parquet|text> data.train_files=<glob> "
+            "(and data.validation_files=<glob> or data.holdout=<documents>), or data=c4_sample (bundled sample)")
 
 
 def _resolve_pkg(pattern: str) -> str:
