@@ -158,7 +158,7 @@ CASES = [
       "data.validation_files={files}/nofield.parquet"], "lack a string field data.text_field='text'"),
     (T, ["out_dir={files}/new", "data=c4_local", "data.train_files={files}/empty.jsonl.zst",
       "data.validation_files={files}/val.json.gz"], "no documents"),
-    (T, ["out_dir={files}/new", "data=mix", "data.mix=[{config:c4_sample,weight:0}]"], "sum to 0.0"),
+    (T, ["out_dir={files}/new", "data=mix", "data.mix=[{{config:c4_sample,weight:0}}]"], "sum to 0.0"),
     (T, ["out_dir={files}/new", "data=c4_local", "data.train_files={files}/val.json.gz", "data.validation_files=null",
       "data.holdout=5000"], "data.holdout=5000 is larger than the train split (200 documents"),
     # dlr-eval

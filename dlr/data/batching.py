@@ -292,7 +292,8 @@ class TrainBatches:
         epoch, G = key(head)
         # Every process's next document lies at or past G: nothing below G is still owed.
         portable = portable and all(key(p)[0] == epoch and key(p)[1] - 1 + W >= G for p in positions)
-        return {"version": STATE_VERSION, "portable": portable, "processes": W, "position": head, "tokens": tokens,
+        position = head if isinstance(self.stream, MixStream) else dict(zip(POSITION_KEYS, head))
+        return {"version": STATE_VERSION, "portable": portable, "processes": W, "position": position, "tokens": tokens,
                 "config": self._portable_fingerprint()}
 
     def load_global_state(self, state: dict[str, Any]) -> None:

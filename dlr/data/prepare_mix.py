@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dlr.data.mixture import MixStream
+from dlr.data.shard_writing import Limit, finished_shard, write_shard
 from dlr.data.shards import IDX_DTYPE, shard_stem
 from dlr.data.sources import split_texts
 from dlr.data.spec import DataSpec
@@ -34,19 +35,15 @@ _CHUNK = 1000  # documents per encode_batch call (divides SHARD_DOCS: a shard en
 
 
 def _write(root: Path, stem: str, ids: list[list[int]], dtype: np.dtype, extra: dict) -> dict:
-    from dlr.data.prepare import _write_shard
-
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype=IDX_DTYPE)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate([np.asarray(x, dtype=dtype) for x in ids]) if ids else np.zeros(0, dtype=dtype)
-    return _write_shard(root, stem, "mix", tokens, offsets, extra)
+    return write_shard(root, stem, "mix", tokens, offsets, extra)
 
 
 def _finished(root: Path, stem: str, dtype: np.dtype) -> dict | None:
-    from dlr.data.prepare import _done
-
-    record = _done(root, stem, dtype)
+    record = finished_shard(root, stem, dtype)
     return record if record is not None and "end" in record else None
 
 
@@ -116,8 +113,6 @@ def prepare_mix_validation(spec: DataSpec, root: Path, tok: Tokenizer, dtype: np
 
 
 def _validation_shard(sub: DataSpec, tok: Tokenizer, root: Path, stem: str, dtype: np.dtype, budget: int | None) -> dict:
-    from dlr.data.prepare import Limit
-
     limit = Limit(val_tokens=budget, seq_len=sub.seq_len)
     counts = np.zeros(4, dtype=np.int64)
     ids: list[list[int]] = []
