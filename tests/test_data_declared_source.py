@@ -62,8 +62,8 @@ def test_a_declared_source_trains_prepares_and_evaluates(toy, tmp_path, capsys):
     d, train_texts, val_texts = toy
     out = tmp_path / "run"
     summary = train(cfg(*overrides(d), "data.val_tokens=2000", "steps=2", "method=lowrank", f"out_dir={out}"))
-    assert summary["val_tokens"] > 0 and set(summary["data_tokens"]) == {SOURCE}
-    assert 0 < summary["data_tokens"][SOURCE] <= 2 * 8 * 256  # 2 steps of 8 rows of 256
+    assert summary["val_tokens"] > 0 and list(summary["data_tokens"]) == [str(d / "train.csv")]
+    assert 0 < summary["data_tokens"][str(d / "train.csv")] <= 2 * 8 * 256  # 2 steps of 8 rows of 256
 
     shards = tmp_path / "shards"
     with pytest.raises(SystemExit) as e:

@@ -185,7 +185,9 @@ class TrainBatches:
         if isinstance(self.stream, MixStream):
             return list(self.stream.names)
         s = self.spec
-        return [f"{s.path}/{s.name}" if s.source == "hub" and s.name else (s.path if s.source == "hub" else s.source)]
+        if s.source == "hub":
+            return [f"{s.path}/{s.name}" if s.name else str(s.path)]
+        return [s.train_files[0] if s.train_files else s.source]  # the first path or glob: what it read
 
     def source_tokens(self) -> list[int]:
         """Tokens this process has taken from each source (label tokens of its rows), in `source_names` order."""
