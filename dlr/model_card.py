@@ -61,6 +61,9 @@ def _training(extra: dict) -> list[str]:
     lines = [f"- Data: `{extra['data']}`." if extra.get("data") else "- Data: not recorded."]
     if isinstance(extra.get("tokens"), int):
         lines.append(f"- Tokens trained on: {extra['tokens']:,} ({extra.get('step', '?')} steps).")
+    if isinstance(extra.get("data_tokens"), dict) and len(extra["data_tokens"]) > 1:  # a mixture's sources
+        per = ", ".join(f"`{k}` {v:,}" for k, v in extra["data_tokens"].items())
+        lines.append(f"- Tokens per data source: {per}.")
     for key in ("folded_from", "finetuned_from"):
         if extra.get(key):
             lines.append(f"- {key.replace('_', ' ').capitalize()}: a directory named `{str(extra[key]).rsplit('/', 1)[-1]}`.")

@@ -170,6 +170,8 @@ def test_training_on_a_mixture_records_tokens_per_source(tmp_path):
     tokens = on_disk["data_tokens"]
     assert set(tokens) == {"c4_sample", "c4_again"} and tokens == summary["data_tokens"]
     assert 0 < tokens["c4_again"] < tokens["c4_sample"]  # 16 documents drawn 0.7 / 0.3
+    card = (out / "final" / "README.md").read_text()
+    assert f"Tokens per data source: `c4_sample` {tokens['c4_sample']:,}, `c4_again` {tokens['c4_again']:,}." in card
 
 
 def test_prepare_writes_the_mixture_in_its_order_and_resumes(tok, docs, tmp_path, monkeypatch):

@@ -67,14 +67,16 @@ def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimat
     # What docs/checkpoints.md promises in dlr_checkpoint.json: where in training this model is.
     extra = {"step": state.plan.steps, "tokens": state.plan.total_tokens, "val_loss": last["val_loss"],
              "val_tokens": last["val_tokens"]}
-    save_final(state.plain_model(), state.tokenizer, state.out_dir / FINAL_DIR, state.is_main, extra=extra)
-    summary = _summary(state, wall_s, speed, memory_estimate)
     tokens = data_tokens(state)
     if tokens is not None:
-        # The model card reads these: what the model was trained on, source by source.
-        summary["data_tokens"] = tokens
+        # What the model was trained on, source by source: in summary.json and the model card.
+        extra["data_tokens"] = tokens
         if state.is_main:
             log.info("tokens per data source: %s", ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
+    save_final(state.plain_model(), state.tokenizer, state.out_dir / FINAL_DIR, state.is_main, extra=extra)
+    summary = _summary(state, wall_s, speed, memory_estimate)
+    if tokens is not None:
+        summary["data_tokens"] = tokens
     acc.wait_for_everyone()
     if state.cfg.factorization.method == "dlr":
         _fold(state, summary, extra)
