@@ -239,3 +239,21 @@ def test_ready_hub_configs_offline_fail_at_once_in_one_line(tok, name):
         train_batches(s, tok, 2, 0, 1, 0)
     msg = str(e.value)
     assert "cannot reach the Hugging Face hub" in msg and "without internet" in msg and "\n" not in msg, msg
+
+
+def test_prepare_and_eval_use_the_same_held_out_documents(tok, corpus, tmp_path):
+    from dlr.data.prepare import prepare
+    from dlr.data.shards import SplitShards
+    from dlr.eval.corpus import load_corpus
+
+    s = spec(corpus, "jsonl.zst", holdout=900, val_tokens=None)
+    manifest = prepare(s, tmp_path / "tokens", progress=False)
+    train = [r["text"] for r in _records("train")]
+    assert manifest["splits"]["validation"]["documents"] == 900 and manifest["splits"]["train"]["documents"] == 900
+    stored = [list(d) for d in SplitShards(str(tmp_path / "tokens"), "validation").iter_documents()]
+    assert stored == tok.encode_batch(train[:900])
+    assert [list(d) for d in SplitShards(str(tmp_path / "tokens"), "train").iter_documents()] == tok.encode_batch(train[900:])
+    prepared = data_spec({"source": "tokens", "path": str(tmp_path / "tokens"), "seq_len": 64, "val_tokens": None,
+                          "tokenizer": "t5"})
+    assert torch.equal(validation_rows(prepared, tok)[0], validation_rows(s, tok)[0])
+    assert load_corpus(s, tok).documents == 900  # dlr-eval's sliding protocol reads the same documents
