@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_loader [--modes paper packed] [--workers 0 2] [--batch-size 64] [--batches 200]
     python -m benchmarks.bench_loader --tokens-dir DIR       # shards already written by dlr-prepare
+    python -m benchmarks.bench_loader --formats json.gz jsonl.zst parquet --modes paper --workers 0
+                                                             # the streaming loader per file format
 
 1. dlr-prepare of the sample (unless --tokens-dir): tokens/s of the one-time tokenization.
 2. Throughput: positions/s (B*T per batch, what the GPU consumes) and real (non-pad) tokens/s of
@@ -94,6 +96,50 @@ def stalls(it, kind: str, step_s: float, steps: int, warmup: int = 5) -> tuple[f
     return statistics.median(waits), max(waits)
 
 
+def _format_spec(base, fmt: str, root: str):
+    """The sample's train split rewritten as `fmt` (same documents, same order) under root."""
+    import gzip
+    import json
+    from importlib import resources
+
+    if fmt == "json.gz":
+        return base
+    src = str(resources.files("dlr.assets").joinpath("c4_sample", "c4-train.00000-of-00001.json.gz"))
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    path = os.path.join(root, f"c4-train.{fmt}")
+    if fmt == "jsonl.zst":
+        import zstandard
+
+        with open(path, "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+        return dataclasses.replace(base, train_files=(path,))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # FineWeb's layout: the text beside other columns, row groups of about 1000 documents.
+    pq.write_table(pa.table({k: [r[k] for r in records] for k in ("text", "timestamp", "url")}), path,
+                   row_group_size=1000)
+    return dataclasses.replace(base, source="parquet", train_files=(path,))
+
+
+def formats(base, tok, args) -> None:
+    """The streaming loader's throughput for each file format of the same documents, side by side."""
+    print("\n| format | mode | setting | positions/s (B*T) | real tokens/s | positions per CPU-s |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="dlr-bench-formats-") as root:
+        specs = {fmt: _format_spec(base, fmt, root) for fmt in args.formats}
+        for mode in args.modes:
+            for w in args.workers:
+                for fmt, spec in specs.items():
+                    spec = dataclasses.replace(spec, num_workers=w, mode=mode, seq_len=args.seq_len)
+                    it = train_batches(spec, tok, args.batch_size, 0, 1, seed=0)
+                    pos, real, cpu = throughput(it, args.warmup, args.batches)
+                    it.close()
+                    cpu_s = f"{cpu:,.0f}" if w == 0 else "n/a (workers)"
+                    print(f"| {fmt} | {mode} | num_workers={w} | {pos:,.0f} | {real:,.0f} | {cpu_s} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -106,12 +152,16 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=20.0, help="simulated training step for the stall check")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tokens-dir", default=None, help="default: prepare the bundled sample into a temporary directory")
+    ap.add_argument("--formats", nargs="+", choices=["json.gz", "jsonl.zst", "parquet"], default=None,
+                    help="only the streaming loader, once per file format of the sample's train split")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     base = _sample_spec()
     tok = load_tokenizer(base.tokenizer)
     print(f"# {_cpu()}; torch {torch.__version__}; seq_len={args.seq_len} batch={args.batch_size}; one process")
+    if args.formats:
+        return formats(base, tok, args)
     tmp = None
     tokens_dir = args.tokens_dir
     if tokens_dir is None:

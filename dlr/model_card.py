@@ -71,6 +71,9 @@ def _training(extra: dict) -> list[str]:
     lines = [f"- Data: `data={extra['data']}`{hub}." if extra.get("data") else "- Data: not recorded."]
     if isinstance(extra.get("tokens"), int):
         lines.append(f"- Tokens trained on: {extra['tokens']:,} ({extra.get('step', '?')} steps).")
+    if isinstance(extra.get("data_tokens"), dict) and len(extra["data_tokens"]) > 1:  # a mixture's sources
+        per = ", ".join(f"`{k}` {v:,}" for k, v in extra["data_tokens"].items())
+        lines.append(f"- Tokens per data source: {per}.")
     tuned = extra.get("finetune")
     if isinstance(tuned, dict):
         lines.append(f"- Fine-tuned (dlr-finetune, {'LoRA merged' if tuned.get('lora') else 'full'}) for "

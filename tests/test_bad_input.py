@@ -53,6 +53,14 @@ def files(run):
     (d / "afile").write_text("x")
     val = sorted(good.parent.glob("c4-validation*.json.gz"))[0]
     (d / "val.json.gz").write_bytes(val.read_bytes())
+    # Corpora in the other formats: a Parquet file without the text column, an empty .jsonl.zst.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    pq.write_table(pa.table({"content": ["a document"]}), d / "nofield.parquet")
+    (d / "empty.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b""))
+    (d / "corpus.csv").write_text("text\na document\n")
     # A model dir whose one weight byte is flipped: same size, different sha256.
     shutil.copytree(run / "final", d / "flipped")
     w = d / "flipped" / "model.safetensors"
@@ -165,6 +173,15 @@ CASES = [
     (T, ["lr=1e309"], "lr=1e309 is not valid"),
     (T, ["out_dir={files}/killed"], "config.yaml' is not readable YAML (ParserError at line 2)"),
     (T, ["out_dir=" + UNWRITABLE], "is not writable"),
+    (T, ["out_dir={files}/new", "data=c4_local", "data.source=parquet", "data.train_files={files}/corpus.csv",
+      "data.validation_files={files}/nofield.parquet"], "unknown format"),
+    (T, ["out_dir={files}/new", "data=c4_local", "data.source=parquet", "data.train_files={files}/nofield.parquet",
+      "data.validation_files={files}/nofield.parquet"], "lack a string field data.text_field='text'"),
+    (T, ["out_dir={files}/new", "data=c4_local", "data.train_files={files}/empty.jsonl.zst",
+      "data.validation_files={files}/val.json.gz"], "no documents"),
+    (T, ["out_dir={files}/new", "data=mix", "data.mix=[{{config:c4_sample,weight:0}}]"], "sum to 0.0"),
+    (T, ["out_dir={files}/new", "data=c4_local", "data.train_files={files}/val.json.gz", "data.validation_files=null",
+      "data.holdout=5000"], "data.holdout=5000 is larger than the train split (200 documents"),
     # dlr-eval
     ("eval", [], "ckpt is required"),
     ("eval", ["ckpt=/nonexistent/ck"], "/nonexistent/ck"),

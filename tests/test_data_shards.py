@@ -69,13 +69,13 @@ def test_file_shards_cover_each_document_once_per_epoch(tok, docs, world_size, n
 
 def test_each_process_opens_only_its_files(tok, docs, monkeypatch):
     opened: list[str] = []
-    real = stream_mod.iter_file
+    real = stream_mod.iter_part
 
-    def spy(spec, path, start=0, **kw):
-        opened.append(Path(path).name)
-        return real(spec, path, start=start, **kw)
+    def spy(spec, part, start=0):
+        opened.append(Path(part.path).name)
+        return real(spec, part, start=start)
 
-    monkeypatch.setattr(stream_mod, "iter_file", spy)
+    monkeypatch.setattr(stream_mod, "iter_part", spy)
 
     def files_opened(world_size: int, rank: int, batch_size: int) -> set[str]:
         opened.clear()

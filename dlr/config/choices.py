@@ -19,7 +19,9 @@ SCOPES = ("all", "attn", "mlp")
 OPTIMIZERS: dict[str, type] = {}
 NS_DTYPES = ("float32", "bfloat16")
 
-SOURCES = ("hub", "json", "text", "tokens")
+SOURCES = ("hub", "json", "parquet", "text", "tokens", "mix")
+# What a mixture does when one of its sources has handed out all its documents.
+EXHAUSTED = ("cycle", "stop")
 MODES = ("paper", "packed")
 SAMPLE_BY = ("paragraph", "line")
 

@@ -6,10 +6,12 @@ the command line, and the rest of dlr reads attributes (`cfg.factorization.rank`
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, Optional
 
-from .choices import (ACTIVATIONS, EXPAND_MODES, LOGGERS, LOSS_IMPLS, METHODS, MODES, NS_DTYPES, OPTIMIZERS,
+from .choices import (ACTIVATIONS, EXHAUSTED, EXPAND_MODES, LOGGERS, LOSS_IMPLS, METHODS, MODES, NS_DTYPES, OPTIMIZERS,
                       PARALLELISMS, PRECISIONS, SAMPLE_BY, SCOPES, SOURCES)
 from .fields import is_number, section, setting
 
@@ -26,6 +28,19 @@ def _files(v: Any) -> str | None:
     if v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v)):
         return None
     return "a path, a glob, or a list of them"
+
+
+def _source(v: Any) -> str | None:
+    if v in SOURCES or (isinstance(v, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v)):
+        return None
+    return f"{', '.join(SOURCES)}, or module:NAME of a dlr.data.Format"
+
+
+def _mix(v: Any) -> str | None:
+    ok = v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(e, Mapping) and is_number(e.get("weight")) and e.get("weight") >= 0 for e in v))
+    return None if ok else ("a list of sources, each a mapping with a weight >= 0 and the data keys of that source, "
+                            "e.g. [{config: c4_sample, weight: 0.7}, {config: fineweb_edu, weight: 0.3}]")
 
 
 def _compile(v: Any) -> str | None:
@@ -75,8 +90,10 @@ class FactorizationConfig:
 class DataConfig:
     """configs/data/<name>.yaml; `dlr.data.data_spec` turns it into a DataSpec."""
 
-    source: str = setting("hub", "hub (HF hub streaming) | json (JSON-lines files) | text (plain text files) | "
-                                 "tokens (dlr-prepare shards)", choices=SOURCES)
+    source: str = setting("hub", "hub (HF hub streaming: Parquet, JSON lines or text, by file extension) | json "
+                                 "(JSON-lines files, plain, .gz or .zst) | parquet | text (plain text files) | "
+                                 "tokens (dlr-prepare shards) | mix (the weighted sources of data.mix) | module:NAME "
+                                 "(a dlr.data.Format declared in your own code)", check=_source)
     path: Optional[str] = setting("allenai/c4", "source=hub: the dataset id; source=tokens: the directory dlr-prepare "
                                                 "wrote (token shards + manifest.json)")
     name: Optional[str] = setting("en", "hub dataset config name (source=hub only)")
@@ -96,6 +113,13 @@ class DataConfig:
     val_tokens: Optional[int] = setting(10_000_000, "validation budget: the first N tokens; null = whole split", ge=1)
     prefetch: int = setting(4, "source=tokens: batches built ahead in a background thread (0 = in the training step)",
                             ge=0)
+    holdout: Optional[int] = setting(None, "validation where the corpus has none: the first N documents of the train "
+                                           "split (sorted files, file order) are the validation split and training "
+                                           "never sees them; null = data.validation_files", ge=1)
+    mix: Any = setting(None, "source=mix: the sources and their weights, [{config: <data config>, weight: w, "
+                             "<data keys of that source>}, ...]", check=_mix)
+    exhausted: str = setting("cycle", "a mixture source that has handed out all its documents: cycle (its next "
+                                      "epoch, in a new order) | stop (the run ends with one line)", choices=EXHAUSTED)
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""C4 (hub, local shards, bundled sample) and plain text -> token batches for pre-training.
+"""Text corpora (the hub, local JSON lines, Parquet, plain text, mixtures of them) -> token batches.
 
-Public API: `data_spec`, `DataSpec`, `load_tokenizer`, `check_vocab`, `train_batches`
+Public API: `data_spec`, `DataSpec`, `Format` (a kind of document file, see dlr.data.formats), `load_tokenizer`, `check_vocab`, `train_batches`
 (`TrainBatches`, resumable), `validation_batches` (the fixed validation set); `TokenBatches` when the data are
 `dlr-prepare` token shards (`data=tokens`, see `dlr.data.prepare`).
 """
 from dlr.data.batching import TrainBatches, paper_batch, train_batches
+from dlr.data.formats import FORMATS, Format, datasets_batches
 from dlr.data.sources import resolve_files
 from dlr.config.choices import MODES, SOURCES
 from dlr.data.spec import DataSpec, data_provenance, data_spec
@@ -13,7 +14,8 @@ from dlr.data.token_batches import TokenBatches
 from dlr.data.validation import validation_batches, validation_rows
 
 __all__ = [
-    "MODES", "SOURCES", "DataSpec", "HFTokenizer", "SentencePieceTokenizer", "TokenBatches", "Tokenizer", "TrainBatches",
-    "bundled_t5_path", "check_vocab", "data_provenance", "data_spec", "load_tokenizer", "paper_batch", "resolve_files",
+    "FORMATS", "MODES", "SOURCES", "DataSpec", "Format", "HFTokenizer", "SentencePieceTokenizer", "TokenBatches",
+    "Tokenizer", "TrainBatches", "bundled_t5_path", "check_vocab", "data_provenance", "data_spec", "datasets_batches",
+    "load_tokenizer", "paper_batch", "resolve_files",
     "train_batches", "validation_batches", "validation_rows",
 ]

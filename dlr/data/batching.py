@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dlr.data.sources import check_local_file, resolve_files
+from dlr.data.mixture import MixStream
+from dlr.data.sources import check_local_file, split_parts
 from dlr.data.spec import DataSpec
-from dlr.data.stream import DocStream, Position
+from dlr.data.stream import POSITION_KEYS, DocStream
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
 
@@ -70,6 +71,7 @@ class _TrainIterable(torch.utils.data.IterableDataset):
         self.packed = stream.spec.mode == "packed"
         self.rank, self.world = rank, world_size
         self.K, self.logical, self.starts = num_logical, logical, starts
+        self.num_sources = len(stream.names) if hasattr(stream, "names") else 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -88,62 +90,51 @@ class _TrainIterable(torch.utils.data.IterableDataset):
 
     def _batches(self, w: int, start: dict | None) -> Iterator[dict[str, Any]]:
         B, T, K = self.B, self.T, self.K
-        pos = Position(**{k: start[k] for k in ("epoch", "block", "file", "rec", "g")}) if start else Position()
+        cursor = self.stream.cursor(saved_position(start), self.rank, self.world)
         local = start["local"] if start else 0
         leftover = start["leftover"] if start else []
         buf: list[int] = leftover.tolist() if isinstance(leftover, torch.Tensor) else list(leftover)
+        tokens = list(start.get("tokens") or [0] * self.num_sources) if start else [0] * self.num_sources
         eos, pad = self.tok.eos_id, self.tok.pad_id
         pending: list[str] = []
+        sources: list[int] = []
 
         def state() -> dict[str, Any]:
-            return {"epoch": pos.epoch, "block": pos.block, "file": pos.file, "rec": pos.rec, "g": pos.g,
-                    "local": local, "leftover": list(buf), "worker": w}
+            return {"pos": cursor.position(), "local": local, "leftover": list(buf), "worker": w, "tokens": list(tokens)}
 
-        while True:
-            fresh_epoch, seen, mine = pos.g == 0, 0, 0
-            for g, text, k, bf, br in self.stream.iter_epoch(pos):
-                seen += 1
-                pos.block, pos.file, pos.rec, pos.g = k, bf, br, g + 1
-                if g % self.world != self.rank:
-                    continue
-                mine += 1
-                L, local = local, local + 1
-                if (L // B) % K != w:
-                    continue
-                pending.append(text)
-                if len(pending) < B:
-                    continue
-                ids = self.tok.encode_batch(pending)
-                pending = []
-                if not self.packed:
-                    yield {**paper_batch(ids, T, pad, eos), "_state": state()}
-                    continue
-                for seq in ids:
-                    buf.extend(seq)
-                    buf.append(eos)
-                while len(buf) >= B * T:
-                    x = torch.tensor(buf[: B * T], dtype=torch.long).view(B, T)
-                    buf = buf[B * T:]
-                    yield {"input_ids": x, "labels": x.clone(), "_state": state()}
-            if fresh_epoch and seen == 0:
-                st = self.stream
-                if st.num_shards == 1:
-                    raise ConfigError(f"the train split has no documents (files: {_names(st.files)})")
-                mine_files = [st.files[i] for i in st.file_order(pos.epoch)]
-                raise ConfigError(
-                    f"process rank={st.shard} of world_size={st.num_shards} got train files with no documents in epoch "
-                    f"{pos.epoch} ({_names(mine_files)}); every process needs a non-empty file"
-                )
-            if fresh_epoch and mine == 0:
-                raise ConfigError(
-                    f"the train split has {seen} documents, fewer than world_size={self.world}; every process needs one"
-                )
-            pos = Position(epoch=pos.epoch + 1)
+        for g, text, src in cursor:
+            if g % self.world != self.rank:
+                continue
+            L, local = local, local + 1
+            if (L // B) % K != w:
+                continue
+            pending.append(text)
+            sources.append(src)
+            if len(pending) < B:
+                continue
+            ids = self.tok.encode_batch(pending)
+            for seq, s in zip(ids, sources):  # what each source contributed: the tokens of its rows
+                tokens[s] += len(seq) + 1 if self.packed else min(len(seq), T - 1) + 1
+            pending, sources = [], []
+            if not self.packed:
+                yield {**paper_batch(ids, T, pad, eos), "_state": state()}
+                continue
+            for seq in ids:
+                buf.extend(seq)
+                buf.append(eos)
+            while len(buf) >= B * T:
+                x = torch.tensor(buf[: B * T], dtype=torch.long).view(B, T)
+                buf = buf[B * T:]
+                yield {"input_ids": x, "labels": x.clone(), "_state": state()}
 
 
-def _names(files: list[str], n: int = 3) -> str:
-    shown = ", ".join(files[:n])
-    return shown + (f", ... ({len(files)} files)" if len(files) > n else "")
+def saved_position(state: dict | None) -> list[int] | None:
+    """A worker state's stream position; states written before mixtures hold its five keys."""
+    if not state:
+        return None
+    if "pos" in state:
+        return [int(x) for x in state["pos"]]
+    return [int(state[k]) for k in POSITION_KEYS]
 
 
 _FROM_TOKENS = ("cannot resume: the checkpoint's data state comes from token shards (data=tokens), this run streams "
@@ -164,9 +155,22 @@ class TrainBatches:
             raise ConfigError(f"rank={rank!r}, world_size={world_size!r} are not valid; accepted: 0 <= rank < world_size")
         self.spec, self.tokenizer = spec, tokenizer
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
-        files = resolve_files(spec, "train")
+        if spec.source == "mix":
+            # Every process reads every source and keeps g % world_size == rank of the one mixture order.
+            self.stream, self.split = MixStream(spec, seed), "documents"
+            self._doc_rank, self._doc_world = rank, world_size
+        else:
+            self._single_stream(spec, rank, world_size, seed)
+        self.num_workers = spec.num_workers
+        self._K = max(1, spec.num_workers)
+        self._worker_states: list[dict | None] = [None] * self._K
+        self._n = 0
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def _single_stream(self, spec: DataSpec, rank: int, world_size: int, seed: int) -> None:
+        files = split_parts(spec, "train")
         for f in files:
-            check_local_file(spec, f)
+            check_local_file(spec, f.path)
         self.split = split_mode(len(files), world_size)
         if self.split == "files":
             self.stream = DocStream(spec, files, seed, shard=rank, num_shards=world_size)
@@ -174,17 +178,32 @@ class TrainBatches:
         else:
             self.stream = DocStream(spec, files, seed)
             self._doc_rank, self._doc_world = rank, world_size
-        self.num_workers = spec.num_workers
-        self._K = max(1, spec.num_workers)
-        self._worker_states: list[dict | None] = [None] * self._K
-        self._n = 0
-        self._it: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def source_names(self) -> list[str]:
+        """The names under which `source_tokens` counts: the mixture's sources, or the one source."""
+        if isinstance(self.stream, MixStream):
+            return list(self.stream.names)
+        s = self.spec
+        if s.source == "hub":
+            return [f"{s.path}/{s.name}" if s.name else str(s.path)]
+        return [s.train_files[0] if s.train_files else s.source]  # the first path or glob: what it read
+
+    def source_tokens(self) -> list[int]:
+        """Tokens this process has taken from each source (label tokens of its rows), in `source_names` order."""
+        total = [0] * len(self.source_names)
+        for st in self._worker_states:
+            for i, n in enumerate((st or {}).get("tokens") or []):
+                total[i] += int(n)
+        return total
 
     def _fingerprint(self) -> dict[str, Any]:
         s = self.spec
         return {"seq_len": s.seq_len, "mode": s.mode, "shuffle_buffer": s.shuffle_buffer, "num_workers": s.num_workers,
                 "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
-                "num_files": len(self.stream.files), "split": self.split, "tokenizer_vocab": self.tokenizer.vocab_size}
+                "num_files": len(self.stream.files), "split": self.split, "tokenizer_vocab": self.tokenizer.vocab_size,
+                **({"holdout": s.holdout} if s.holdout is not None else {}),
+                **({"sources": [[n, w] for n, w, _ in s.mix], "exhausted": s.exhausted} if s.mix else {})}
 
     def _start(self) -> None:
         first = self._n % self._K
@@ -245,11 +264,11 @@ class TrainBatches:
     # ------------------------------------------------------------------ process-count-independent
 
     def local_position(self) -> list[int]:
-        """[epoch, block, file, rec, g] just after the last batch handed out ([0]*5 before the first)."""
-        if self._n == 0 or self._worker_states[(self._n - 1) % self._K] is None:
-            return [0, 0, 0, 0, 0]
-        st = self._worker_states[(self._n - 1) % self._K]
-        return [int(st[k]) for k in ("epoch", "block", "file", "rec", "g")]
+        """The stream position just after the last batch handed out (zeros before the first),
+        then this process's `source_tokens`: every process's, in `global_state`, is the run's."""
+        st = self._worker_states[(self._n - 1) % self._K] if self._n else None
+        pos = saved_position(st) or [0] * self.stream.position_size()
+        return pos + self.source_tokens()
 
     def _portable_fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in self._fingerprint().items()
@@ -265,15 +284,18 @@ class TrainBatches:
         have no such position: `portable` is then False and only the same number of processes
         can resume.
         """
-        W = self.world_size
+        W, P = self.world_size, self.stream.position_size()
+        tokens = [sum(int(p[P + i]) for p in positions) for i in range(len(positions[0]) - P)]
+        positions = [list(p[:P]) for p in positions]
         portable = self.spec.mode == "paper" and (self.split == "documents" or W == 1)
-        epoch = max(p[0] for p in positions)
-        head = max((p for p in positions if p[0] == epoch), key=lambda p: p[4])
-        G = head[4]
+        # (epoch, g) of a position; a mixture's has no epochs: its g counts from the start.
+        key = (lambda p: (0, p[0])) if isinstance(self.stream, MixStream) else (lambda p: (p[0], p[4]))
+        head = max(positions, key=key)
+        epoch, G = key(head)
         # Every process's next document lies at or past G: nothing below G is still owed.
-        portable = portable and all(p[0] == epoch and p[4] - 1 + W >= G for p in positions)
-        return {"version": STATE_VERSION, "portable": portable, "processes": W,
-                "position": dict(zip(("epoch", "block", "file", "rec", "g"), head)),
+        portable = portable and all(key(p)[0] == epoch and key(p)[1] - 1 + W >= G for p in positions)
+        position = head if isinstance(self.stream, MixStream) else dict(zip(POSITION_KEYS, head))
+        return {"version": STATE_VERSION, "portable": portable, "processes": W, "position": position, "tokens": tokens,
                 "config": self._portable_fingerprint()}
 
     def load_global_state(self, state: dict[str, Any]) -> None:
@@ -301,11 +323,15 @@ class TrainBatches:
                 f"the number of train files, or {saved} processes"
             )
         pos = state["position"]
+        pos = [int(pos[k]) for k in POSITION_KEYS] if isinstance(pos, dict) else [int(x) for x in pos]
+        tokens = state.get("tokens") or []
         self.close()
         # Every worker starts at the global position; each process takes g % world_size == rank
-        # from there, so a global step is again the next global_batch documents.
-        self._worker_states = [{**{k: int(pos[k]) for k in ("epoch", "block", "file", "rec", "g")},
-                                "local": 0, "leftover": [], "worker": w} for w in range(self._K)]
+        # from there, so a global step is again the next global_batch documents. The run's token
+        # counts so far continue in rank 0's first worker.
+        self._worker_states = [{"pos": pos, "local": 0, "leftover": [], "worker": w,
+                                "tokens": list(tokens) if (self.rank, w) == (0, 0) else [0] * len(tokens)}
+                               for w in range(self._K)]
         self._n = 0
 
     def restore(self, process_state: dict[str, Any] | None, global_state: dict[str, Any]) -> None:

@@ -26,59 +26,21 @@ import numpy as np
 
 from dlr.data.shards import (FORMAT, FORMAT_VERSION, IDX_DTYPE, MANIFEST, SPLITS, TOKENIZER_DIR, check_shard_files,
                              dtype_for, shard_stem)
-from dlr.data.sources import check_local_file, iter_file, resolve_files
+from dlr.data.prepare_mix import prepare_mix_train, prepare_mix_validation
+from dlr.data.shard_writing import Limit, finished_shard, remove_shard, write_json, write_shard
+from dlr.data.sources import Part, check_local_file, iter_file, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_hash
 from dlr.atomic import check_writable
 from dlr.errors import ConfigError, bad_value
 
+# The names tests and older callers import from here.
+_write_shard, _done = write_shard, finished_shard
 log = logging.getLogger(__name__)
+MIX_SEED = 0  # a prepared mixture's order: the documents of data=mix with seed 0
 PLAN = "prepare.json"
 PLAN_KEYS = ("source", "files", "tokenizer", "dtype", "limits")
 _CHUNK = 1000  # documents per encode_batch call
-
-
-@dataclass(frozen=True)
-class Limit:
-    """Where a split is cut: after `documents` documents, after `tokens` tokens (whole documents), or
-    once the validation rows hold `val_tokens` label tokens in both batching modes at `seq_len`."""
-
-    documents: int | None = None
-    tokens: int | None = None
-    val_tokens: int | None = None
-    seq_len: int = 256
-
-    def keep(self, lengths: np.ndarray, before: np.ndarray) -> int | None:
-        """How many of these documents (lengths) to keep for the limit to be met, given the
-        counts `before` = [documents, tokens, packed tokens, paper tokens]; None = not met yet."""
-        n = len(lengths)
-        if self.met(before):
-            return 0
-        if self.documents is not None:
-            need = self.documents - int(before[0])
-            return max(need, 0) if need <= n else None
-        if self.tokens is not None:
-            i = int(np.searchsorted(np.cumsum(lengths) + before[1], self.tokens))
-            return i + 1 if i < n else None
-        if self.val_tokens is not None:
-            packed = np.cumsum(lengths + 1) + before[2]
-            paper = np.cumsum(np.minimum(lengths + 1, self.seq_len)) + before[3]
-            i = max(int(np.searchsorted(packed, self.val_tokens)), int(np.searchsorted(paper, self.val_tokens)))
-            return i + 1 if i < n else None
-        return None
-
-    def met(self, counts: np.ndarray) -> bool:
-        if self.documents is not None:
-            return counts[0] >= self.documents
-        if self.tokens is not None:
-            return counts[1] >= self.tokens
-        if self.val_tokens is not None:
-            return counts[2] >= self.val_tokens and counts[3] >= self.val_tokens
-        return False
-
-    def counts(self, lengths: np.ndarray) -> np.ndarray:
-        return np.array([len(lengths), lengths.sum(), (lengths + 1).sum(), np.minimum(lengths + 1, self.seq_len).sum()],
-                        dtype=np.int64)
 
 
 class _Report:
@@ -94,29 +56,6 @@ class _Report:
             self.callback(n)
 
 
-def _write_shard(root: Path, stem: str, source: str, tokens: np.ndarray | None, offsets: np.ndarray,
-                 extra: dict | None = None) -> dict:
-    """.bin (unless already at `<stem>.bin.tmp`: tokens=None) and .idx via temporary names, then the
-    record: a shard with a record is complete."""
-    for ext, arr in ((".bin", tokens), (".idx", offsets)):
-        tmp = root / f"{stem}{ext}.tmp"
-        if arr is not None:
-            with open(tmp, "wb") as f:
-                arr.tofile(f)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, root / f"{stem}{ext}")
-    record = {"name": stem, "file": source, "documents": int(len(offsets) - 1), "tokens": int(offsets[-1]), **(extra or {})}
-    _write_json(root / f"{stem}.json", record)
-    return record
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True, kw_only=True)
 class ShardJob:
     """One input file to tokenize into one shard. Frozen and plain so that it pickles: a pool
@@ -129,6 +68,8 @@ class ShardJob:
     stem: str
     limit: Limit
     threads: int  # tokenizer threads; 1 in a pool, whose processes are the parallelism, -1 = its default
+    start: int = 0  # the file's records [start, stop) (data.holdout splits a file between the splits)
+    stop: int | None = None
 
 
 def _job_tokenizer(job: ShardJob) -> Tokenizer:
@@ -169,7 +110,7 @@ def tokenize_file(job: ShardJob, report: _Report) -> dict:
         return keep is not None and keep < n
 
     with out:
-        records = iter_file(job.spec, job.path)
+        records = iter_file(job.spec, job.path, start=job.start, stop=job.stop)
         cut = False  # whether the limit stopped us before the end of the file
         for _, text in records:
             chunk.append(text)
@@ -183,7 +124,7 @@ def tokenize_file(job: ShardJob, report: _Report) -> dict:
                 cut = flush()
     offsets = np.zeros(len(lengths) + 1, dtype=IDX_DTYPE)
     np.cumsum(lengths, out=offsets[1:])
-    return _write_shard(Path(job.root), job.stem, job.path, None, offsets, {"cut": cut})
+    return write_shard(Path(job.root), job.stem, job.path, None, offsets, {"cut": cut})
 
 
 def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
@@ -191,22 +132,7 @@ def _trim(root: Path, record: dict, keep: int, dtype: np.dtype) -> dict:
     stem = record["name"]
     idx = np.fromfile(root / f"{stem}.idx", dtype=IDX_DTYPE)[: keep + 1].copy()
     tokens = np.fromfile(root / f"{stem}.bin", dtype=dtype, count=int(idx[-1]))
-    return _write_shard(root, stem, record["file"], tokens, idx, {"cut": True, "cut_from_documents": record["documents"]})
-
-
-def _done(root: Path, stem: str, dtype: np.dtype) -> dict | None:
-    try:
-        record = json.loads((root / f"{stem}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if check_shard_files(root, stem, record["documents"], record["tokens"], dtype) is not None:
-        return None  # damaged (e.g. a disk filled up): redo it
-    return record
-
-
-def _remove_shard(root: Path, stem: str) -> None:
-    for ext in (".json", ".bin", ".idx"):  # record first: without it the shard is not "done"
-        (root / f"{stem}{ext}").unlink(missing_ok=True)
+    return write_shard(root, stem, record["file"], tokens, idx, {"cut": True, "cut_from_documents": record["documents"]})
 
 
 class _Progress:
@@ -252,7 +178,7 @@ class _ShardMaker:
         future = self.futures.pop(k, None)
         if future is not None:
             return self._wait(future)
-        record = _done(self.root, self.jobs[k].stem, self.dtype)
+        record = finished_shard(self.root, self.jobs[k].stem, self.dtype)
         if record is not None:
             self.bar.update(record["tokens"])
             return record
@@ -268,7 +194,7 @@ class _ShardMaker:
         while self.pool is not None and len(self.futures) < self.ahead and self.next_submit < len(self.jobs):
             j = self.next_submit
             self.next_submit += 1
-            if _done(self.root, self.jobs[j].stem, self.dtype) is None:
+            if finished_shard(self.root, self.jobs[j].stem, self.dtype) is None:
                 self.futures[j] = self.pool.submit(tokenize_file, self.jobs[j], _Report(queue=self.queue))
 
     def _wait(self, future: Future) -> dict:
@@ -306,11 +232,12 @@ def _take_until_limit(maker: _ShardMaker, limit: Limit) -> tuple[list[dict], np.
     return shards, counts, None
 
 
-def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], limit: Limit, *, num_proc: int,
+def _prepare_split(spec: DataSpec, root: Path, split: str, parts: list[Part], limit: Limit, *, num_proc: int,
                    dtype: np.dtype, progress: bool) -> dict:
-    jobs = [ShardJob(spec=spec, tokenizer_dir=str(root / TOKENIZER_DIR), path=path, root=str(root),
-                     stem=shard_stem(split, k), limit=limit, threads=1 if num_proc > 1 else -1)
-            for k, path in enumerate(files)]
+    files = [p.path for p in parts]
+    jobs = [ShardJob(spec=spec, tokenizer_dir=str(root / TOKENIZER_DIR), path=p.path, root=str(root),
+                     stem=shard_stem(split, k), limit=limit, threads=1 if num_proc > 1 else -1, start=p.start, stop=p.stop)
+            for k, p in enumerate(parts)]
     bar = _Progress(progress, split)
     maker = _ShardMaker(jobs, root, dtype, bar)
     try:
@@ -321,7 +248,7 @@ def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], lim
         bar.close()
     if stopped_at is not None:
         for job in jobs[stopped_at + 1:]:  # speculative work past the limit, or an older run's
-            _remove_shard(root, job.stem)
+            remove_shard(root, job.stem)
     complete = stopped_at is None or (stopped_at == len(files) - 1 and not shards[-1].get("cut"))
     if counts[0] == 0:
         raise ConfigError(f"the {split} split has no documents (files: {', '.join(files[:3])})")
@@ -329,8 +256,8 @@ def _prepare_split(spec: DataSpec, root: Path, split: str, files: list[str], lim
 
 
 def _splits(spec: DataSpec) -> list[str]:
-    if spec.source == "hub":
-        return list(SPLITS)  # C4's layout gives both even without file globs
+    if spec.source in ("hub", "mix") or spec.holdout is not None:
+        return list(SPLITS)  # C4's layout gives both even without file globs; data.holdout makes validation
     return [s for s in SPLITS if (spec.train_files if s == "train" else spec.validation_files)]
 
 
@@ -380,20 +307,39 @@ def _out_root(out: str | os.PathLike) -> Path:
     return root
 
 
-def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[str]], *, tokens: int | None,
+def _plan(spec: DataSpec, tokenizer: Tokenizer, files: dict[str, list[Part]], *, tokens: int | None,
           documents: int | None) -> dict:
     """Everything the shards depend on: a re-run continues or reuses `out` only when this is equal."""
     return {
-        "source": {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
-                   "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
-                   "validation_files": list(spec.validation_files), "text_field": spec.text_field,
-                   "sample_by": spec.sample_by},
-        "files": files,
+        "source": _source_plan(spec),
+        "files": {s: [p.path if (p.start, p.stop) == (0, None) else [p.path, p.start, p.stop] for p in parts]
+                  for s, parts in files.items()},
         "tokenizer": {"name": spec.tokenizer, "class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "sha256": tokenizer_hash(tokenizer)},
         "dtype": dtype_for(tokenizer.vocab_size).name,
         "limits": {"tokens": tokens, "documents": documents, "val_tokens": spec.val_tokens, "val_seq_len": spec.seq_len},
     }
+
+
+def _source_plan(spec: DataSpec) -> dict:
+    if spec.source == "mix":  # the weights, the sources and the order's seed decide the shards
+        return {"source": "mix", "seed": MIX_SEED, "exhausted": spec.exhausted,
+                "mix": [{"name": n, "weight": w, **_source_plan(sub)} for n, w, sub in spec.mix]}
+    return {"source": spec.source, "path": spec.path if spec.source == "hub" else None,
+            "name": spec.name if spec.source == "hub" else None, "train_files": list(spec.train_files),
+            "validation_files": list(spec.validation_files), "text_field": spec.text_field,
+            "sample_by": spec.sample_by, **({"holdout": spec.holdout} if spec.holdout is not None else {})}
+
+
+def _split_files(spec: DataSpec, split: str) -> list[Part]:
+    """The split's files, each checked (a mixture: every source's, in the order of data.mix)."""
+    subs = [sub for _, _, sub in spec.mix] if spec.source == "mix" else [spec]
+    parts = []
+    for sub in subs:
+        for p in split_parts(sub, split):
+            check_local_file(sub, p.path)
+            parts.append(p)
+    return parts
 
 
 def _finished(root: Path, plan: dict, dtype: np.dtype) -> dict | None:
@@ -409,7 +355,7 @@ def _finished(root: Path, plan: dict, dtype: np.dtype) -> dict | None:
             return manifest
         log.warning("%d damaged shard(s) in %s (%s); redoing them", len(damaged), root, ", ".join(damaged[:3]))
         for stem in damaged:
-            _remove_shard(root, stem)
+            remove_shard(root, stem)
         (root / MANIFEST).unlink()
     elif (root / PLAN).is_file():
         _check_plan(root, plan, json.loads((root / PLAN).read_text()), "an unfinished prepare")
@@ -437,10 +383,7 @@ def prepare(spec: DataSpec, out: str | os.PathLike, *, tokens: int | None = None
     root = _out_root(out)
     tokenizer = load_tokenizer(spec.tokenizer)
     splits = _splits(spec)
-    files = {s: resolve_files(spec, s) for s in splits}
-    for s in splits:
-        for f in files[s]:
-            check_local_file(spec, f)
+    files = {s: _split_files(spec, s) for s in splits}
     limits = {"train": Limit(documents=documents, tokens=tokens),
               "validation": Limit(val_tokens=spec.val_tokens, seq_len=spec.seq_len)}
     dtype = dtype_for(tokenizer.vocab_size)
@@ -449,18 +392,26 @@ def prepare(spec: DataSpec, out: str | os.PathLike, *, tokens: int | None = None
     if manifest is not None:
         return manifest
     root.mkdir(parents=True, exist_ok=True)
-    _write_json(root / PLAN, plan)
+    write_json(root / PLAN, plan)
     _save_tokenizer(root, tokenizer, spec, plan["tokenizer"]["sha256"])
 
     t0 = time.perf_counter()
-    out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc=num_proc, dtype=dtype, progress=progress)
-                  for s in splits}
+    if spec.source == "mix":
+        out_splits = {"train": prepare_mix_train(spec, root, tokenizer, limits["train"], dtype, MIX_SEED),
+                      "validation": prepare_mix_validation(spec, root, tokenizer, dtype)}
+    else:
+        out_splits = {s: _prepare_split(spec, root, s, files[s], limits[s], num_proc=num_proc, dtype=dtype,
+                                        progress=progress) for s in splits}
     for tmp in root.glob("*.tmp"):
         tmp.unlink()
+    if spec.source == "mix":  # the weights and what each source gave, beside the plan's sources
+        plan = {**plan, "mix": {"weights": {n: w for n, w, _ in spec.mix},
+                                "train_tokens": out_splits["train"].pop("source_tokens"),
+                                "validation": out_splits["validation"].pop("mix")}}
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, **plan, "splits": out_splits,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dlr_version": _dlr_version(),
                 "num_proc": num_proc, "seconds": round(time.perf_counter() - t0, 2)}
-    _write_json(root / MANIFEST, manifest)
+    write_json(root / MANIFEST, manifest)
     log.info("prepared %s: %s", root, _summary(manifest))
     return manifest
 

@@ -1,32 +1,36 @@
-"""The validated data configuration (one flat mapping, the Hydra `data` group)."""
+"""The validated data configuration (one flat mapping, the Hydra `data` group).
+
+`DataSpec` is `dlr.config.DataConfig` frozen: the same fields with the same defaults, built
+from its declaration, so a data setting is declared once. What it adds: file lists are tuples,
+and `mix` holds the sources of a mixture as (name, weight, DataSpec) triples.
+"""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, field, fields, make_dataclass, replace
+from importlib import resources
 from typing import Any
 
 from dlr.config import DataConfig, build
 from dlr.errors import ConfigError, bad_value
 
+_TUPLES = ("train_files", "validation_files", "mix")
+# The keys that say where a mixture source's documents are; the rest (tokenizer, seq_len, mode,
+# shuffle_buffer, num_workers, val_tokens, prefetch, exhausted) belong to the mixture as a whole.
+SOURCE_KEYS = ("source", "path", "name", "train_files", "validation_files", "text_field", "sample_by", "holdout")
 
-@dataclass(frozen=True)
-class DataSpec:
-    """A validated data config; each field's meaning: dlr.config.DataConfig."""
 
-    source: str = "hub"
-    path: str = "allenai/c4"
-    name: str | None = "en"
-    train_files: tuple[str, ...] = ()
-    validation_files: tuple[str, ...] = ()
-    text_field: str = "text"
-    sample_by: str = "paragraph"
-    tokenizer: str = "t5"
-    seq_len: int = 256
-    mode: str = "paper"
-    shuffle_buffer: int = 10_000
-    num_workers: int = 2
-    val_tokens: int | None = 10_000_000
-    prefetch: int = 4
+def _spec_field(f: Any) -> tuple[str, Any, Any]:
+    if f.name in _TUPLES:
+        return f.name, tuple, field(default=())
+    default = f.default if f.default is not MISSING else f.default_factory()
+    return f.name, f.type, field(default=default)
+
+
+DataSpec = make_dataclass("DataSpec", [_spec_field(f) for f in fields(DataConfig)], frozen=True,
+                          namespace={"__doc__": "A validated data config; each field's meaning: dlr.config.DataConfig."})
+DataSpec.__module__ = __name__
 
 
 def _files(value: Any) -> tuple[str, ...]:
@@ -35,10 +39,6 @@ def _files(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,) if value else ()
     return tuple(value)
-
-
-def _example(key: str) -> str:
-    return "<the directory dlr-prepare wrote>" if key == "path" else "<path or glob>"
 
 
 def data_spec(cfg: DataConfig | Mapping[str, Any]) -> DataSpec:
@@ -54,6 +54,10 @@ def data_spec(cfg: DataConfig | Mapping[str, Any]) -> DataSpec:
         c = replace(c, tokenizer=None)
     if c.source == "tokens":
         return _tokens_spec(c)
+    if c.source == "mix":
+        return _mix_spec(c)
+    if c.mix is not None:
+        raise ConfigError(f"data.mix is set but data.source={c.source!r}; accepted: data.source=mix (or data=mix)")
     train_files, validation_files = _files(c.train_files), _files(c.validation_files)
     if c.source != "hub" and not train_files and not validation_files:
         raise ConfigError(
@@ -61,28 +65,65 @@ def data_spec(cfg: DataConfig | Mapping[str, Any]) -> DataSpec:
         )
     if c.source == "hub" and not c.path:
         raise bad_value("data.path", c.path, "a hub dataset id, e.g. allenai/c4")
-    return DataSpec(
-        source=c.source,
-        path=c.path or "allenai/c4",
-        name=c.name,
-        train_files=train_files,
-        validation_files=validation_files,
-        text_field=c.text_field,
-        sample_by=c.sample_by,
-        tokenizer=c.tokenizer or "t5",
-        seq_len=c.seq_len,
-        mode=c.mode,
-        shuffle_buffer=c.shuffle_buffer,
-        num_workers=c.num_workers,
-        val_tokens=c.val_tokens,
-        prefetch=c.prefetch,
-    )
+    if c.holdout is not None and validation_files:
+        raise ConfigError(f"data.holdout={c.holdout} takes the validation documents from the train split, but "
+                          f"data.validation_files={list(validation_files)} is set too; accepted: one of them")
+    if c.holdout is not None and c.source != "hub" and not train_files:
+        raise ConfigError(f"data.holdout={c.holdout} holds out train documents, but data.train_files is empty")
+    values = {f.name: getattr(c, f.name) for f in fields(DataConfig)}
+    return DataSpec(**{**values, "path": c.path or "allenai/c4", "train_files": train_files,
+                       "validation_files": validation_files, "tokenizer": c.tokenizer or "t5", "mix": ()})
+
+
+def _config_file(name: str) -> Mapping[str, Any]:
+    from omegaconf import OmegaConf
+
+    here = resources.files("dlr.configs") / "data"
+    names = sorted(p.name[:-5] for p in here.iterdir() if p.name.endswith(".yaml"))
+    if name not in names or name in ("mix", "tokens"):
+        raise bad_value("data.mix[].config", name, ", ".join(n for n in names if n not in ("mix", "tokens")))
+    return OmegaConf.to_container(OmegaConf.load(str(here / f"{name}.yaml")))  # type: ignore[return-value]
+
+
+def _mix_part(entry: Mapping[str, Any], parent: Any, i: int) -> tuple[str, float, DataSpec]:
+    entry = dict(entry)
+    weight = float(entry.pop("weight"))
+    config, label = entry.pop("config", None), entry.pop("label", None)
+    unknown = sorted(set(entry) - set(SOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"data.mix[{i}]: key {unknown[0]!r} is not valid; accepted: weight, config, label, "
+                          f"{', '.join(SOURCE_KEYS)}")
+    base = {k: v for k, v in _config_file(config).items() if k in SOURCE_KEYS} if config else {}
+    inherited = {f.name: getattr(parent, f.name) for f in fields(DataConfig) if f.name not in SOURCE_KEYS + ("mix",)}
+    merged = {**inherited, **base, **entry}
+    if merged.get("source") in ("mix", "tokens", None):
+        raise bad_value(f"data.mix[{i}].source", merged.get("source"), "hub, json, parquet, text")
+    spec = data_spec(merged)
+    name = label or config or (spec.path if spec.source == "hub" else os.path.basename(spec.train_files[0]))
+    return str(name), weight, spec
+
+
+def _mix_spec(c: Any) -> DataSpec:
+    """source=mix: each source a full DataSpec sharing the mixture's batching settings."""
+    if not c.mix:
+        raise ConfigError("data.source=mix needs data.mix: a list of {config: <data config>, weight: w} "
+                          "(e.g. data=mix, or data.mix='[{config: c4_sample, weight: 1}]')")
+    parts = tuple(_mix_part(e, c, i) for i, e in enumerate(c.mix))
+    total = sum(w for _, w, _ in parts)
+    if not total > 0:
+        raise ConfigError(f"data.mix weights {[w for _, w, _ in parts]} sum to {total}; accepted: weights >= 0 "
+                          "with a positive sum")
+    names = [n for n, _, _ in parts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"data.mix: two sources are called {dup[0]!r}; give one a label: {{label: <name>, ...}}")
+    values = {f.name: getattr(c, f.name) for f in fields(DataConfig) if f.name not in SOURCE_KEYS + ("mix",)}
+    return DataSpec(**{**values, "source": "mix", "path": None, "name": None, "tokenizer": c.tokenizer or "t5",
+                       "mix": parts})
 
 
 def _tokens_spec(c: Any) -> DataSpec:
     """source=tokens: `path` is a dlr-prepare directory; `tokenizer` null = the one saved in it."""
-    import os
-
     path = c.path
     if not isinstance(path, str) or not path:
         raise bad_value("data.path", path, "the directory written by dlr-prepare (data=tokens data.path=DIR)")

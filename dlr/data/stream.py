@@ -15,13 +15,17 @@ exactly once and a one-rank shard is the unsharded stream.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from dlr.data.sources import iter_file
+from dlr.data.sources import Part, iter_part
 from dlr.data.spec import DataSpec
+from dlr.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _NO_SHUFFLE_BLOCK = 1024  # block size used only to bound memory when shuffling is off
 _FILES, _BLOCKS = 1, 2  # stream ids for the seed sequence
@@ -42,15 +46,24 @@ class Position:
 class DocStream:
     """The documents of `files` (all of them, or file shard `shard` of `num_shards`) per epoch."""
 
-    def __init__(self, spec: DataSpec, files: list[str], seed: int, shard: int = 0, num_shards: int = 1) -> None:
+    def __init__(self, spec: DataSpec, files: list[str] | list[Part], seed: int, shard: int = 0,
+                 num_shards: int = 1) -> None:
         if not (0 <= shard < num_shards):
             raise ValueError(f"shard={shard} is not in [0, {num_shards})")
         self.spec = spec
-        self.files = list(files)
+        self.parts = [f if isinstance(f, Part) else Part(f) for f in files]
+        self.files = [p.path for p in self.parts]
         self.seed = int(seed) % (2**63)
         self.shard, self.num_shards = shard, num_shards
         self.shuffle = spec.shuffle_buffer > 0
         self.block_size = spec.shuffle_buffer if self.shuffle else _NO_SHUFFLE_BLOCK
+
+    def cursor(self, position: list[int] | None, rank: int = 0, world_size: int = 1) -> "DocCursor":
+        """Read from `position` (a `DocCursor.position()`, None = the start) on, endlessly."""
+        return DocCursor(self, position, rank, world_size)
+
+    def position_size(self) -> int:
+        return len(POSITION_KEYS)
 
     def file_order(self, epoch: int) -> list[int]:
         """Indices into `files` that this stream reads in `epoch`, in reading order."""
@@ -62,7 +75,7 @@ class DocStream:
 
     def _records(self, order: list[int], file: int, rec: int) -> Iterator[tuple[int, int, str]]:
         for i in range(file, len(order)):
-            for r, text in iter_file(self.spec, self.files[order[i]], start=rec if i == file else 0):
+            for r, text in iter_part(self.spec, self.parts[order[i]], start=rec if i == file else 0):
                 yield i, r, text
 
     def iter_epoch(self, pos: Position) -> Iterator[tuple[int, str, int, int, int]]:
@@ -93,3 +106,60 @@ class DocStream:
             if len(block) < size:
                 return
             k += 1
+
+
+def _names(files: list[str], n: int = 3) -> str:
+    shown = ", ".join(files[:n])
+    return shown + (f", ... ({len(files)} files)" if len(files) > n else "")
+
+
+POSITION_KEYS = ("epoch", "block", "file", "rec", "g")
+
+
+class DocCursor:
+    """A stream's documents from a position on, epoch after epoch: (g, text, source 0).
+
+    `position()` is where the next document comes from. rank/world_size only check that every
+    process gets a document of each epoch (the caller keeps g % world_size == rank).
+    `on_epoch_end(epoch, documents)` is called when an epoch has been read whole.
+    """
+
+    def __init__(self, stream: DocStream, position: list[int] | None, rank: int = 0, world_size: int = 1,
+                 on_epoch_end: Callable[[int, int], None] | None = None) -> None:
+        self.stream, self.rank, self.world = stream, rank, world_size
+        self.pos = Position(*position) if position else Position()
+        self.on_epoch_end = on_epoch_end
+
+    def position(self) -> list[int]:
+        p = self.pos
+        return [p.epoch, p.block, p.file, p.rec, p.g]
+
+    def __iter__(self) -> Iterator[tuple[int, str, int]]:
+        pos = self.pos
+        while True:
+            fresh_epoch, seen, mine = pos.g == 0, 0, 0
+            for g, text, k, bf, br in self.stream.iter_epoch(pos):
+                seen += 1
+                mine += g % self.world == self.rank
+                pos.block, pos.file, pos.rec, pos.g = k, bf, br, g + 1
+                yield g, text, 0
+            self._check_epoch(fresh_epoch, seen, mine)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(pos.epoch, pos.g)
+            self.pos = pos = Position(epoch=pos.epoch + 1)
+
+    def _check_epoch(self, fresh_epoch: bool, seen: int, mine: int) -> None:
+        st = self.stream
+        if fresh_epoch and seen == 0:
+            if st.num_shards == 1:
+                raise ConfigError(f"the train split has no documents (files: {_names(st.files)})")
+            mine_files = [st.files[i] for i in st.file_order(self.pos.epoch)]
+            raise ConfigError(
+                f"process rank={st.shard} of world_size={st.num_shards} got train files with no documents in epoch "
+                f"{self.pos.epoch} ({_names(mine_files)}); every process needs a non-empty file"
+            )
+        if fresh_epoch and mine == 0:
+            raise ConfigError(
+                f"the train split has {seen} documents, fewer than world_size={self.world}; every process needs one"
+            )
+

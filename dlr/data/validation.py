@@ -6,11 +6,12 @@ the union over ranks never depends on the number of processes.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from dlr.data.sources import check_local_file, iter_file, resolve_files
+from dlr.data.sources import check_local_file, split_parts, split_texts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
@@ -19,15 +20,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 256  # documents tokenized per call
 
 
-def _texts(spec: DataSpec, files: list[str]):
-    for f in files:
-        for _, text in iter_file(spec, f):
-            yield text
-
-
-def _token_lists(spec: DataSpec, tokenizer: Tokenizer, files: list[str]):
+def _token_lists(spec: DataSpec, tokenizer: Tokenizer):
     chunk: list[str] = []
-    for text in _texts(spec, files):
+    for text in split_texts(spec, "validation"):
         chunk.append(text)
         if len(chunk) == _CHUNK:
             yield from tokenizer.encode_batch(chunk)
@@ -49,14 +44,32 @@ def validation_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor,
     """(input_ids, labels) LongTensor[N, seq_len] of the whole fixed validation set."""
     if spec.source == "tokens":
         return _shard_rows(spec, tokenizer)
-    files = resolve_files(spec, "validation")
+    if spec.source == "mix":
+        return _mix_rows(spec, tokenizer)
+    files = [p.path for p in split_parts(spec, "validation")]
     for f in files:
         check_local_file(spec, f)
-    ids, labels, used, docs = _rows(spec, tokenizer, _token_lists(spec, tokenizer, files), f"files: {', '.join(files[:3])}")
+    ids, labels, used, docs = _rows(spec, tokenizer, _token_lists(spec, tokenizer), f"files: {', '.join(files[:3])}")
     if spec.val_tokens is not None and used < spec.val_tokens:
         log.warning("validation split holds only %d tokens (%d documents), below val_tokens=%d; using all of it",
                     used, docs, spec.val_tokens)
     return ids, labels
+
+
+def mix_budgets(spec: DataSpec) -> list[int | None]:
+    """Each mixture source's share of data.val_tokens, by its weight (None: its whole validation split)."""
+    total = sum(w for _, w, _ in spec.mix)
+    if spec.val_tokens is None:
+        return [None] * len(spec.mix)
+    return [max(1, round(spec.val_tokens * w / total)) for _, w, _ in spec.mix]
+
+
+def _mix_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixture's validation set: each source's own (held-out) validation rows, its weight's share
+    of the budget, in the order of data.mix. A source of weight 0 is not measured."""
+    parts = [validation_rows(replace(sub, val_tokens=budget), tokenizer)
+             for (_, w, sub), budget in zip(spec.mix, mix_budgets(spec)) if w > 0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _shard_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +80,8 @@ def _shard_rows(spec: DataSpec, tokenizer: Tokenizer) -> tuple[torch.Tensor, tor
     manifest = read_manifest(spec.path)
     check_tokenizer(manifest, tokenizer, spec.path)
     shards = SplitShards(spec.path, "validation", manifest)
+    if "mix" in manifest:
+        return _prepared_mix_rows(spec, tokenizer, shards, manifest["mix"]["validation"])
     ids, labels, used, docs = _rows(spec, tokenizer, shards.iter_documents(), f"data.path={spec.path}")
     short = spec.val_tokens is None or used < spec.val_tokens
     if short and not shards.complete:
@@ -120,6 +135,24 @@ def _rows(spec: DataSpec, tokenizer: Tokenizer, token_lists, where: str) -> tupl
         lab[: len(stream)] = stream
         ids, labels = torch.from_numpy(flat).view(n_rows, T), torch.from_numpy(lab).view(n_rows, T)
     return ids, labels, used, docs
+
+
+def _prepared_mix_rows(spec: DataSpec, tokenizer: Tokenizer, shards, parts: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared mixture's validation rows, cut source by source as `_mix_rows` cuts the streamed ones."""
+    docs = shards.iter_documents()
+    total = sum(p["weight"] for p in parts)
+    out, start = [], 0
+    for part in parts:
+        budget = None if spec.val_tokens is None else max(1, round(spec.val_tokens * part["weight"] / total))
+        if part["val_tokens"] is not None and (budget is None or budget > part["val_tokens"]):
+            raise ConfigError(f"data.path={spec.path!r} holds the first {part['val_tokens']} validation tokens of "
+                              f"mixture source {part['name']!r}, but data.val_tokens={spec.val_tokens} asks for {budget}; "
+                              f"accepted: a data.val_tokens no larger than the one prepared, or re-run dlr-prepare")
+        n, start = part["validation_documents"] - start, part["validation_documents"]
+        mine = [next(docs) for _ in range(n)]
+        ids, labels, _, _ = _rows(replace(spec, val_tokens=budget), tokenizer, iter(mine), f"data.path={spec.path}")
+        out.append((ids, labels))
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
 def validation_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int = 0,

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dlr.data.sources import _open_text, check_local_file, iter_file, resolve_files
+from dlr.data.formats import format_of, open_text
+from dlr.data.sources import check_local_file, iter_part, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
@@ -53,7 +54,7 @@ class Corpus:
 def _read_text_file(path: str) -> Iterator[str]:
     """A whole text file, in pieces cut after a newline (SentencePiece starts a word after
     whitespace anyway, so the ids equal those of the file tokenized in one piece)."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         buf = io.StringIO()
         size = 0
         for line in f:
@@ -66,15 +67,15 @@ def _read_text_file(path: str) -> Iterator[str]:
             yield buf.getvalue()
 
 
-def _documents(spec: DataSpec, files: list[str]) -> Iterator[list[str]]:
-    """Each document as a list of text pieces: a whole text file, or one JSON record."""
-    for f in files:
-        if spec.source == "text":
-            pieces = [p for p in _read_text_file(f)]
+def _documents(spec: DataSpec) -> Iterator[list[str]]:
+    """Each document as a list of text pieces: a whole text file, or one record (JSON, Parquet)."""
+    for part in split_parts(spec, "validation"):
+        if format_of(spec, part.path).whole_file_documents and spec.holdout is None:
+            pieces = [p for p in _read_text_file(part.path)]
             if any(p.strip() for p in pieces):
                 yield pieces
         else:
-            for _, text in iter_file(spec, f):
+            for _, text in iter_part(spec, part):
                 yield [text]
 
 
@@ -84,7 +85,7 @@ def load_corpus(spec: DataSpec, tokenizer: Tokenizer, budget: int | None = None)
     `budget` caps the scored tokens. A text corpus is always read to its end, so the share
     that the budget leaves out is known; a hub/JSON split stops at the budget.
     """
-    files = resolve_files(spec, "validation")
+    files = [p.path for p in split_parts(spec, "validation")]
     for f in files:
         check_local_file(spec, f)
     eos = tokenizer.eos_id
@@ -92,7 +93,7 @@ def load_corpus(spec: DataSpec, tokenizer: Tokenizer, budget: int | None = None)
     total = words = nbytes = docs = 0
     read_all = spec.source == "text"
     complete = True
-    for pieces in _documents(spec, files):
+    for pieces in _documents(spec):
         if docs:
             doc_ids = [eos]  # the separator is a real token the model must predict
         else:
@@ -192,10 +193,9 @@ def corpus_metrics(loss: float, scored: int, corpus: Corpus) -> CorpusMetrics:
 
 def split_tokens(spec: DataSpec, tokenizer: Tokenizer) -> int:
     """Tokens of the validation split as the row protocol sees it: every document + its EOS."""
-    files = resolve_files(spec, "validation")
     n = 0
-    for f in files:
-        texts = [t for _, t in iter_file(spec, f)]
+    for part in split_parts(spec, "validation"):
+        texts = [t for _, t in iter_part(spec, part)]
         for i in range(0, len(texts), 256):
             n += sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts[i: i + 256]))
     return n

@@ -96,9 +96,10 @@ def resolve_protocol(protocol: str, spec: DataSpec, stride: int | None = None) -
     if protocol == "auto":
         protocol = "sliding" if spec.source == "text" else "rows"
     if protocol == "sliding":
-        if spec.source not in ("hub", "json", "text"):
-            raise ConfigError(f"protocol=sliding reads documents; data.source={spec.source!r} holds prepared token "
-                              "shards; accepted there: protocol=rows (or auto)")
+        if spec.source in ("tokens", "mix"):
+            what = "holds prepared token shards" if spec.source == "tokens" else "weighs its sources by rows"
+            raise ConfigError(f"protocol=sliding reads one corpus's documents; data.source={spec.source!r} {what}; "
+                              "accepted there: protocol=rows (or auto)")
         check_window(spec.seq_len, default_stride(spec, stride))
     return protocol
 
@@ -119,6 +120,10 @@ def data_description(spec: DataSpec, files: Sequence[str]) -> dict[str, Any]:
         d["sample_by"] = spec.sample_by
     if spec.source == "tokens":  # a dlr-prepare directory of token shards
         d["path"] = spec.path
+    if spec.holdout is not None:  # validation = the first holdout documents of the train files
+        d["holdout"] = spec.holdout
+    if spec.mix:
+        d["mix"] = [{"name": n, "weight": w} for n, w, _ in spec.mix]
     d["validation_files"] = list(files)
     return d
 
@@ -165,7 +170,8 @@ def rows_perplexity(model: torch.nn.Module, tokenizer: Tokenizer, spec: DataSpec
 
     rank, world = _rank_world()
     # The files read (the hub's are listed by validation_batches itself; token shards have none).
-    files = resolve_files(spec, "validation") if spec.source in ("json", "text") else spec.validation_files
+    files = (resolve_files(spec, "validation") if spec.source in ("json", "parquet", "text") else
+             [f for _, _, sub in spec.mix for f in sub.validation_files] if spec.mix else spec.validation_files)
     batches = validation_batches(spec, tokenizer, batch_size, rank=rank, world_size=world)
     if spec.source == "text":
         check_coverage(_scored_everywhere(batches, device), split_tokens(spec, tokenizer), min_coverage,

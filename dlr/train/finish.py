@@ -5,6 +5,8 @@ each process's rows of B, and final/ and folded/ are streamed from the shards.
 """
 from __future__ import annotations
 
+import logging
+
 from ..counting import model_stats
 from ..data import data_provenance
 from ..fold import fold_model, foldable
@@ -13,6 +15,8 @@ from .sharding import save_final
 from .state import TrainerState
 from .telemetry import Throughput, peak_memory_gib
 from .validation import run_eval
+
+log = logging.getLogger(__name__)
 
 
 def _summary(state: TrainerState, wall_s: float, speed: Throughput, memory_estimate: dict) -> dict:
@@ -29,6 +33,19 @@ def _summary(state: TrainerState, wall_s: float, speed: Throughput, memory_estim
         "compile": state.compiled, "loss_impl": state.loss_impl, "peak_mem_gib": peak_memory_gib(state.device),
         "parallelism": cfg.system.parallelism, "memory_estimate_per_process_gib": memory_estimate,
     }
+
+
+def data_tokens(state: TrainerState) -> dict[str, int] | None:
+    """The tokens the run took from each data source (a mixture's sources, or the one source),
+    summed over processes; None for token shards, which count no sources."""
+    data = state.data
+    if not hasattr(data, "source_tokens"):
+        return None
+    import torch
+
+    counts = torch.tensor(data.source_tokens(), dtype=torch.long, device=state.device)
+    counts = state.accelerator.reduce(counts, reduction="sum")
+    return dict(zip(data.source_names, (int(n) for n in counts.tolist())))
 
 
 def _fold(state: TrainerState, summary: dict, extra: dict) -> None:
@@ -52,8 +69,16 @@ def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimat
     # What docs/checkpoints.md promises in dlr_checkpoint.json: where in training this model is.
     extra = {"step": state.plan.steps, "tokens": state.plan.total_tokens, "val_loss": last["val_loss"],
              "val_tokens": last["val_tokens"], **data_provenance(state.cfg.data)}
+    tokens = data_tokens(state)
+    if tokens is not None:
+        # What the model was trained on, source by source: in summary.json and the model card.
+        extra["data_tokens"] = tokens
+        if state.is_main:
+            log.info("tokens per data source: %s", ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
     save_final(state.plain_model(), state.tokenizer, state.out_dir / FINAL_DIR, state.is_main, extra=extra)
     summary = _summary(state, wall_s, speed, memory_estimate)
+    if tokens is not None:
+        summary["data_tokens"] = tokens
     acc.wait_for_everyone()
     if foldable(state.plain_model().config):  # what dlr-fold folds: a residual, a latent scale, ...
         _fold(state, summary, extra)

@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 
 from ..atomic import check_writable
-from ..data.sources import check_local_file, resolve_files
+from ..data.sources import check_local_file, holdout_boundary, resolve_files
 from ..data.spec import DataSpec
 from ..errors import ConfigError
 
@@ -53,6 +53,10 @@ def check_data_files(spec: DataSpec) -> None:
     """
     if spec.source == "tokens":
         return
+    if spec.source == "mix":
+        for _, _, sub in spec.mix:
+            check_data_files(sub)
+        return
     for split in ("train", "validation"):
         for path in resolve_files(spec, split):
             if path.startswith("hf://"):
@@ -62,4 +66,6 @@ def check_data_files(spec: DataSpec) -> None:
             check_local_file(spec, path)
             if path.endswith(".gz") and os.path.getsize(path) <= FULL_CHECK_BYTES:
                 _check_whole_gzip(path)
+    if spec.holdout is not None:
+        holdout_boundary(spec)  # a held-out set larger than the corpus is refused before anything is written
 
