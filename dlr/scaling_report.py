@@ -54,8 +54,16 @@ def _size_free_settings(run) -> dict:
     flat = compare.settings(run, SIZE_AND_BUDGET)
     model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
     # The size's own recipe value (e.g. the per-size lr) belongs to the size, not to the group.
-    return {k: ("recipe" if k.rpartition(".")[2] in RECIPE_KEYS and model.get(k.rpartition(".")[2]) == v else v)
+    recipe = _recipe(model.get("name"))
+    return {k: ("recipe" if k.rpartition(".")[2] in RECIPE_KEYS and recipe.get(k.rpartition(".")[2]) == v else v)
             for k, v in flat.items()}
+
+
+def _recipe(name: str | None) -> dict:
+    """The recipe of the run's size (configs/model/<name>.yaml); none for a name the zoo lacks."""
+    from dlr.zoo import recipe, size_names
+
+    return recipe(name) if name in size_names() else {}
 
 
 def group_for_scaling(runs: list) -> list:

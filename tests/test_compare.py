@@ -17,7 +17,7 @@ from dlr.errors import ConfigError
 BASE = {
     "model": {"name": "llama_tiny", "hidden_size": 64, "default_rank": 16},
     "data": {"seq_len": 256, "mode": "paper", "num_workers": 2, "val_tokens": 1000},
-    "optimizer": {"name": "adamw", "lr": 0.003},
+    "optimizer": {"name": "adamw"},
     "method": "dlr", "rank": 16, "alpha": 1.0, "activation": "silu", "expand": "uniform", "scope": "all",
     "seed": 0, "steps": 10, "lr": 0.003, "global_batch": 8, "micro_batch": 4, "eval_every": 5,
     "log_every": 1, "precision": "auto",

@@ -8,8 +8,11 @@ import pytest
 import yaml
 
 from dlr.cli import scaling as scaling_cli
+from dlr.zoo import recipe
 
-SIZES = {"llama_s1": (64, 1e5), "llama_s2": (128, 1e6), "llama_s3": (256, 1e7)}  # (hidden, non-embedding params)
+# Zoo names, so their recipes (configs/model/*.yaml; llama_60m's lr differs) are what the grouping looks up;
+# (hidden, non-embedding params) are the test's own.
+SIZES = {"llama_n100k": (64, 1e5), "llama_130m": (128, 1e6), "llama_60m": (256, 1e7)}
 TOKENS = (1e8, 1e9, 1e10)
 LAWS = {"full": (1.8, 400.0, 0.34, 400.0, 0.28), "dlr": (1.9, 400.0, 0.34, 400.0, 0.28)}
 
@@ -17,12 +20,10 @@ LAWS = {"full": (1.8, 400.0, 0.34, 400.0, 0.28), "dlr": (1.9, 400.0, 0.34, 400.0
 def make_run(root, size, method, tokens, lr_override=None, seed=0, noise=0.0):
     """summary.json + config.yaml as dlr-train writes them (the keys dlr-scaling reads, and the grouping keys)."""
     hidden, n = SIZES[size]
-    recipe_lr = 0.006 if size == "llama_s3" else 0.003  # a per-size recipe, as the zoo has
-    lr = lr_override or recipe_lr
-    cfg = {"model": {"name": size, "hidden_size": hidden, "default_rank": hidden // 4, "lr": recipe_lr,
-                     "global_batch": 512},
-           "optimizer": {"name": "adamw", "lr": lr}, "method": method, "rank": hidden // 4, "alpha": 1.0,
-           "seed": seed, "steps": int(tokens // 131072), "tokens": tokens, "lr": lr, "global_batch": 512,
+    lr = lr_override or recipe(size)["lr"]  # a per-size recipe lr: 0.006 for llama_60m, 0.003 for the others
+    cfg = {"model": {"name": size, "hidden_size": hidden, "default_rank": hidden // 4},
+           "optimizer": {"name": "adamw"}, "method": method, "rank": hidden // 4, "alpha": 1.0,
+           "seed": seed, "steps": int(tokens // 131072), "tokens": tokens, "lr": lr, "global_batch": recipe(size)["global_batch"],
            "micro_batch": 8, "eval_every": 100}
     out = root / f"{size}-{method}-t{int(tokens)}-lr{lr}-s{seed}"
     out.mkdir(parents=True)
@@ -121,10 +122,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(grid, tmp_path, capsys,
 
 def test_a_group_with_too_few_points_is_refused_saying_how_many(tmp_path, capsys):
     root = tmp_path / "runs"
-    for size in ("llama_s1", "llama_s2"):
+    for size in ("llama_n100k", "llama_130m"):
         for t in TOKENS[:2]:
             make_run(root, size, "full", t)
-    make_run(root, "llama_s1", "full", TOKENS[0], seed=1)  # a second seed is not a new point
+    make_run(root, "llama_n100k", "full", TOKENS[0], seed=1)  # a second seed is not a new point
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
         scaling_cli.main([str(root), "--out", str(out)])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlr.config import OPTIMIZER_SCHEMAS, build
+from dlr.config import OPTIMIZER_SCHEMAS, ScheduleConfig, build, check_field
 from dlr.config.choices import FACTORIZED_METHODS, METHODS, OPTIMIZERS
 from dlr.errors import ConfigError, bad_value
 from dlr.optim.spectron import Spectron
@@ -68,12 +68,14 @@ def spectron_param_groups(
     return groups
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, *, lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model` trained with `method` ("full" | "lowrank" | "dlr").
 
     cfg: the optimizer section (a dlr.config.AdamWConfig / SpectronConfig, or a mapping with
-    their keys, checked there; unknown keys are refused). fused: AdamW's single-kernel
-    implementation (the trainer asks for it on CUDA); Spectron ignores it.
+    their keys, checked there; unknown keys are refused). lr: the peak learning rate (the
+    schedule's `lr`, the one learning-rate setting; Spectron's factor step). fused: AdamW's
+    single-kernel implementation (the trainer asks for it on CUDA); Spectron ignores it.
     """
     name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
     if name not in OPTIMIZERS:
@@ -82,11 +84,12 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused
         raise bad_value("method", method, METHODS)
     schema = OPTIMIZER_SCHEMAS[name]
     c = cfg if isinstance(cfg, schema) else build(schema, {k: v for k, v in cfg.items() if k != "defaults"}, "optimizer.")
+    lr = float(check_field(ScheduleConfig, "lr", lr))
     betas = tuple(float(b) for b in c.betas)
 
     if name == "adamw":
-        groups = _adamw_groups(_trainable(model), lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.AdamW(groups, lr=c.lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay, fused=fused or None)
+        groups = _adamw_groups(_trainable(model), lr=lr, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay, fused=fused or None)
 
     if method not in FACTORIZED_METHODS:
         raise ConfigError(
@@ -98,11 +101,11 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused
         )
     groups = spectron_param_groups(
         model,
-        lr=c.lr,
-        adamw_lr=c.lr if c.adamw_lr is None else c.adamw_lr,
+        lr=lr,
+        adamw_lr=lr if c.adamw_lr is None else c.adamw_lr,
         weight_decay=c.weight_decay,
         adamw_weight_decay=c.weight_decay if c.adamw_weight_decay is None else c.adamw_weight_decay,
         spectron=dict(momentum=c.momentum, ns_steps=c.ns_steps, power_init_iters=c.power_init_iters,
                       ns_dtype=c.ns_dtype, seed=c.seed),
     )
-    return Spectron(groups, lr=c.lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay)
+    return Spectron(groups, lr=lr, betas=betas, eps=c.eps, weight_decay=c.weight_decay)
