@@ -249,7 +249,7 @@ def pyplot():
         import matplotlib
     except ImportError:
         raise ConfigError("plots need matplotlib, which is not installed; accepted: pip install 'dlr[plots]', "
-                          "or --no-plots") from None
+                          "or plots=false") from None
     matplotlib.use("Agg")  # no display on training nodes
     import matplotlib.pyplot as plt
 
@@ -490,7 +490,7 @@ def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bo
     return files
 
 
-# ---------------------------------------------------------------- sensitivity (--by KEY)
+# ---------------------------------------------------------------- sensitivity (by=KEY)
 
 def t_quantile(p: float, df: int) -> float:
     """Quantile of Student's t with integer df (e.g. t_{0.975, 2} = 4.303), by bisection.
@@ -587,7 +587,7 @@ def sweep_points(groups: Sequence[Group], key: str, metric: str) -> list[SweepPo
     """
     if not any(key in g.settings for g in groups):
         accepted = ", ".join(varying_keys(groups)) or "(no setting varies between these runs)"
-        raise ConfigError(f"--by {key!r} is a setting of none of the runs; accepted (settings that vary): {accepted}")
+        raise ConfigError(f"by={key!r} is a setting of none of the runs; accepted (settings that vary): {accepted}")
     swept = [g for g in groups if key in g.settings]
     series_keys = [k for k in varying_keys(swept) if k != key]
     lowrank = [g for g in groups if g.method == "lowrank"]

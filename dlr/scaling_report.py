@@ -43,7 +43,7 @@ def _point(run, metric: str) -> dict:
     missing = [k for k in (*keys, metric) if s.get(k) is None]
     if missing:
         raise ConfigError(f"{str(run.path)!r} has no {', '.join(missing)} in summary.json; accepted: runs written by "
-                          "dlr-train, with a --metric their summary.json holds (val_loss, folded_val_loss, ...)")
+                          "dlr-train, with a metric= their summary.json holds (val_loss, folded_val_loss, ...)")
     n, d, fpt = (float(s[k]) for k in keys)
     return {"run": _shown_path(run.path), "N": n, "D": d, "C": fpt * d, "flops_per_token": fpt, "loss": float(s[metric])}
 

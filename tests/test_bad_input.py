@@ -165,11 +165,13 @@ CASES = [
     ("fold", ["ckpt={run}/final", "dense=maybe"], "dense='maybe'"),
     ("fold", ["ckpt={files}/flipped", "out={files}/f2"], "sha256"),
     # dlr-compare
-    ("compare", ["{run}", "--metric", "nope"], "'nope'"),
-    ("compare", ["{run}", "--out", "{files}/afile"], "afile"),
+    ("compare", ["{run}", "metric=nope"], "'nope'"),
+    ("compare", ["{run}", "metricc=val_loss"], "did you mean 'metric'"),
+    ("compare", ["{run}", "out={files}/afile"], "afile"),
     ("compare", ["{run}", "--bogus"], "--bogus"),
-    ("compare", ["{run}", "--out="], "out=''"),
-    ("compare", ["{run}", "--by", "no_such_key"], "no_such_key"),
+    ("compare", ["{run}", "out="], "out=''"),
+    ("compare", ["{run}", "--out", "x"], "did you mean out=...?"),
+    ("compare", ["{run}", "by=no_such_key"], "no_such_key"),
 ]
 
 

@@ -127,7 +127,7 @@ def test_cli_writes_table_csv_and_plots(sweep, tmp_path, capsys):
     # In process, through the entry point's exit code: no subprocess timeout to trip on a loaded machine.
     out = tmp_path / "cmp"
     with pytest.raises(SystemExit) as exit_info:
-        compare_cli.main([str(sweep), "--out", str(out)])
+        compare_cli.main([str(sweep), f"out={out}"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 0, captured.err
     assert "n=3" in captured.out and "standard error" in captured.out
@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make_args, needle):
 
 def test_unknown_metric_is_refused(sweep):
     with pytest.raises(ConfigError, match="nope"):
-        compare_cli.compare_main([str(sweep), "--metric", "nope"])
+        compare_cli.compare_main([str(sweep), "metric=nope"])
 
 
 def test_labels_name_only_the_keys_that_differ_shortest_first(tmp_path):

@@ -51,7 +51,7 @@ def grid(tmp_path):
 
 def test_fits_one_law_per_method_and_writes_everything(grid, tmp_path, capsys):
     out = tmp_path / "fit"
-    assert scaling_cli.scaling_main([str(grid), "--out", str(out), "--at", "1e18,1e20", "--bootstrap", "8"]) == 0
+    assert scaling_cli.scaling_main([str(grid), f"out={out}", "at=1e18,1e20", "bootstrap=8"]) == 0
     printed = capsys.readouterr().out
     assert "18 run(s) in 2 group(s)" in printed and "dlr − full" in printed
     fit = json.loads((out / "fit.json").read_text())
@@ -87,7 +87,7 @@ def test_isoflop_plot_where_the_grid_has_equal_budgets(tmp_path, capsys):
         fpt = 6 * n + 6 * 32000 * hidden
         make_run(root, size, "full", round(3e17 / fpt))
     out = tmp_path / "fit"
-    assert scaling_cli.scaling_main([str(root), "--out", str(out), "--bootstrap", "0"]) == 0
+    assert scaling_cli.scaling_main([str(root), f"out={out}", "bootstrap=0"]) == 0
     assert (out / "isoflop.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -95,24 +95,26 @@ def test_a_setting_beyond_size_and_budget_makes_another_group(grid, capsys):
     for size in SIZES:
         for t in TOKENS[:2]:
             make_run(grid, size, "full", t, lr_override=0.01)
-    assert scaling_cli.scaling_main([str(grid), "--bootstrap", "0", "--at", "1e19"]) == 0
+    assert scaling_cli.scaling_main([str(grid), "bootstrap=0", "at=1e19"]) == 0
     printed = capsys.readouterr().out
     assert "3 group(s)" in printed and "full lr=0.01" in printed
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--at", "1e18,x"], "--at '1e18,x' is not valid"),
-    (["--at", "-5"], "positive FLOP budgets"),
-    (["--bootstrap", "-1"], "--bootstrap -1"),
-    (["--level", "2"], "--level 2.0"),
-    (["--metric", "nope"], "no nope in summary.json"),
+    (["at=1e18,x"], "at=[1e+18, 'x'] is not valid"),
+    (["at=-5"], "positive FLOP budgets"),
+    (["bootstrap=-1"], "bootstrap=-1"),
+    (["level=2"], "level=2.0"),
+    (["levle=0.9"], "unknown setting 'levle'; did you mean 'level'?"),
+    (["metric=nope"], "no nope in summary.json"),
     (["--no-runs"], "no run directories given; e.g. dlr-scaling"),
-    (["--out"], "expected one argument"),
+    (["--at", "1e18"], "'--at' is not a setting; settings are key=value; did you mean at=...?"),
+    (["plots=maybe"], "plots='maybe'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(grid, tmp_path, capsys, extra, needle):
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([*([] if extra == ["--no-runs"] else [str(grid)]), "--out", str(out),
+        scaling_cli.main([*([] if extra == ["--no-runs"] else [str(grid)]), f"out={out}",
                           *(e for e in extra if e != "--no-runs")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -128,7 +130,7 @@ def test_a_group_with_too_few_points_is_refused_saying_how_many(tmp_path, capsys
     make_run(root, "llama_n100k", "full", TOKENS[0], seed=1)  # a second seed is not a new point
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([str(root), "--out", str(out)])
+        scaling_cli.main([str(root), f"out={out}"])
     assert exit_info.value.code == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "group 'full' has 4 distinct (N, D) point(s) (5 run(s))" in err and "needs at least 5" in err

@@ -29,8 +29,7 @@ def register() -> None:
 
     cs = ConfigStore.instance()
     for name, node in COMMAND_SCHEMAS.items():
-        if name != "compare":
-            cs.store(name=f"{name}_schema", node=node)
+        cs.store(name=f"{name}_schema", node=node)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     for name, node in OPTIMIZER_SCHEMAS.items():
         cs.store(group="optimizer", name=f"{name}_schema", node=node)
