@@ -17,6 +17,7 @@ def test_multirun_gives_one_run_dir_per_combination_then_compare(tmp_path):
                            f"out_dir={base}/${{method}}-s${{seed}}"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no multirun.yaml, outputs/ or .hydra/ in the cwd
     runs = sorted(p.name for p in base.iterdir())
     assert runs == ["dlr-s0", "dlr-s1", "lowrank-s0", "lowrank-s1"]
     seen = set()

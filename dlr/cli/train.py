@@ -9,7 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 
 import hydra
 from omegaconf import DictConfig
@@ -27,6 +30,8 @@ def _run(raw: DictConfig) -> int:
 
     cfg = typed("train", raw)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun / accelerate launch the summary is printed once, by rank 0
     if cfg.system.dry_run:
         print(json.dumps(result, indent=2))
     elif result.get("already_finished"):
@@ -68,6 +73,17 @@ def precheck(argv: list[str]) -> None:
         from_overrides("train", combo)
 
 
+def _multirun(args: list[str]) -> None:
+    """Hydra's sweeper writes multirun.yaml into its sweep directory; that goes to a temporary
+    one, removed after the sweep, so a multirun writes nothing but its run directories."""
+    sweep_dir = tempfile.mkdtemp(prefix="dlr-multirun-")
+    sys.argv.append(f"hydra.sweep.dir={sweep_dir}")
+    try:
+        _main()
+    finally:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
 def main() -> None:
     args = sys.argv[1:]
     if any(a in USAGE_FLAGS for a in args):
@@ -80,7 +96,10 @@ def main() -> None:
         sys.exit(code if code != 0 else EXIT_BAD_INPUT)
     # Hydra reads sys.argv itself: hand it the settings' full keys (`rank=8` -> `factorization.rank=8`).
     sys.argv[1:] = [a if a.startswith("-") else canonical_overrides("train", [a])[0] for a in args]
-    _main()
+    if any(a in ("-m", "--multirun") for a in args) and not any(a.startswith("hydra.sweep.dir=") for a in args):
+        _multirun(args)
+    else:
+        _main()
 
 
 if __name__ == "__main__":
