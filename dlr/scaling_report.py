@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,10 @@ def table_csv(rows: list[dict], diffs: list[dict]) -> str:
 
 # ---------------------------------------------------------------- the command
 
-def fit_runs(req: ScalingRequest) -> tuple[list, list[str], list[list[dict]], list]:
-    """Load the runs, group them over size and budget, and fit one law per group."""
+def fit_runs(req: ScalingRequest, say: Callable[[str], None] = lambda text: None
+             ) -> tuple[list, list[str], list[list[dict]], list]:
+    """Load the runs, group them over size and budget, and fit one law per group; `say` hears
+    what is being fitted (a fit with its bootstrap takes seconds to minutes per group)."""
     from dlr import compare
     from dlr.scaling import fit_law
 
@@ -195,9 +198,12 @@ def fit_runs(req: ScalingRequest) -> tuple[list, list[str], list[list[dict]], li
     labels = [compare.label(g, compare.varying_keys(groups)) for g in groups]
     points = [[_point(r, req.metric) for r in g.runs] for g in groups]
     _check_counts(groups, labels, points)
-    laws = [fit_law([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts],
-                    flops_per_token=[p["flops_per_token"] for p in pts], bootstrap=req.bootstrap, seed=req.seed,
-                    level=req.level) for pts in points]
+    laws = []
+    for i, (name, pts) in enumerate(zip(labels, points), 1):
+        say(f"fitting group {i}/{len(groups)} {name!r}: {len(pts)} run(s), then {req.bootstrap} bootstrap refit(s)")
+        laws.append(fit_law([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts],
+                            flops_per_token=[p["flops_per_token"] for p in pts], bootstrap=req.bootstrap,
+                            seed=req.seed, level=req.level))
     return groups, labels, points, laws
 
 

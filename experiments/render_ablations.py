@@ -91,8 +91,8 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
     if manifest:
         args = manifest.get("args", {})
         where = manifest.get("gpu") or f"CPU ({manifest.get('cpu_count')} cores)"
-        lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, commit "
-                     f"`{(manifest.get('git_commit') or 'unknown')[:10]}`, {len(manifest.get('finished', []))} finished runs "
+        lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, "
+                     f"{len(manifest.get('finished', []))} finished runs "
                      f"({args.get('jobs')} at a time); model {args.get('model')}, "
                      f"{args.get('steps')} steps x {args.get('global_batch')} sequences, lr {args.get('lr')}, seeds "
                      f"{args.get('seeds')}. The files behind this page are in [docs/ablations/](ablations/).\n")

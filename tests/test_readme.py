@@ -124,3 +124,19 @@ def test_cpu_sized_training_commands_run_as_written(line, processes, args, tmp_p
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file() and (run / "final").is_dir() and (run / "folded").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+MEMORY_ROW = re.compile(r"^\| (llama_\w+), micro_batch (\d+), `parallelism=(\w+)`[^|]* \| ([\d.]+) GiB \|", re.M)
+
+
+def test_the_memory_estimates_quoted_are_what_dry_run_prints(tmp_path, monkeypatch):
+    """docs/training.md's estimate column, from the command it names (a GPU's bf16 compiled settings)."""
+    from dlr.train.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    rows = MEMORY_ROW.findall((ROOT / "docs" / "training.md").read_text())
+    assert len(rows) >= 3, rows
+    for model, micro, parallelism, quoted in rows:
+        plan = train(from_overrides("train", [f"model={model}", f"micro_batch={micro}", f"parallelism={parallelism}",
+                                              "precision=bf16", "compile=true", "dry_run=true"]))
+        assert plan["memory_estimate_per_process_gib"]["total_gib"] == float(quoted), (model, parallelism)

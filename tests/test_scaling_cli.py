@@ -52,8 +52,11 @@ def grid(tmp_path):
 def test_fits_one_law_per_method_and_writes_everything(grid, tmp_path, capsys):
     out = tmp_path / "fit"
     assert scaling_cli.scaling_main([str(grid), f"out={out}", "at=1e18,1e20", "bootstrap=8"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "18 run(s) in 2 group(s)" in printed and "dlr − full" in printed
+    # What it is doing while it fits (a bootstrap can take minutes), on stderr.
+    assert "fitting group 1/2 'full': 9 run(s), then 8 bootstrap refit(s)" in captured.err
     fit = json.loads((out / "fit.json").read_text())
     assert [g["label"] for g in fit["groups"]] == ["full", "dlr"]  # sizes and recipe lrs did not split groups
     for g in fit["groups"]:

@@ -50,7 +50,8 @@ def scaling_main(argv: list[str]) -> int:
 
     req = ScalingRequest(runs=cfg.runs, metric=cfg.metric, bootstrap=cfg.bootstrap, seed=cfg.seed, level=cfg.level,
                          plots=cfg.plots)
-    groups, labels, points, laws = fit_runs(req)
+    groups, labels, points, laws = fit_runs(req, say=lambda text: print(f"{PROG}: {text}", file=sys.stderr,
+                                                                        flush=True))
     budgets = [float(c) for c in cfg.at] if cfg.at is not None else default_budgets(points)
     rows = predictions(laws, labels, budgets, cfg.level)
     diffs = differences(groups, laws, labels, budgets, cfg.level)

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 import dlr.configs  # noqa: F401  (registers the schemas and the run-dir resolver)
 
-from ._common import EXIT_BAD_INPUT, USAGE_FLAGS, canonical_overrides, guarded, from_overrides, parse_overrides, typed
+from ._common import (EXIT_BAD_INPUT, USAGE_FLAGS, canonical_overrides, from_overrides, guarded, parse_overrides,
+                      quiet_third_party, typed)
 
 PROG = "dlr-train"
 MAX_CHECKED_COMBINATIONS = 256
@@ -86,6 +87,7 @@ def _multirun(args: list[str]) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
+    quiet_third_party()
     if any(a in USAGE_FLAGS for a in args):
         from dlr.config.help import command_help
 
