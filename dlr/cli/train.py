@@ -74,7 +74,7 @@ def precheck(argv: list[str]) -> None:
         from_overrides("train", combo)
 
 
-def _multirun(args: list[str]) -> None:
+def _multirun() -> None:
     """Hydra's sweeper writes multirun.yaml into its sweep directory; that goes to a temporary
     one, removed after the sweep, so a multirun writes nothing but its run directories."""
     sweep_dir = tempfile.mkdtemp(prefix="dlr-multirun-")
@@ -99,7 +99,7 @@ def main() -> None:
     # Hydra reads sys.argv itself: hand it the settings' full keys (`rank=8` -> `factorization.rank=8`).
     sys.argv[1:] = [a if a.startswith("-") else canonical_overrides("train", [a])[0] for a in args]
     if any(a in ("-m", "--multirun") for a in args) and not any(a.startswith("hydra.sweep.dir=") for a in args):
-        _multirun(args)
+        _multirun()
     else:
         _main()
 
