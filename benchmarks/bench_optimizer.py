@@ -22,9 +22,9 @@ import dlr
 from dlr.optim import build_optimizer, find_factor_pairs
 
 CONFIGS = {
-    "adamw": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01},
-    "spectron": {"name": "spectron", "lr": 1e-2, "weight_decay": 0.01},
-    "spectron-bf16": {"name": "spectron", "lr": 1e-2, "weight_decay": 0.01, "ns_dtype": "bfloat16"},
+    "adamw": ({"name": "adamw", "weight_decay": 0.01}, 1e-3),
+    "spectron": ({"name": "spectron", "weight_decay": 0.01}, 1e-2),
+    "spectron-bf16": ({"name": "spectron", "weight_decay": 0.01, "ns_dtype": "bfloat16"}, 1e-2),
 }
 
 
@@ -49,7 +49,8 @@ def _median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
 def bench_step(size: str, optimizer: str, device: torch.device, warmup: int, repeats: int) -> float:
     torch.manual_seed(0)
     model = dlr.build_model(size, method="lowrank").to(device)
-    opt = build_optimizer(CONFIGS[optimizer], model, "lowrank")
+    cfg, lr = CONFIGS[optimizer]
+    opt = build_optimizer(cfg, model, "lowrank", lr=lr)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return _median_ms(opt.step, device, warmup, repeats)

@@ -19,7 +19,7 @@ OUT="$OUT/bench_train" bash "$REPO/benchmarks/gpu_bench_train.sh"
 for lr in 0.02 0.05; do
   for method in lowrank dlr; do
     python3 -m dlr.cli.train model=llama_demo data=c4_sample method=$method seed=0 steps=300 global_batch=32 \
-      micro_batch=32 eval_every=50 save_every=300 lr=3e-3 optimizer=spectron optimizer.lr=$lr optimizer.adamw_lr=3e-3 \
+      micro_batch=32 eval_every=50 save_every=300 optimizer=spectron lr=$lr optimizer.adamw_lr=3e-3 \
       out_dir=/tmp/spectron/runs/$method-lr$lr > "$OUT/logs/spectron-$method-$lr.log" 2>&1 &
   done
 done

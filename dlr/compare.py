@@ -254,7 +254,7 @@ def pyplot():
         import matplotlib
     except ImportError:
         raise ConfigError("plots need matplotlib, which is not installed; accepted: pip install 'dlr[plots]', "
-                          "or --no-plots") from None
+                          "or plots=false") from None
     matplotlib.use("Agg")  # no display on training nodes
     import matplotlib.pyplot as plt
 
@@ -483,7 +483,7 @@ def plot_curves(groups: Sequence[Group], out_dir: Path) -> list[Path]:
 def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bool = True) -> dict[str, Path]:
     """table.md (groups + paired differences), table.csv, pairs.csv and the PNG plots."""
     out_dir = Path(out_dir)
-    check_writable(out_dir, "--out")
+    check_writable(out_dir, "out")
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = paired_differences(groups, metric)
     md = markdown_table(groups, metric)
@@ -500,7 +500,7 @@ def write_outputs(groups: Sequence[Group], metric: str, out_dir: Path, plots: bo
     return files
 
 
-# ---------------------------------------------------------------- sensitivity (--by KEY)
+# ---------------------------------------------------------------- sensitivity (by=KEY)
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
     """(mean, half width of the two-sided `level` t-interval, n); the half width is nan for n < 2."""
@@ -564,7 +564,7 @@ def sweep_points(groups: Sequence[Group], key: str, metric: str) -> list[SweepPo
     """
     if not any(key in g.settings for g in groups):
         accepted = ", ".join(varying_keys(groups)) or "(no setting varies between these runs)"
-        raise ConfigError(f"--by {key!r} is a setting of none of the runs; accepted (settings that vary): {accepted}")
+        raise ConfigError(f"by={key!r} is a setting of none of the runs; accepted (settings that vary): {accepted}")
     swept = [g for g in groups if key in g.settings]
     series_keys = [k for k in varying_keys(swept) if k != key]
     lowrank = [g for g in groups if g.method == LOWRANK.name]

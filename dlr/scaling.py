@@ -312,7 +312,10 @@ def fit_law(n_params: Sequence[float], n_tokens: Sequence[float], loss: Sequence
     intervals = {}
     for name in PARAMS:
         col = samples_arr[:, _THETA_INDEX[name]]
-        values = np.exp(col) if name in ("E", "A", "B") else col  # fitted as logs
+        # Fitted as logs. A refit whose log A or log B passes float range (a resample that barely
+        # constrains the term) is an unbounded coefficient: inf, the interval's honest end.
+        with np.errstate(over="ignore"):
+            values = np.exp(col) if name in ("E", "A", "B") else col
         lo, hi = np.percentile(values, [tail, 100 - tail]) if len(values) else (math.nan, math.nan)
         intervals[name] = (float(lo), float(hi))
     flops = FlopsPerToken.from_runs(n, flops_per_token) if flops_per_token is not None else FlopsPerToken()

@@ -25,7 +25,7 @@ def plot_loss_vs_compute(laws: list, labels: list[str], points: list[list[dict]]
                    label=f"{name}: runs (n={len(pts)})")
     for c in budgets:
         ax.axvline(c, color="grey", ls=":", lw=0.8)
-    return _finish(plt, fig, ax, "training compute C (FLOPs; dotted: --at budgets)", path)
+    return _finish(plt, fig, ax, "training compute C (FLOPs; dotted: the at= budgets)", path)
 
 
 def _finish(plt, fig, ax, xlabel: str, path: Path) -> Path:

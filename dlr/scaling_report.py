@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _point(run, metric: str) -> dict:
     missing = [k for k in (*keys, metric) if s.get(k) is None]
     if missing:
         raise ConfigError(f"{str(run.path)!r} has no {', '.join(missing)} in summary.json; accepted: runs written by "
-                          "dlr-train, with a --metric their summary.json holds (val_loss, folded_val_loss, ...)")
+                          "dlr-train, with a metric= their summary.json holds (val_loss, folded_val_loss, ...)")
     values = {}
     for k in (*keys, metric):
         try:
@@ -63,8 +64,16 @@ def _size_free_settings(run) -> dict:
     flat = compare.settings(run, SIZE_AND_BUDGET)
     model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
     # The size's own recipe value (e.g. the per-size lr) belongs to the size, not to the group.
-    return {k: ("recipe" if k.rpartition(".")[2] in RECIPE_KEYS and model.get(k.rpartition(".")[2]) == v else v)
+    recipe = _recipe(model.get("name"))
+    return {k: ("recipe" if k.rpartition(".")[2] in RECIPE_KEYS and recipe.get(k.rpartition(".")[2]) == v else v)
             for k, v in flat.items()}
+
+
+def _recipe(name: str | None) -> dict:
+    """The recipe of the run's size (configs/model/<name>.yaml); none for a name the zoo lacks."""
+    from dlr.zoo import recipe, size_names
+
+    return recipe(name) if name in size_names() else {}
 
 
 def group_for_scaling(runs: list) -> list:
@@ -189,8 +198,10 @@ def table_csv(rows: list[dict], diffs: list[dict]) -> str:
 
 # ---------------------------------------------------------------- the command
 
-def fit_runs(req: ScalingRequest) -> tuple[list, list[str], list[list[dict]], list]:
-    """Load the runs, group them over size and budget, and fit one law per group."""
+def fit_runs(req: ScalingRequest, say: Callable[[str], None] = lambda text: None
+             ) -> tuple[list, list[str], list[list[dict]], list]:
+    """Load the runs, group them over size and budget, and fit one law per group; `say` hears
+    what is being fitted (a fit with its bootstrap takes seconds to minutes per group)."""
     from dlr import compare
     from dlr.scaling import fit_law
 
@@ -199,9 +210,12 @@ def fit_runs(req: ScalingRequest) -> tuple[list, list[str], list[list[dict]], li
     labels = [compare.label(g, compare.varying_keys(groups)) for g in groups]
     points = [[_point(r, req.metric) for r in g.runs] for g in groups]
     _check_counts(groups, labels, points)
-    laws = [fit_law([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts],
-                    flops_per_token=[p["flops_per_token"] for p in pts], bootstrap=req.bootstrap, seed=req.seed,
-                    level=req.level) for pts in points]
+    laws = []
+    for i, (name, pts) in enumerate(zip(labels, points), 1):
+        say(f"fitting group {i}/{len(groups)} {name!r}: {len(pts)} run(s), then {req.bootstrap} bootstrap refit(s)")
+        laws.append(fit_law([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts],
+                            flops_per_token=[p["flops_per_token"] for p in pts], bootstrap=req.bootstrap,
+                            seed=req.seed, level=req.level))
     return groups, labels, points, laws
 
 
@@ -220,7 +234,7 @@ def write_outputs(out: Path, req: ScalingRequest, res: dict) -> list[Path]:
     from dlr.atomic import check_writable, write_atomic
     from dlr.scaling_plots import plot_isoflops, plot_loss_vs_compute
 
-    check_writable(out, "--out")
+    check_writable(out, "out")
     out.mkdir(parents=True, exist_ok=True)
     written = [write_atomic(out / "fit.json", json.dumps(fit_json(req, res), indent=2, default=str) + "\n"),
                write_atomic(out / "table.md", res["text"]),

@@ -22,7 +22,7 @@ rate of the finished runs under --out, else an assumed one), and runs on its own
     python -m experiments.study scaling --dry-run --sizes llama_60m,llama_130m --tokens 1e8,4e8   # plan only
 
 Under --out: runs/<setting>-s<seed>/ (run dirs), logs/, studies/<study>/ (the dlr-compare
---by sweep: by_<key>.md/.csv/.png, table.md; for scaling, dlr-scaling's fit.json, table.md,
+by= sweep: by_<key>.md/.csv/.png, table.md; for scaling, dlr-scaling's fit.json, table.md,
 table.csv and plots), manifest.json, and a bundle (tar.gz of every small file, no weights)
 rewritten each time a study completes.
 """
@@ -53,7 +53,7 @@ BASE = {k: getattr(FactorizationConfig(), k) for k in ("alpha", "variance_correc
 @dataclass(frozen=True)
 class Study:
     name: str
-    key: str  # the config key swept (dlr-compare --by)
+    key: str  # the config key swept (dlr-compare by=)
     values: tuple
     both_methods: bool = False  # the key matters to lowrank too (rank): lowrank at every value
     doc: str = ""
@@ -260,7 +260,7 @@ def train_one(args: argparse.Namespace, run: RunSpec) -> str:
 
 
 def render_study(args: argparse.Namespace, name: str, runs: list[RunSpec]) -> Path:
-    """dlr-compare --by KEY over this study's runs, into studies/<name>/."""
+    """dlr-compare by=KEY over this study's runs, into studies/<name>/."""
     from . import compare
 
     out = args.out / "studies" / name
@@ -276,7 +276,7 @@ def render_scaling(args: argparse.Namespace, runs: list[ScalingRun]) -> Path:
     command itself, as the runs are dlr-train's."""
     out = args.out / "studies" / SCALING
     budgets = ",".join(f"{c:.3g}" for c in args.at) if args.at else None
-    argv = [str(args.out / "runs" / r.name) for r in runs] + ["--out", str(out)] + (["--at", budgets] if budgets else [])
+    argv = [str(args.out / "runs" / r.name) for r in runs] + [f"out={out}"] + ([f"at={budgets}"] if budgets else [])
     proc = subprocess.run([sys.executable, "-m", "dlr.cli.scaling", *argv])
     if proc.returncode:
         raise ConfigError(f"dlr-scaling over the grid's runs exited {proc.returncode} (its error is above); "

@@ -33,11 +33,20 @@ def size_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _model_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def get_size(name: str) -> LlamaSize:
+def _size_file(name: str) -> dict:
     names = size_names()
     if name not in names:
         raise bad_value("model", name, names)
-    return size_from_mapping(yaml.safe_load((_model_dir() / f"{name}.yaml").read_text()))
+    return yaml.safe_load((_model_dir() / f"{name}.yaml").read_text())
+
+
+def get_size(name: str) -> LlamaSize:
+    return size_from_mapping(_size_file(name)["model"])
+
+
+def recipe(name: str) -> dict:
+    """The size's training recipe: the schedule defaults its file sets (steps, lr, global_batch, micro_batch)."""
+    return dict(_size_file(name)["schedule"])
 
 
 def size_from_mapping(cfg) -> LlamaSize:

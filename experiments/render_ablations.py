@@ -44,13 +44,13 @@ python -m experiments.study all --device cuda --jobs 12   # 45 runs; alpha first
 python -m experiments.study alpha                         # one study, on CPU (slow: hours)
 python -m experiments.study all --dry-run                 # the runs and their names
 python -m experiments.render_ablations runs/studies       # this page
-dlr-compare runs/studies/runs/lowrank-r32-s* runs/studies/runs/dlr-r32-a*-vc1-all-uniform-s* --by alpha
+dlr-compare runs/studies/runs/lowrank-r32-s* runs/studies/runs/dlr-r32-a*-vc1-all-uniform-s* by=alpha
 ```
 
 `experiments/study.py` runs `dlr-train model=llama_demo data=c4_sample` per run (the docs/results.md
 budget: 300 steps x 32 sequences x 256 tokens, lr 3e-3, AdamW, cosine, eval every 50 steps on
 the whole held-out split, bf16 autocast on a GPU), skips finished runs, resumes interrupted ones,
-then `dlr-compare --by KEY` per study. `expand=random_reuse` is the reference implementation's
+then `dlr-compare by=KEY` per study. `expand=random_reuse` is the reference implementation's
 ablation (each output draws its latent with replacement, seeded per layer); `expand=permuted` is
 the balanced permutation (every latent keeps its multiplicity).
 
@@ -91,8 +91,8 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
     if manifest:
         args = manifest.get("args", {})
         where = manifest.get("gpu") or f"CPU ({manifest.get('cpu_count')} cores)"
-        lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, commit "
-                     f"`{(manifest.get('git_commit') or 'unknown')[:10]}`, {len(manifest.get('finished', []))} finished runs "
+        lines.append(f"> **Status:** run on {where}, torch {manifest.get('torch')}, "
+                     f"{len(manifest.get('finished', []))} finished runs "
                      f"({args.get('jobs')} at a time); model {args.get('model')}, "
                      f"{args.get('steps')} steps x {args.get('global_batch')} sequences, lr {args.get('lr')}, seeds "
                      f"{args.get('seeds')}. The files behind this page are in [docs/ablations/](ablations/).\n")
@@ -114,7 +114,7 @@ def render(study_dir: Path | None, doc: Path, assets: Path) -> str:
         lines.append(f"## {name}: {st.doc}\n")
         values = ", ".join(str(v) for v in st.values)
         lines.append(f"`{st.key}` in {{{values}}}" + (", lowrank and dlr at each" if st.both_methods else ", lowrank as the band")
-                     + f"; `dlr-compare --by {st.key}`.\n")
+                     + f"; `dlr-compare by={st.key}`.\n")
         src = study_dir / "studies" / name if study_dir is not None else None
         md = src / f"by_{st.key}.md" if src is not None else None
         if md is None or not md.is_file():

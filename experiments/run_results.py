@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             for files in pool.map(lambda ms: eval_one(args, *ms), jobs):
                 print("dlr-eval:", ", ".join(f"{p.stem} ppl {json.loads(p.read_text())['val_ppl']:.2f}" for p in files),
                       flush=True)
-    compare_cmd = [sys.executable, "-m", "dlr.cli.compare", str(args.out / "runs"), "--out", str(args.out / "compare")]
+    compare_cmd = [sys.executable, "-m", "dlr.cli.compare", str(args.out / "runs"), f"out={args.out / 'compare'}"]
     proc = subprocess.run(compare_cmd, capture_output=True, text=True)
     (args.out / "compare").mkdir(exist_ok=True)
     (args.out / "compare" / "stdout.txt").write_text(proc.stdout + proc.stderr)

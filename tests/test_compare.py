@@ -17,7 +17,7 @@ from dlr.errors import ConfigError
 BASE = {
     "model": {"name": "llama_tiny", "hidden_size": 64, "default_rank": 16},
     "data": {"seq_len": 256, "mode": "paper", "num_workers": 2, "val_tokens": 1000},
-    "optimizer": {"name": "adamw", "lr": 0.003},
+    "optimizer": {"name": "adamw"},
     "method": "dlr", "rank": 16, "alpha": 1.0, "activation": "silu", "expand": "uniform", "scope": "all",
     "seed": 0, "steps": 10, "lr": 0.003, "global_batch": 8, "micro_batch": 4, "eval_every": 5,
     "log_every": 1, "precision": "auto",
@@ -127,7 +127,7 @@ def test_cli_writes_table_csv_and_plots(sweep, tmp_path, capsys):
     # In process, through the entry point's exit code: no subprocess timeout to trip on a loaded machine.
     out = tmp_path / "cmp"
     with pytest.raises(SystemExit) as exit_info:
-        compare_cli.main([str(sweep), "--out", str(out)])
+        compare_cli.main([str(sweep), f"out={out}"])
     captured = capsys.readouterr()
     assert exit_info.value.code == 0, captured.err
     assert "n=3" in captured.out and "standard error" in captured.out
@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make_args, needle):
 
 def test_unknown_metric_is_refused(sweep):
     with pytest.raises(ConfigError, match="nope"):
-        compare_cli.compare_main([str(sweep), "--metric", "nope"])
+        compare_cli.compare_main([str(sweep), "metric=nope"])
 
 
 def test_labels_name_only_the_keys_that_differ_shortest_first(tmp_path):

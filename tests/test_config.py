@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from dlr.config import (COMMAND_SCHEMAS, SHORT_SECTIONS, FactorizationConfig, TrainConfig, from_overrides,
-                        runtime_keys, short_names)
+                        all_keys, runtime_keys, short_names)
+from dlr import zoo
+from dlr.config.help import command_help
 from dlr.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ def test_overrides_become_typed_nested_sections():
     assert isinstance(cfg, TrainConfig) and isinstance(cfg.factorization, FactorizationConfig)
     assert (cfg.factorization.rank, cfg.factorization.alpha, cfg.schedule.steps) == (8, 0.5, 7)
     assert (cfg.checkpoint.out_dir, cfg.system.precision, cfg.logging.wandb.project) == ("x", "fp32", "p")
-    assert type(cfg.optimizer).__name__ == "SpectronConfig" and cfg.optimizer.lr == cfg.schedule.lr
+    assert type(cfg.optimizer).__name__ == "SpectronConfig"
     assert type(cfg.data).__name__ == "DataConfig" and cfg.model.name == "llama_tiny"
     # The long form names the same setting.
     assert from_overrides("train", [*TINY, "factorization.rank=8"]) == from_overrides("train", [*TINY, "rank=8"])
@@ -35,8 +37,28 @@ def test_short_keys_work_inside_interpolations():
 
 def test_defaults_follow_the_model_recipe_and_name_the_run_dir():
     cfg = from_overrides("train", ["model=llama_tiny", "method=lowrank", "seed=3"])
-    assert cfg.factorization.rank == cfg.model.default_rank and cfg.schedule.lr == cfg.model.lr
+    assert cfg.factorization.rank == cfg.model.default_rank
+    recipe = zoo.recipe("llama_tiny")
+    assert (cfg.schedule.steps, cfg.schedule.lr, cfg.schedule.global_batch, cfg.schedule.micro_batch) == \
+        (recipe["steps"], recipe["lr"], recipe["global_batch"], recipe["micro_batch"])
     assert cfg.checkpoint.out_dir == f"runs/llama_tiny-lowrank-r{cfg.model.default_rank}-s3"
+
+
+def test_each_recipe_value_has_one_key():
+    """The size's recipe is the schedule's defaults: one key each (lr=, steps=, global_batch=, micro_batch=),
+    which a size change moves and an override replaces; no model.lr or optimizer.lr beside it."""
+    keys = all_keys("train")
+    for leaf in ("lr", "steps", "global_batch", "micro_batch"):
+        assert [k for k in keys if k.rpartition(".")[2] == leaf] == [f"schedule.{leaf}"]
+    big = from_overrides("train", ["model=llama_60m"])
+    assert (big.schedule.lr, big.schedule.steps) == (zoo.recipe("llama_60m")["lr"], zoo.recipe("llama_60m")["steps"])
+    mine = from_overrides("train", ["model=llama_60m", "lr=0.01", "steps=5", "optimizer=spectron"])
+    assert (mine.schedule.lr, mine.schedule.steps, mine.schedule.micro_batch) == (0.01, 5, 128)
+    help_rows = [line.split()[0] for line in command_help("train").splitlines() if line.startswith("  ")]
+    assert help_rows.count("lr") == 1 and "model.lr" not in help_rows and "optimizer.lr" not in help_rows
+    for bad, hint in (("model.lr=0.1", "unknown setting 'model.lr'"), ("optimizer.lr=0.1", "unknown setting 'optimizer.lr'")):
+        with pytest.raises(ConfigError, match=hint):
+            from_overrides("train", [*TINY, bad])
 
 
 def test_short_names_are_unique_across_sections():

@@ -83,7 +83,6 @@ class SignSGDConfig:
     """signSGD: every parameter moves by lr * sign(grad)."""
 
     name: str = setting("signsgd", "the optimizer", choices=("signsgd",))
-    lr: float = setting("${schedule.lr}", "step size (the schedule's lr unless set here)", gt=0)
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -98,7 +97,7 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
-SIGNSGD = OptimizerSpec(SignSGDConfig, lambda c, model, fused: SignSGD(model.parameters(), lr=c.lr))
+SIGNSGD = OptimizerSpec(SignSGDConfig, lambda c, model, lr, fused: SignSGD(model.parameters(), lr=lr))
 
 
 @pytest.fixture
@@ -176,6 +175,6 @@ def test_an_optimizer_declared_here_trains_through_dlr_train(registered, tmp_pat
     assert 0 < max(float((after[k] - v).abs().max()) for k, v in init.items()) <= 2e-3 * (1 + 1e-6)
     embed = "model.embed_tokens.weight"
     assert (after[embed] == init[embed]).all(dim=1).any()
-    opt = build_optimizer({"name": SIGNSGD.name, "lr": 0.5}, build_from_config(read_config(tmp_path / "run" / "final")),
-                          "lowrank")
+    opt = build_optimizer({"name": SIGNSGD.name}, build_from_config(read_config(tmp_path / "run" / "final")),
+                          "lowrank", lr=0.5)
     assert isinstance(opt, SignSGD) and opt.param_groups[0]["lr"] == 0.5

@@ -32,7 +32,7 @@ def test_fused_adamw_refuses_a_non_finite_update_on_the_device():
     """found_inf = 1: weights, moments and the step count stay as they were (no host sync)."""
     torch.manual_seed(0)
     model = build_model("llama_tiny", method="dlr", rank=16)
-    opt = build_optimizer({"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}, model, "dlr", fused=True)
+    opt = build_optimizer({"name": "adamw", "weight_decay": 0.1}, model, "dlr", lr=1e-2, fused=True)
     assert fused_adamw(opt) is opt
     ids = torch.randint(2, 1000, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -51,7 +51,7 @@ def test_fused_adamw_refuses_a_non_finite_update_on_the_device():
 
 def test_cpu_keeps_the_foreach_adamw():
     model = build_model("llama_tiny", method="lowrank", rank=16)
-    opt = build_optimizer({"name": "adamw", "lr": 1e-3}, model, "lowrank")
+    opt = build_optimizer({"name": "adamw"}, model, "lowrank", lr=1e-3)
     assert fused_adamw(opt) is None and not opt.defaults["fused"]
 
 
@@ -79,7 +79,7 @@ def test_a_training_step_has_no_host_sync():
     model = build_model("llama_tiny", method="dlr", rank=16).cuda()
     compile_decoder(model)
     model.fused_loss = make_loss_fn("chunked", compiled=True)
-    opt = build_optimizer({"name": "adamw", "lr": 1e-3}, model, "dlr", fused=True)
+    opt = build_optimizer({"name": "adamw"}, model, "dlr", lr=1e-3, fused=True)
     ids = torch.randint(2, 1000, (4, 256)).pin_memory().cuda(non_blocking=True)
     n = torch.tensor(4 * 255).pin_memory().cuda(non_blocking=True)
     for i in range(3):

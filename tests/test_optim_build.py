@@ -16,12 +16,12 @@ from dlr.config import OPTIMIZER_SCHEMAS
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "optimizer"
 
 
-def optimizer_cfg(config: str, top_lr: float = 0.02, **overrides):
+def optimizer_cfg(config: str, **overrides):
     """The optimizer group as the trainer sees it: its schema (dlr/config/) merged with the
-    YAML's values, `${schedule.lr}` resolved against the schedule."""
+    YAML's values (the learning rate is the schedule's, passed as build_optimizer's lr=)."""
     values = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{config}.yaml")).items() if k != "defaults"}
     node = OmegaConf.merge(OmegaConf.structured(OPTIMIZER_SCHEMAS[config]), values)
-    root = OmegaConf.create({"schedule": {"lr": top_lr}, "optimizer": node})
+    root = OmegaConf.create({"optimizer": node})
     for key, value in overrides.items():
         root.optimizer[key] = value
     return root.optimizer
@@ -43,17 +43,17 @@ def tiny_lowrank() -> nn.Module:
     return dlr.build_model("llama_tiny", method="lowrank")
 
 
-def test_yaml_configs_resolve_lr_from_top_level():
+def test_yaml_configs_hold_no_learning_rate_of_their_own():
     for name in ("adamw", "spectron"):
-        cfg = optimizer_cfg(name, top_lr=0.123)
-        assert cfg.name == name and cfg.lr == 0.123
+        cfg = optimizer_cfg(name)
+        assert cfg.name == name and "lr" not in cfg  # one learning-rate setting: the schedule's lr=
         assert list(cfg.betas) == [0.9, 0.999] and cfg.eps == 1e-8 and cfg.weight_decay == 0.01
     spectron = optimizer_cfg("spectron")
     assert spectron.momentum == 0.9 and spectron.ns_steps == 5
 
 
 def test_adamw_decays_2d_weights_only(tiny_lowrank):
-    opt = build_optimizer(optimizer_cfg("adamw", top_lr=1e-3), tiny_lowrank, "lowrank")
+    opt = build_optimizer(optimizer_cfg("adamw"), tiny_lowrank, "lowrank", lr=1e-3)
     assert type(opt) is torch.optim.AdamW
     by_id = {id(p): n for n, p in tiny_lowrank.named_parameters()}
     decay, no_decay = opt.param_groups
@@ -69,7 +69,7 @@ def test_adamw_decays_2d_weights_only(tiny_lowrank):
 def test_spectron_groups_cover_factors_and_the_rest(method):
     torch.manual_seed(0)
     model = dlr.build_model("llama_tiny", method=method)
-    opt = build_optimizer(optimizer_cfg("spectron", top_lr=0.02, adamw_lr=1e-3), model, method)
+    opt = build_optimizer(optimizer_cfg("spectron", adamw_lr=1e-3), model, method, lr=0.02)
     assert isinstance(opt, Spectron)
     factors, decay, no_decay = opt.param_groups
     pairs = find_factor_pairs(model)
@@ -82,27 +82,26 @@ def test_spectron_groups_cover_factors_and_the_rest(method):
 
 
 def test_adamw_lr_defaults_to_lr(tiny_lowrank):
-    opt = build_optimizer(optimizer_cfg("spectron", top_lr=0.05), tiny_lowrank, "lowrank")
+    opt = build_optimizer(optimizer_cfg("spectron"), tiny_lowrank, "lowrank", lr=0.05)
     assert {g["lr"] for g in opt.param_groups} == {0.05}
 
 
 def test_spectron_rejects_full_method():
     model = dlr.build_model("llama_tiny", method="full")
     with pytest.raises(ConfigError, match=r"optimizer='spectron' is not valid with method='full'; accepted: method=lowrank, dlr"):
-        build_optimizer(optimizer_cfg("spectron"), model, "full")
-    assert isinstance(build_optimizer(optimizer_cfg("adamw"), model, "full"), torch.optim.AdamW)
+        build_optimizer(optimizer_cfg("spectron"), model, "full", lr=0.02)
+    assert isinstance(build_optimizer(optimizer_cfg("adamw"), model, "full", lr=0.02), torch.optim.AdamW)
 
 
 def test_spectron_rejects_model_without_factors():
     with pytest.raises(ConfigError, match="no factorized layers"):
-        build_optimizer(optimizer_cfg("spectron"), nn.Linear(4, 4), "lowrank")
+        build_optimizer(optimizer_cfg("spectron"), nn.Linear(4, 4), "lowrank", lr=0.02)
 
 
 @pytest.mark.parametrize(
     "overrides, match",
     [
         ({"name": "sgd"}, r"optimizer='sgd' is not valid; accepted: adamw, spectron"),
-        ({"lr": -1.0}, r"optimizer.lr=-1.0 is not valid"),
         ({"momentum": 1.0}, r"optimizer.momentum=1.0 is not valid"),
         ({"ns_steps": 0}, r"optimizer.ns_steps=0 is not valid"),
         ({"betas": [0.9]}, r"optimizer.betas=\[0.9\] is not valid"),
@@ -111,19 +110,19 @@ def test_spectron_rejects_model_without_factors():
 )
 def test_bad_values_are_one_line_config_errors(tiny_lowrank, overrides, match):
     with pytest.raises(ConfigError, match=match) as info:
-        build_optimizer(optimizer_cfg("spectron", **overrides), tiny_lowrank, "lowrank")
+        build_optimizer(optimizer_cfg("spectron", **overrides), tiny_lowrank, "lowrank", lr=0.02)
     assert "\n" not in str(info.value)
 
 
 def test_unknown_method_is_a_config_error(tiny_lowrank):
     with pytest.raises(ConfigError, match="method='sparse' is not valid"):
-        build_optimizer(optimizer_cfg("adamw"), tiny_lowrank, "sparse")
+        build_optimizer(optimizer_cfg("adamw"), tiny_lowrank, "sparse", lr=0.02)
 
 
-def _train_tiny(method: str, steps: int, **overrides) -> list[float]:
+def _train_tiny(method: str, steps: int, lr: float = 0.02, **overrides) -> list[float]:
     torch.manual_seed(0)
     model = dlr.build_model("llama_tiny", method=method)
-    opt = build_optimizer(optimizer_cfg("spectron", **{"lr": 0.02, "weight_decay": 0.0, **overrides}), model, method)
+    opt = build_optimizer(optimizer_cfg("spectron", **{"weight_decay": 0.0, **overrides}), model, method, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     pattern = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     ids = pattern.repeat(1, 3)  # a fixed, repeated batch: learnable in a few hundred steps

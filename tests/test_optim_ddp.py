@@ -11,7 +11,7 @@ from torch import nn
 
 from dlr.optim import build_optimizer
 
-CFG = {"name": "spectron", "lr": 0.02, "weight_decay": 0.01}
+CFG = {"name": "spectron", "weight_decay": 0.01}
 
 
 class Factored(nn.Module):
@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         model = nn.parallel.DistributedDataParallel(make_model())
-        opt = build_optimizer(CFG, model, "lowrank")  # built on the wrapper: names are prefixed
+        opt = build_optimizer(CFG, model, "lowrank", lr=0.02)  # built on the wrapper: names are prefixed
         gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
         for _ in range(5):
             x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 1, generator=gen)

@@ -45,7 +45,8 @@ def toy_loss(model: nn.Module, seed: int = 0) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1))
 
 
-SPECTRON = {"name": "spectron", "lr": 0.02, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}
+LR = 0.02
+SPECTRON = {"name": "spectron", "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}
 
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
@@ -87,7 +88,7 @@ def test_power_iteration_converges_to_spectral_norm(shape):
 
 def test_optimizer_sigma_state_tracks_spectral_norm():
     model = Toy()
-    opt = build_optimizer(SPECTRON | {"lr": 1e-4}, model, "lowrank")
+    opt = build_optimizer(SPECTRON, model, "lowrank", lr=1e-4)
     for _ in range(30):
         opt.zero_grad()
         toy_loss(model).backward()
@@ -140,7 +141,7 @@ def test_update_of_product_is_bounded_by_lr():
 
 def test_no_dense_state_is_materialized():
     model = Toy()
-    opt = build_optimizer(SPECTRON, model, "lowrank")
+    opt = build_optimizer(SPECTRON, model, "lowrank", lr=LR)
     toy_loss(model).backward()
     opt.step()
     for _, a, b in find_factor_pairs(model):
@@ -155,7 +156,7 @@ def test_adamw_part_matches_torch_adamw():
     torch.manual_seed(0)
     model = Toy()
     reference = copy.deepcopy(model)
-    opt = build_optimizer(SPECTRON | {"betas": [0.8, 0.99], "eps": 1e-6}, model, "lowrank")
+    opt = build_optimizer(SPECTRON | {"betas": [0.8, 0.99], "eps": 1e-6}, model, "lowrank", lr=LR)
     factor_ids = {id(p) for _, a, b in find_factor_pairs(reference) for p in (a, b)}
     rest = [p for p in reference.parameters() if id(p) not in factor_ids]
     ref_opt = torch.optim.AdamW(
@@ -182,7 +183,7 @@ def test_adamw_part_matches_torch_adamw():
 
 def test_reads_group_lr_every_step():
     model = Toy()
-    opt = build_optimizer(SPECTRON, model, "lowrank")
+    opt = build_optimizer(SPECTRON, model, "lowrank", lr=LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
     toy_loss(model).backward()
     opt.step()
@@ -210,7 +211,7 @@ def _schedule(opt: torch.optim.Optimizer):
 def test_state_dict_round_trip_resumes_exactly():
     torch.manual_seed(0)
     model = Toy()
-    opt = build_optimizer(SPECTRON, model, "dlr")
+    opt = build_optimizer(SPECTRON, model, "dlr", lr=LR)
     sched = _schedule(opt)
     _train(model, opt, sched, range(3))
 
@@ -224,7 +225,7 @@ def test_state_dict_round_trip_resumes_exactly():
 
     resumed = Toy()
     resumed.load_state_dict(ckpt["model"])
-    resumed_opt = build_optimizer(SPECTRON, resumed, "dlr")
+    resumed_opt = build_optimizer(SPECTRON, resumed, "dlr", lr=LR)
     resumed_sched = _schedule(resumed_opt)
     resumed_opt.load_state_dict(ckpt["opt"])
     resumed_sched.load_state_dict(ckpt["sched"])
@@ -244,7 +245,7 @@ def test_fresh_optimizers_are_identical_across_instances():
     torch.manual_seed(0)
     model = Toy()
     twin = copy.deepcopy(model)
-    opts = [build_optimizer(SPECTRON, m, "lowrank") for m in (model, twin)]
+    opts = [build_optimizer(SPECTRON, m, "lowrank", lr=LR) for m in (model, twin)]
     for m, o in zip((model, twin), opts):
         _train(m, o, _schedule(o), range(3))
     for p, q in zip(model.parameters(), twin.parameters()):

@@ -8,8 +8,11 @@ import pytest
 import yaml
 
 from dlr.cli import scaling as scaling_cli
+from dlr.zoo import recipe
 
-SIZES = {"llama_s1": (64, 1e5), "llama_s2": (128, 1e6), "llama_s3": (256, 1e7)}  # (hidden, non-embedding params)
+# Zoo names, so their recipes (configs/model/*.yaml; llama_60m's lr differs) are what the grouping looks up;
+# (hidden, non-embedding params) are the test's own.
+SIZES = {"llama_n100k": (64, 1e5), "llama_130m": (128, 1e6), "llama_60m": (256, 1e7)}
 TOKENS = (1e8, 1e9, 1e10)
 LAWS = {"full": (1.8, 400.0, 0.34, 400.0, 0.28), "dlr": (1.9, 400.0, 0.34, 400.0, 0.28)}
 
@@ -17,12 +20,10 @@ LAWS = {"full": (1.8, 400.0, 0.34, 400.0, 0.28), "dlr": (1.9, 400.0, 0.34, 400.0
 def make_run(root, size, method, tokens, lr_override=None, seed=0, noise=0.0):
     """summary.json + config.yaml as dlr-train writes them (the keys dlr-scaling reads, and the grouping keys)."""
     hidden, n = SIZES[size]
-    recipe_lr = 0.006 if size == "llama_s3" else 0.003  # a per-size recipe, as the zoo has
-    lr = lr_override or recipe_lr
-    cfg = {"model": {"name": size, "hidden_size": hidden, "default_rank": hidden // 4, "lr": recipe_lr,
-                     "global_batch": 512},
-           "optimizer": {"name": "adamw", "lr": lr}, "method": method, "rank": hidden // 4, "alpha": 1.0,
-           "seed": seed, "steps": int(tokens // 131072), "tokens": tokens, "lr": lr, "global_batch": 512,
+    lr = lr_override or recipe(size)["lr"]  # a per-size recipe lr: 0.006 for llama_60m, 0.003 for the others
+    cfg = {"model": {"name": size, "hidden_size": hidden, "default_rank": hidden // 4},
+           "optimizer": {"name": "adamw"}, "method": method, "rank": hidden // 4, "alpha": 1.0,
+           "seed": seed, "steps": int(tokens // 131072), "tokens": tokens, "lr": lr, "global_batch": recipe(size)["global_batch"],
            "micro_batch": 8, "eval_every": 100}
     out = root / f"{size}-{method}-t{int(tokens)}-lr{lr}-s{seed}"
     out.mkdir(parents=True)
@@ -50,9 +51,12 @@ def grid(tmp_path):
 
 def test_fits_one_law_per_method_and_writes_everything(grid, tmp_path, capsys):
     out = tmp_path / "fit"
-    assert scaling_cli.scaling_main([str(grid), "--out", str(out), "--at", "1e18,1e20", "--bootstrap", "8"]) == 0
-    printed = capsys.readouterr().out
+    assert scaling_cli.scaling_main([str(grid), f"out={out}", "at=1e18,1e20", "bootstrap=8"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "18 run(s) in 2 group(s)" in printed and "dlr − full" in printed
+    # What it is doing while it fits (a bootstrap can take minutes), on stderr.
+    assert "fitting group 1/2 'full': 9 run(s), then 8 bootstrap refit(s)" in captured.err
     fit = json.loads((out / "fit.json").read_text())
     assert [g["label"] for g in fit["groups"]] == ["full", "dlr"]  # sizes and recipe lrs did not split groups
     for g in fit["groups"]:
@@ -86,7 +90,7 @@ def test_isoflop_plot_where_the_grid_has_equal_budgets(tmp_path, capsys):
         fpt = 6 * n + 6 * 32000 * hidden
         make_run(root, size, "full", round(3e17 / fpt))
     out = tmp_path / "fit"
-    assert scaling_cli.scaling_main([str(root), "--out", str(out), "--bootstrap", "0"]) == 0
+    assert scaling_cli.scaling_main([str(root), f"out={out}", "bootstrap=0"]) == 0
     assert (out / "isoflop.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -94,24 +98,26 @@ def test_a_setting_beyond_size_and_budget_makes_another_group(grid, capsys):
     for size in SIZES:
         for t in TOKENS[:2]:
             make_run(grid, size, "full", t, lr_override=0.01)
-    assert scaling_cli.scaling_main([str(grid), "--bootstrap", "0", "--at", "1e19"]) == 0
+    assert scaling_cli.scaling_main([str(grid), "bootstrap=0", "at=1e19"]) == 0
     printed = capsys.readouterr().out
     assert "3 group(s)" in printed and "full lr=0.01" in printed
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--at", "1e18,x"], "--at '1e18,x' is not valid"),
-    (["--at", "-5"], "positive FLOP budgets"),
-    (["--bootstrap", "-1"], "--bootstrap -1"),
-    (["--level", "2"], "--level 2.0"),
-    (["--metric", "nope"], "no nope in summary.json"),
+    (["at=1e18,x"], "at=[1e+18, 'x'] is not valid"),
+    (["at=-5"], "positive FLOP budgets"),
+    (["bootstrap=-1"], "bootstrap=-1"),
+    (["level=2"], "level=2.0"),
+    (["levle=0.9"], "unknown setting 'levle'; did you mean 'level'?"),
+    (["metric=nope"], "no nope in summary.json"),
     (["--no-runs"], "no run directories given; e.g. dlr-scaling"),
-    (["--out"], "expected one argument"),
+    (["--at", "1e18"], "'--at' is not a setting; settings are key=value; did you mean at=...?"),
+    (["plots=maybe"], "plots='maybe'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(grid, tmp_path, capsys, extra, needle):
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([*([] if extra == ["--no-runs"] else [str(grid)]), "--out", str(out),
+        scaling_cli.main([*([] if extra == ["--no-runs"] else [str(grid)]), f"out={out}",
                           *(e for e in extra if e != "--no-runs")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -121,13 +127,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(grid, tmp_path, capsys,
 
 def test_a_group_with_too_few_points_is_refused_saying_how_many(tmp_path, capsys):
     root = tmp_path / "runs"
-    for size in ("llama_s1", "llama_s2"):
+    for size in ("llama_n100k", "llama_130m"):
         for t in TOKENS[:2]:
             make_run(root, size, "full", t)
-    make_run(root, "llama_s1", "full", TOKENS[0], seed=1)  # a second seed is not a new point
+    make_run(root, "llama_n100k", "full", TOKENS[0], seed=1)  # a second seed is not a new point
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([str(root), "--out", str(out)])
+        scaling_cli.main([str(root), f"out={out}"])
     assert exit_info.value.code == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "group 'full' has 4 distinct (N, D) point(s) (5 run(s))" in err and "needs at least 5" in err
@@ -140,7 +146,7 @@ def test_a_group_of_one_model_size_is_refused_naming_what_cannot_be_identified(t
         make_run(root, "llama_s1", "full", t)
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([str(root), "--out", str(out)])
+        scaling_cli.main([str(root), f"out={out}"])
     assert exit_info.value.code == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "group 'full': every point has N=1e+05: E, A and alpha cannot be identified from one N" in err, err
@@ -153,7 +159,7 @@ def test_a_run_with_a_bad_loss_is_refused_naming_the_run_and_the_value(grid, tmp
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "val_loss": loss}))
     with pytest.raises(SystemExit) as exit_info:
-        scaling_cli.main([str(grid), "--bootstrap", "0"])
+        scaling_cli.main([str(grid), "bootstrap=0"])
     assert exit_info.value.code == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert f"{str(run)!r} has val_loss={shown} in summary.json" in err, err

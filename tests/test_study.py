@@ -57,7 +57,7 @@ def test_sweep_points_have_t_intervals_and_paired_differences_to_lowrank(alpha_s
 
 def test_cli_by_alpha_prints_and_writes_the_sweep(alpha_sweep, tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, "-m", "dlr.cli.compare", str(alpha_sweep), "--by", "alpha", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "dlr.cli.compare", str(alpha_sweep), "by=alpha", f"out={out}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "val_ppl by alpha" in proc.stdout and "no difference" in proc.stdout
@@ -96,10 +96,10 @@ def test_categorical_key_and_a_single_seed(tmp_path):
 
 def test_unknown_by_key_is_refused_before_anything_is_written(alpha_sweep, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        compare_cli.main([str(alpha_sweep), "--by", "alfa", "--out", str(tmp_path / "cmp")])
+        compare_cli.main([str(alpha_sweep), "by=alfa", f"out={tmp_path / 'cmp'}"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--by 'alfa'" in err[0] and "alpha" in err[0]
+    assert len(err) == 1 and "by='alfa'" in err[0] and "alpha" in err[0]
     assert not (tmp_path / "cmp").exists()
 
 

@@ -17,6 +17,7 @@ def test_multirun_gives_one_run_dir_per_combination_then_compare(tmp_path):
                            f"out_dir={base}/${{method}}-s${{seed}}"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep"]  # no multirun.yaml, outputs/ or .hydra/ in the cwd
     runs = sorted(p.name for p in base.iterdir())
     assert runs == ["dlr-s0", "dlr-s1", "lowrank-s0", "lowrank-s1"]
     seen = set()
@@ -28,7 +29,7 @@ def test_multirun_gives_one_run_dir_per_combination_then_compare(tmp_path):
     assert len(seen) == 4  # four distinct trainings, not one result copied
 
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, "-m", "dlr.cli.compare", str(base), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "dlr.cli.compare", str(base), f"out={out}"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("table.md", "table.csv", "pairs.csv", "val_ppl_vs_tokens.png", "train_loss_vs_step.png"):

@@ -111,7 +111,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 def test_resume_with_spectron_restores_its_state_exactly(tmp_path):
     import shutil
 
-    args = ("steps=4", "save_every=2", "method=dlr", "optimizer=spectron", "optimizer.lr=0.02")
+    args = ("steps=4", "save_every=2", "method=dlr", "optimizer=spectron", "lr=0.02")
     train(cfg(*args, f"out_dir={tmp_path / 'straight'}"))
     out = tmp_path / "resumed"
     train(cfg(*args, f"out_dir={out}"))

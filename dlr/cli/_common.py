@@ -16,6 +16,7 @@ dlr-train keeps `@hydra.main` for multirun (-m), but checks every sweep combinat
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -66,6 +67,33 @@ def _closed_output() -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_CLOSED_OUTPUT
 
+# Third-party log lines that say nothing to a dlr user, by logger: what dlr does on purpose
+# (lm_eval is handed a loaded model) and hints for other tools' command lines. Matched by
+# their text, so a new or different message from the same library still shows.
+THIRD_PARTY_NOISE: dict[str, tuple[str, ...]] = {
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                   "Passed an already-initialized model through `pretrained`"),
+    "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`",),
+}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(t in message for t in self.texts)
+
+
+def quiet_third_party() -> None:
+    """Keep the known third-party noise (THIRD_PARTY_NOISE) out of a command's output (idempotent)."""
+    for name, texts in THIRD_PARTY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(texts))
+
 
 def guarded(prog: str, body: Callable[..., int], *args: Any) -> int:
     """body(*args) -> its exit code; ConfigError -> 2 and TrainingDiverged -> 3, each one line on
@@ -103,6 +131,7 @@ def print_help(prog: str, usage: str) -> int:
 def run_cli(prog: str, usage: str, body: Callable[[list[str]], int], argv: list[str] | None = None) -> None:
     """Call body(args) and exit with its code (see the module docstring for the convention)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party()
     if any(a in USAGE_FLAGS for a in args):
         sys.exit(guarded(prog, print_help, prog, usage))
     sys.exit(guarded(prog, body, args))

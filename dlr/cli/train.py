@@ -9,14 +9,17 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 
 import hydra
 from omegaconf import DictConfig
 
 import dlr.configs  # noqa: F401  (registers the schemas and the run-dir resolver)
 
-from ._common import USAGE_FLAGS, canonical_overrides, guarded, from_overrides, parse_overrides, typed
+from ._common import USAGE_FLAGS, canonical_overrides, from_overrides, guarded, parse_overrides, quiet_third_party, typed
 
 PROG = "dlr-train"
 MAX_CHECKED_COMBINATIONS = 256
@@ -27,6 +30,8 @@ def _run(raw: DictConfig) -> int:
 
     cfg = typed("train", raw)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun / accelerate launch the summary is printed once, by rank 0
     if cfg.system.dry_run:
         print(json.dumps(result, indent=2))
     elif result.get("already_finished"):
@@ -75,8 +80,20 @@ def _help() -> int:
     return 0
 
 
+def _multirun() -> None:
+    """Hydra's sweeper writes multirun.yaml into its sweep directory; that goes to a temporary
+    one, removed after the sweep, so a multirun writes nothing but its run directories."""
+    sweep_dir = tempfile.mkdtemp(prefix="dlr-multirun-")
+    sys.argv.append(f"hydra.sweep.dir={sweep_dir}")
+    try:
+        _main()
+    finally:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
 def main() -> None:
     args = sys.argv[1:]
+    quiet_third_party()
     if any(a in USAGE_FLAGS for a in args):
         sys.exit(guarded(PROG, _help))
     code = guarded(PROG, lambda: precheck(args) or 0)
@@ -84,7 +101,10 @@ def main() -> None:
         sys.exit(code)
     # Hydra reads sys.argv itself: hand it the settings' full keys (`rank=8` -> `factorization.rank=8`).
     sys.argv[1:] = [a if a.startswith("-") else canonical_overrides("train", [a])[0] for a in args]
-    _main()
+    if any(a in ("-m", "--multirun") for a in args) and not any(a.startswith("hydra.sweep.dir=") for a in args):
+        _multirun()
+    else:
+        _main()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from typing import Any
 
 from .choices import *  # noqa: F403  (the accepted values are part of the config's API)
 from .commands import (COMMAND_SCHEMAS, SHORT_SECTIONS, CompareConfig, EvalConfig, FinetuneConfig, FoldConfig,
-                       PrepareConfig, TrainConfig)
+                       PrepareConfig, ScalingConfig, TrainConfig)
 from .fields import FP32_MAX, build, check_field, describe_field, setting, unknown_key
 from .hydra import register, run_name
-from .overrides import compose, from_overrides, group_options, parse_overrides, typed
+from .overrides import compose, from_command_line, from_overrides, group_options, parse_overrides, typed
 from .methods import DLR, FULL, LOWRANK, Method, method_named, register_method
 from .keys import all_keys, canonical_key, display_key, find_field, short_form, short_names
 from .sections import (OPTIMIZER_SCHEMAS, AdamWConfig, CheckpointConfig, DataConfig, FactorizationConfig,

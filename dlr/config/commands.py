@@ -1,5 +1,5 @@
 """The settings of each command (dlr-train, dlr-eval, dlr-fold, dlr-finetune, dlr-prepare,
-dlr-compare): one dataclass each, built from the sections and groups of `dlr.config.sections`.
+dlr-compare, dlr-scaling): one dataclass each, built from the sections and groups of `dlr.config.sections`.
 """
 from __future__ import annotations
 
@@ -151,22 +151,58 @@ class PrepareConfig:
     progress: bool = setting(True, "progress bar (tokens/s) on stderr")
 
 
+def _budgets(v: Any) -> str | None:
+    import math
+
+    ok = v is None or (isinstance(v, (list, tuple)) and v and all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c > 0 for c in v))
+    return None if ok else "positive FLOP budgets, comma-separated (e.g. at=1e18,1e19), or null"
+
+
+def _names(v: Any) -> str | None:
+    ok = isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v)
+    return None if ok else "comma-separated names, e.g. alpha,rank"
+
+
+RUNS_HELP = "run directories, globs (quoted) or folders of runs; usually given bare, before or between the settings"
+
+
 @dataclass
 class CompareConfig:
-    """dlr-compare (argparse: `runs` positional, the rest --flags)."""
+    """dlr-compare (configs/compare.yaml): runs given bare, every other setting key=value."""
 
-    runs: list = setting([], "run directories, globs (quote them) or multirun folders")
+    runs: list = setting([], RUNS_HELP, check=_names)
     out: Optional[str] = setting(None, "write table.md, table.csv, pairs.csv and PNG plots into this directory",
                                  nonempty=True)
     metric: str = setting("val_ppl", "summary.json key to compare (val_ppl, val_loss, folded_val_ppl, ...)",
                           nonempty=True)
-    no_plots: bool = setting(False, "skip the PNG plots (no matplotlib import)")
-    by: list = setting([], "sweep view over this config key (alpha, rank, expand, scope, variance_correction, ...); "
-                           "repeatable")
+    plots: bool = setting(True, "write the PNG plots with out= (false: no matplotlib import)")
+    by: list = setting([], "sweep view over these config keys (alpha, rank, expand, scope, variance_correction, "
+                           "optimizer.weight_decay, ...), comma-separated", check=_names)
+
+
+@dataclass
+class ScalingConfig:
+    """dlr-scaling (configs/scaling.yaml): runs given bare, every other setting key=value."""
+
+    runs: list = setting([], RUNS_HELP, check=_names)
+    out: Optional[str] = setting(None, "write fit.json, table.md, table.csv and the plots into this directory",
+                                 nonempty=True)
+    at: Optional[list] = setting(None, "FLOP budgets to predict at, comma-separated; null = the three decades from the "
+                            "largest run's", check=_budgets)
+    metric: str = setting("val_loss", "summary.json loss to fit, in nats (val_loss, folded_val_loss, ...)",
+                          nonempty=True)
+    bootstrap: int = setting(200, "bootstrap refits for the intervals (0 = no intervals)", ge=0)
+    seed: int = setting(0, "seed of the bootstrap resampling")
+    level: float = setting(0.95, "interval level", gt=0, lt=1)
+    plots: bool = setting(True, "write the PNG plots with out= (false: no matplotlib import)")
 
 
 COMMAND_SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "fold": FoldConfig,
-                                    "prepare": PrepareConfig, "compare": CompareConfig, "finetune": FinetuneConfig}
+                                    "prepare": PrepareConfig, "compare": CompareConfig, "scaling": ScalingConfig,
+                                    "finetune": FinetuneConfig}
+# Settings a command also takes bare on its command line (an argument without `=`), appended in order.
+POSITIONAL: dict[str, str] = {"compare": "runs", "scaling": "runs"}
 # Sections of a command whose keys are also accepted bare on the command line (`rank=8` for
 # `factorization.rank=8`): their leaf names are unique across them.
 SHORT_SECTIONS: dict[str, tuple[str, ...]] = {

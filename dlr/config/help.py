@@ -19,6 +19,10 @@ SUMMARIES = {
                  "Supervised fine-tuning (TRL) of a model directory; the loss is on responses only."),
     "prepare": ("dlr-prepare data=NAME out=DIR [key=value ...]",
                 "Tokenize a data config once into memory-mapped token shards (then data=tokens data.path=DIR)."),
+    "compare": ("dlr-compare RUN_DIR ... [key=value ...]",
+                "Group finished runs by everything but the seed: mean ± std, paired differences, sweeps, plots."),
+    "scaling": ("dlr-scaling RUN_DIR ... [key=value ...]",
+                "Fit L(N, D) = E + A N^-alpha + B D^-beta per group of finished runs; predict and compare."),
 }
 GROUP_NAMES = ("model", "data", "optimizer")
 

@@ -28,8 +28,7 @@ def register() -> None:
 
     cs = ConfigStore.instance()
     for name, node in COMMAND_SCHEMAS.items():
-        if name != "compare":
-            cs.store(name=f"{name}_schema", node=node)
+        cs.store(name=f"{name}_schema", node=node)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     shipped = resources.files("dlr.configs") / "optimizer"
     for name, node in OPTIMIZER_SCHEMAS.items():

@@ -10,6 +10,7 @@ is refused with the closest valid name), short keys are spelled out (`rank=8` ->
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from typing import Any
 
@@ -54,7 +55,6 @@ def _split_override(o: str) -> tuple[str, str, str]:
 def canonical_overrides(command: str, args: list[str]) -> list[str]:
     """Short keys spelled out (`rank=8` -> `factorization.rank=8`), in the keys and in the
     values' interpolations (`out_dir=runs/${method}`), so Hydra sees one key per setting."""
-    import re
 
     from .keys import canonical_key
 
@@ -126,7 +126,6 @@ def _check_overflow(key: str, text: str, value: Any, f: Any) -> None:
 
 def _compose_error(command: str, e: BaseException) -> ConfigError:
     """OmegaConf's typed-merge errors (e.g. steps=abc) as our one line."""
-    import re
 
     from .fields import describe_field
     from .keys import display_key, find_field
@@ -185,3 +184,58 @@ def typed(command: str, cfg: DictConfig) -> Any:
 def from_overrides(command: str, overrides: list[str]) -> Any:
     """compose + the settings' checks: the command's typed config, validated before use."""
     return typed(command, compose(command, overrides))
+
+
+_OVERRIDE = re.compile(r"^[+~]*[A-Za-z_][\w.]*=")
+
+
+def _list_values(command: str, args: list[str]) -> list[str]:
+    """`by=alpha,rank` and `at=1e18` as users type a list; Hydra would read a bare comma list as a
+    sweep, and a single value as no list."""
+    from .keys import find_field
+
+    out = []
+    for a in args:
+        key, _, value = a.partition("=")
+        f = find_field(command, key.lstrip("+~"))
+        if f is not None and "list" in str(f.type) and value != "null" and not value.startswith(("[", "'", '"', "$")):
+            a = f"{key}=[{value}]"
+        out.append(a)
+    return out
+
+
+def _flag_error(command: str, flag: str) -> ConfigError:
+    """`--out DIR` where `out=DIR` is meant: one line naming the setting (`--no-plots`: plots=false)."""
+    import difflib
+
+    from .keys import all_keys, display_key
+
+    name = flag.lstrip("-").partition("=")[0].replace("-", "_")
+    known = [display_key(command, k) for k in all_keys(command)]
+    negated = name.removeprefix("no_")
+    if name != negated and negated in known:
+        return ConfigError(f"{flag!r} is not a setting; settings are key=value: {negated}=false")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}=...?" if close else f"accepted: {', '.join(sorted(known))}"
+    return ConfigError(f"{flag!r} is not a setting; settings are key=value; {hint}")
+
+
+def from_command_line(command: str, args: list[str]) -> Any:
+    """A command line of key=value settings and, for a command with a positional setting
+    (`dlr-compare runs/a runs/b out=cmp`), bare arguments that fill it, in order."""
+    import dataclasses
+
+    from .commands import POSITIONAL
+
+    bare, overrides = [], []
+    for a in args:
+        if a.startswith("-") and len(a) > 1:
+            raise _flag_error(command, a)
+        (overrides if _OVERRIDE.match(a) else bare).append(a)
+    positional = POSITIONAL.get(command)
+    if bare and positional is None:
+        raise ConfigError(f"argument {bare[0]!r} is not a key=value override; e.g. out=DIR")
+    cfg = from_overrides(command, _list_values(command, overrides))
+    if bare:
+        cfg = dataclasses.replace(cfg, **{positional: [*bare, *getattr(cfg, positional)]})
+    return cfg

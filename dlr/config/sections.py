@@ -49,7 +49,8 @@ def _compile(v: Any) -> str | None:
 
 @dataclass
 class ModelConfig:
-    """configs/model/<name>.yaml: a LLaMA size and its training recipe."""
+    """configs/model/<name>.yaml: a LLaMA size. The same file sets the size's recipe as the schedule's
+    defaults (steps, lr, global_batch, micro_batch), so each recipe value has one key."""
 
     name: str = setting(MISSING, "the size's name (llama_tiny ... llama_7b)", nonempty=True)
     hidden_size: int = setting(MISSING, "model width d", gt=0)
@@ -58,10 +59,6 @@ class ModelConfig:
     num_hidden_layers: int = setting(MISSING, "transformer blocks", gt=0)
     max_position_embeddings: int = setting(1024, "longest sequence the rotary tables cover", gt=0)
     default_rank: int = setting(MISSING, "rank used when rank= is not given", gt=0)
-    steps: int = setting(MISSING, "recipe: optimizer steps", gt=0)
-    lr: float = setting(MISSING, "recipe: peak learning rate", gt=0, le=MAX_LR)
-    micro_batch: int = setting(MISSING, "recipe: sequences per process per forward", gt=0)
-    global_batch: int = setting(512, "recipe: sequences per optimizer step over all processes", gt=0)
 
 
 @dataclass
@@ -127,7 +124,6 @@ class AdamWConfig:
     """configs/optimizer/adamw.yaml: torch AdamW, weight decay on 2-D weights only."""
 
     name: str = setting("adamw", "the optimizer", choices=("adamw",))
-    lr: float = setting("${schedule.lr}", "learning rate (the schedule's lr unless set here)", gt=0, le=MAX_LR)
     weight_decay: float = setting(0.01, "decoupled weight decay on 2-D weights", ge=0)
     betas: list[float] = setting([0.9, 0.999], "Adam moment decay rates", check=_betas)
     eps: float = setting(1e-8, "Adam denominator epsilon", gt=0)
@@ -138,15 +134,15 @@ class SpectronConfig:
     """configs/optimizer/spectron.yaml: Spectron on A/B factor pairs, AdamW on the rest (docs/spectron.md)."""
 
     name: str = setting("spectron", "the optimizer", choices=("spectron",))
-    lr: float = setting("${schedule.lr}", "factor step: each factor moves by lr / (||A||_2 + ||B||_2 + 1)", gt=0,
-                        le=MAX_LR)
     weight_decay: float = setting(0.01, "decoupled, lr * weight_decay, on factors and 2-D AdamW weights", ge=0)
     momentum: float = setting(0.9, "M <- momentum * M + (1 - momentum) * grad", ge=0, lt=1)
     ns_steps: int = setting(5, "Newton-Schulz iterations per orthogonalization", ge=1)
     power_init_iters: int = setting(10, "power iterations on the first step only; then 1 per step", ge=1)
     ns_dtype: str = setting("float32", "Newton-Schulz dtype (bfloat16 only takes effect on CUDA)", choices=NS_DTYPES)
     seed: int = setting(0, "seeds the power-iteration start vectors (same on every rank)")
-    adamw_lr: Optional[float] = setting(None, "AdamW part (embeddings, lm_head, norms); null = lr", gt=0, le=MAX_LR)
+    adamw_lr: Optional[float] = setting(None, "AdamW part (embeddings, lm_head, norms); null = lr (the schedule's, "
+                                              "which Spectron reads as its factor step: each factor moves by "
+                                              "lr / (||A||_2 + ||B||_2 + 1))", gt=0, le=MAX_LR)
     adamw_weight_decay: Optional[float] = setting(None, "AdamW part; null = weight_decay", ge=0)
     betas: list[float] = setting([0.9, 0.999], "AdamW part: moment decay rates", check=_betas)
     eps: float = setting(1e-8, "AdamW part: epsilon", gt=0)
@@ -158,14 +154,18 @@ OPTIMIZER_SCHEMAS = OPTIMIZERS
 
 @dataclass
 class ScheduleConfig:
-    """How long, how fast and in what batches: the learning-rate schedule and the batch geometry."""
+    """How long, how fast and in what batches: the learning-rate schedule and the batch geometry.
 
-    steps: int = setting("${model.steps}", "optimizer steps (ignored when tokens is set)", gt=0)
+    configs/model/<name>.yaml sets steps, lr, global_batch and micro_batch to the size's recipe."""
+
+    steps: int = setting(MISSING, "optimizer steps (ignored when tokens is set); default: the size's recipe", gt=0)
     tokens: Optional[float] = setting(None, "token budget; sets steps = ceil(tokens / tokens per step)", gt=0)
-    lr: float = setting("${model.lr}", "peak learning rate", gt=0, le=MAX_LR)
-    global_batch: int = setting("${model.global_batch}", "sequences per optimizer step, over all processes", gt=0)
-    micro_batch: int = setting("${model.micro_batch}", "sequences per process per forward; accumulation is derived",
-                               gt=0, runtime=True)
+    lr: float = setting(MISSING, "peak learning rate of the optimizer (Spectron: its factor step); default: the "
+                                 "size's recipe", gt=0, le=MAX_LR)
+    global_batch: int = setting(512, "sequences per optimizer step, over all processes; default: the size's recipe",
+                                gt=0)
+    micro_batch: int = setting(MISSING, "sequences per process per forward (accumulation is derived); default: the "
+                                        "size's recipe", gt=0, runtime=True)
     warmup: float = setting(0.1, "linear warmup from 0, as a fraction of steps", ge=0, lt=1)
     min_lr_ratio: float = setting(0.1, "cosine decays to this fraction of lr", ge=0, le=1)
     grad_clip: float = setting(0.5, "clip the global gradient norm to this (a huge value = no clipping)", gt=0)

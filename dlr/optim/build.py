@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlr.config import METHODS, OPTIMIZER_SCHEMAS, AdamWConfig, SpectronConfig, build, method_named
+from dlr.config import METHODS, OPTIMIZER_SCHEMAS, AdamWConfig, ScheduleConfig, SpectronConfig, build, check_field, method_named
 from dlr.errors import ConfigError, bad_value
 from dlr.optim.spectron import Spectron
 
@@ -70,36 +70,37 @@ def spectron_param_groups(
     return groups
 
 
-def _adamw(c: Any, model: nn.Module, fused: bool) -> torch.optim.Optimizer:
-    groups = _adamw_groups(_trainable(model), lr=c.lr, weight_decay=c.weight_decay)
-    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(float(b) for b in c.betas), eps=c.eps,
+def _adamw(c: Any, model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
+    groups = _adamw_groups(_trainable(model), lr=lr, weight_decay=c.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(float(b) for b in c.betas), eps=c.eps,
                              weight_decay=c.weight_decay, fused=fused or None)
 
 
-def _spectron(c: Any, model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+def _spectron(c: Any, model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
     if not find_factor_pairs(model):
         raise ConfigError("optimizer='spectron' found no factorized layers (A/B parameter pairs) in the model; "
                           "use optimizer=adamw")
     groups = spectron_param_groups(
         model,
-        lr=c.lr,
-        adamw_lr=c.lr if c.adamw_lr is None else c.adamw_lr,
+        lr=lr,
+        adamw_lr=lr if c.adamw_lr is None else c.adamw_lr,
         weight_decay=c.weight_decay,
         adamw_weight_decay=c.weight_decay if c.adamw_weight_decay is None else c.adamw_weight_decay,
         spectron=dict(momentum=c.momentum, ns_steps=c.ns_steps, power_init_iters=c.power_init_iters,
                       ns_dtype=c.ns_dtype, seed=c.seed),
     )
-    return Spectron(groups, lr=c.lr, betas=tuple(float(b) for b in c.betas), eps=c.eps, weight_decay=c.weight_decay)
+    return Spectron(groups, lr=lr, betas=tuple(float(b) for b in c.betas), eps=c.eps, weight_decay=c.weight_decay)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: its settings (a dataclass of dlr.config `setting`s whose `name` field
     defaults to the optimizer's name; the configs/optimizer/<name> group option) and how it is
-    built from them: build(settings, model, fused) -> torch.optim.Optimizer."""
+    built from them: build(settings, model, lr, fused) -> torch.optim.Optimizer, where lr is the
+    schedule's peak learning rate (the one learning-rate setting)."""
 
     settings: type
-    build: Callable[[Any, nn.Module, bool], torch.optim.Optimizer]
+    build: Callable[[Any, nn.Module, float, bool], torch.optim.Optimizer]
     factorized_only: bool = False  # it needs the A/B factor pairs of a factorized method (Spectron)
     fsdp2: bool = True  # it steps FSDP2-sharded parameters (Spectron needs each factor whole)
 
@@ -122,12 +123,14 @@ register_optimizer(OptimizerSpec(AdamWConfig, _adamw))
 register_optimizer(OptimizerSpec(SpectronConfig, _spectron, factorized_only=True, fsdp2=False))
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, *, lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer for `model` trained with `method` (a name in dlr.config.METHODS).
 
     cfg: the optimizer section (its registered settings dataclass, e.g. dlr.config.AdamWConfig,
-    or a mapping with their keys, checked there; unknown keys are refused). fused: AdamW's
-    single-kernel implementation (the trainer asks for it on CUDA); the others ignore it.
+    or a mapping with their keys, checked there; unknown keys are refused). lr: the peak learning
+    rate (the schedule's `lr`, the one learning-rate setting; Spectron's factor step). fused:
+    AdamW's single-kernel implementation (the trainer asks for it on CUDA); the others ignore it.
     """
     name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
     if name not in BUILDERS:
@@ -135,8 +138,9 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, fused
     spec, factorized = BUILDERS[name], method_named(method).factorized
     c = cfg if isinstance(cfg, spec.settings) else build(spec.settings, {k: v for k, v in cfg.items() if k != "defaults"},
                                                          "optimizer.")
+    lr = float(check_field(ScheduleConfig, "lr", lr))
     if spec.factorized_only and not factorized:
         accepted = ", ".join(m for m in METHODS if method_named(m).factorized)
         raise ConfigError(f"optimizer={name!r} is not valid with method={method!r}; accepted: method={accepted} "
                           "(or optimizer=adamw)")
-    return spec.build(c, model, fused)
+    return spec.build(c, model, lr, fused)

@@ -14,6 +14,7 @@ from ..run_dir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
 from .sharding import save_final
 from .state import TrainerState
 from .telemetry import Throughput, peak_memory_gib
+from .reporting import say
 from .validation import run_eval
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def data_tokens(state: TrainerState) -> dict[str, int] | None:
 def _fold(state: TrainerState, summary: dict, extra: dict) -> None:
     """Fold the trained model in place, evaluate it and write folded/."""
     model, last = state.plain_model(), state.last_eval
+    say(state, "folding the DLR residual into B, then validating the folded model")
     folded = fold_model(model)
     folded_eval = run_eval(state, eval_model=model, prefix="folded_val")
     deploy = model_stats(model, state.plan.seq_len)
@@ -58,6 +60,7 @@ def _fold(state: TrainerState, summary: dict, extra: dict) -> None:
                     "folded_val_ppl": folded_eval["val_ppl"], "deploy_params": deploy.total_params,
                     "deploy_non_embedding_params": deploy.non_embedding_params,
                     "fold_rel_ppl_diff": abs(folded_eval["val_ppl"] - last["val_ppl"]) / last["val_ppl"]})
+    say(state, f"writing {state.out_dir / FOLDED_DIR}")
     save_final(model, state.tokenizer, state.out_dir / FOLDED_DIR, state.is_main,
                extra={**extra, "val_loss": folded_eval["val_loss"], "unfolded_val_loss": last["val_loss"],
                       "folded_from": FINAL_DIR})  # a name in the run directory: no path of this machine
@@ -75,6 +78,7 @@ def finish(state: TrainerState, wall_s: float, speed: Throughput, memory_estimat
         extra["data_tokens"] = tokens
         if state.is_main:
             log.info("tokens per data source: %s", ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
+    say(state, f"writing {state.out_dir / FINAL_DIR}")
     save_final(state.plain_model(), state.tokenizer, state.out_dir / FINAL_DIR, state.is_main, extra=extra)
     summary = _summary(state, wall_s, speed, memory_estimate)
     if tokens is not None:

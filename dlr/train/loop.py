@@ -20,7 +20,7 @@ from .describe import describe_plan, memory_estimate
 from .finish import finish
 from .plan import TrainPlan, make_plan
 from .preflight import check_data_files, check_out_dir
-from .reporting import TrainLogger, open_metrics
+from .reporting import TrainLogger, open_metrics, say
 from ..run_dir import RunLock, check_run_dir, finished_summary, tidy, write_config
 from .settings import resolved_settings
 from .setup import Inputs, build_state, check_inputs, make_accelerator
@@ -119,10 +119,12 @@ def _loop(state: TrainerState, first: list | None) -> tuple[float, Throughput]:
         if due(cfg.logging.eval_every, state.step, last):
             guard.check(state.step)
             with logger.speed.paused():
+                say(state, f"step {state.step}: validating")
                 state.last_eval = run_eval(state)
         if due(cfg.checkpoint.save_every, state.step, last):
             guard.check(state.step)
             with logger.speed.paused():
+                say(state, f"step {state.step}: saving checkpoints/step_{state.step}")
                 save(state, wall_clock(state, started))
     logger.close()
     state.data.close()

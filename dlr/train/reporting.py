@@ -50,7 +50,8 @@ class TrainLogger:
     def step_done(self, state: TrainerState) -> None:
         self.progress.update(1)
         if self.speed.step_done():
-            say(state, f"first step (compile + warm-up): {self.speed.first_step_s:.1f} s, kept out of tokens/s")
+            what = "compile + warm-up" if state.compiled else "warm-up"
+            say(state, f"first step ({what}): {self.speed.first_step_s:.1f} s, kept out of tokens/s")
 
     def log(self, state: TrainerState, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Reduce the loss (the one host sync per log interval) and report the record."""

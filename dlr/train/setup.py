@@ -52,7 +52,8 @@ def check_inputs(cfg) -> Inputs:
     check_vocab(tokenizer, config.vocab_size)
     parallelism = check_parallelism(cfg)
     # Method/optimizer combinations (e.g. spectron on a full model) on a meta copy: no memory.
-    build_optimizer(cfg.optimizer, build_from_config(config, device="meta"), cfg.factorization.method)
+    build_optimizer(cfg.optimizer, build_from_config(config, device="meta"), cfg.factorization.method,
+                    lr=cfg.schedule.lr)
     check_resume(cfg.checkpoint.resume)
     return Inputs(spec, tokenizer, config, parallelism)
 
@@ -102,7 +103,8 @@ def build_state(cfg, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan) 
         model = shard_model(model, device, bf16=bf16)
     # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
     # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.factorization.method, fused=device.type == "cuda")
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.factorization.method, lr=cfg.schedule.lr,
+                                fused=device.type == "cuda")
     # Not passed to prepare(): accelerate would step it once per process per step.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps,
                                                             min_lr_rate=cfg.schedule.min_lr_ratio)
