@@ -143,7 +143,7 @@ def test_a_group_with_too_few_points_is_refused_saying_how_many(tmp_path, capsys
 def test_a_group_of_one_model_size_is_refused_naming_what_cannot_be_identified(tmp_path, capsys):
     root = tmp_path / "runs"
     for t in (1e8, 3e8, 1e9, 3e9, 1e10):
-        make_run(root, "llama_s1", "full", t)
+        make_run(root, "llama_n100k", "full", t)
     out = tmp_path / "fit"
     with pytest.raises(SystemExit) as exit_info:
         scaling_cli.main([str(root), f"out={out}"])
@@ -155,7 +155,7 @@ def test_a_group_of_one_model_size_is_refused_naming_what_cannot_be_identified(t
 
 @pytest.mark.parametrize("loss,shown", [(float("inf"), "inf"), (-1.5, "-1.5"), ("abc", "'abc'")])
 def test_a_run_with_a_bad_loss_is_refused_naming_the_run_and_the_value(grid, tmp_path, capsys, loss, shown):
-    run = make_run(grid, "llama_s1", "full", 3e8)
+    run = make_run(grid, "llama_n100k", "full", 3e8)
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "val_loss": loss}))
     with pytest.raises(SystemExit) as exit_info:
