@@ -68,8 +68,16 @@ def test_vllm_greedy_tokens_equal_hf_generate(tmp_path, which):
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
-    # vLLM runs the directory's own factor layers, not a densified weight.
+    # vLLM runs the directory's own factor layers, not a densified weight, and every factor is one
+    # of vLLM's linear layers (its GEMM, its quantization), styled by the config's TP plan.
     assert served["projections"] == ["LowRankLinear"]
+    factors = served["factors"][0]
+    assert factors["linear_base"] and factors["count"] == 2 * 7 * HEAD64.num_hidden_layers
+    if which == "folded":
+        assert factors["A"] == ["ReplicatedLinear", "RowParallelLinear"]  # o, down: row-parallel A
+        assert factors["B"] == ["ColumnParallelLinear", "ReplicatedLinear"]  # q, k, v, gate, up: column B
+    else:  # an unfolded residual has no plan: replicated, B + s R through B's own layer
+        assert factors["A"] == factors["B"] == ["ReplicatedLinear"]
     assert served["ids"] == hf_greedy(path)
 
 

@@ -115,9 +115,20 @@ class LowRankLinear(nn.Module):
         return z if self.activation == "identity" else getattr(F, self.activation)(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.latent(x)
         if self.is_plain:  # calls B itself, so an engine's replacement of B runs
-            return self.B(self.latent(x))
-        return F.linear(self.latent(x), self.up_weight(), self.bias)
+            return self.B(z)
+        if not isinstance(self.B, nn.Linear):
+            return self.engine_forward(z)
+        return F.linear(z, self.up_weight(), self.bias)
+
+    def engine_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """c (B + s R) z + b as B(c z) + s (c z)[index], for a B that a serving engine replaced with
+        its own layer (vLLM repacks the weight for its kernels, so B + s R cannot be built)."""
+        c = self.latent_multiplier()
+        z = z if c is None else z * c
+        y = self.B(z)
+        return y if self.dlr_index is None else y + self.residual_scale() * z[..., self.dlr_index]
 
     @torch.no_grad()
     def fold_(self) -> bool:
