@@ -81,6 +81,19 @@ def test_vllm_greedy_tokens_equal_hf_generate(tmp_path, which):
     assert served["ids"] == hf_greedy(path)
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+def test_vllm_tensor_parallel_2_on_the_cpu_gives_the_hf_greedy_ids(tmp_path):
+    """The config's plan through vLLM's own TP: two CPU workers (gloo), one core each."""
+    path = model_dirs(tmp_path)["folded"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": "",
+           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    proc = subprocess.run([str(VLLM_PYTHON), str(SCRIPT), str(path), json.dumps(PROMPTS), str(NEW_TOKENS), "2"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"ids"'))  # after worker logs
+    assert json.loads(result)["ids"] == hf_greedy(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

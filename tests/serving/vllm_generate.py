@@ -2,8 +2,8 @@
 dlr is not installed: vLLM builds the model from the directory's own code.
 
 argv: model directory, JSON list of prompts (lists of token ids), max new tokens, and optionally
-the tensor-parallel size. Prints one JSON line: the greedy token ids for each prompt, the classes
-of the projections vLLM runs, and the classes of their factors A and B.
+the tensor-parallel size. Prints one JSON line: the greedy token ids for each prompt and, in one process (tp 1), the
+classes of the projections vLLM runs and of their factors A and B.
 """
 import json
 import sys
@@ -34,8 +34,10 @@ def main() -> None:
               max_model_len=128, enforce_eager=True, seed=0, gpu_memory_utilization=0.1, tensor_parallel_size=tp)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    classes, factors = llm.apply_model(projection_classes)[0], llm.apply_model(factor_classes)
-    print(json.dumps({"ids": [list(o.outputs[0].token_ids) for o in outputs], "projections": classes, "factors": factors}))
+    result = {"ids": [list(o.outputs[0].token_ids) for o in outputs]}
+    if tp == 1:  # the engine in this process: the functions reach the model without pickling
+        result |= {"projections": llm.apply_model(projection_classes)[0], "factors": llm.apply_model(factor_classes)}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
