@@ -61,7 +61,7 @@ def test_round_trip_is_exact_and_self_describing(ckpt):
 def test_load_in_bf16_keeps_the_index_integer(ckpt):
     loaded, _ = load_model_dir(ckpt[0], dtype=torch.bfloat16)
     up = loaded.model.layers[0].mlp.up_proj
-    assert up.A.dtype == torch.bfloat16 and up.dlr_index.dtype == torch.long
+    assert up.A.weight.dtype == torch.bfloat16 and up.dlr_index.dtype == torch.long
 
 
 def test_folded_dir_has_the_lowrank_layout(tmp_path, ckpt, tok):
@@ -157,7 +157,7 @@ BAD = {
     "folded flag lies": (lambda d: _edit_config(d, dlr_folded=True), "does not have"),
     "nan weights": (_nan, "NaN"),
     "no metadata": (lambda d: (d / "dlr_checkpoint.json").unlink(), "has no dlr_checkpoint.json"),
-    "older format": (lambda d: _edit_meta(d, format_version=1), "format_version=1; this dlr reads format_version=2"),
+    "older format": (lambda d: _edit_meta(d, format_version=1), "format_version=1; this dlr reads format_version=3"),
     "bad metadata": (lambda d: (d / "dlr_checkpoint.json").write_text("[1]"), "not a JSON object"),
     "code changed": (lambda d: _append(d / "lowrank.py", "\nprint('hello')\n"), "lowrank.py' does not match its sha256"),
     "code added": (lambda d: (d / "extra_code.py").write_text("import os\n"), "extra_code.py' is not listed"),
@@ -188,7 +188,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, ckpt, case):
 def test_the_record_covers_every_file_a_loader_reads_and_verify_false_skips_the_hashes(tmp_path, ckpt):
     d = _copy(ckpt[0], tmp_path / "ck")
     meta = read_meta(d)
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     files = sorted(p.name for p in d.iterdir() if p.name not in ("README.md", "dlr_checkpoint.json"))
     assert sorted(meta["files"]) == files and {"config.json", "generation_config.json", "tokenizer.json",
                                                "lowrank.py", "model.safetensors"} <= set(files)

@@ -70,9 +70,30 @@ def test_vllm_greedy_tokens_equal_hf_generate(tmp_path, which):
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
-    # vLLM runs the directory's own factor layers, not a densified weight.
+    # vLLM runs the directory's own factor layers, not a densified weight, and every factor is one
+    # of vLLM's linear layers (its GEMM, its quantization), styled by the config's TP plan.
     assert served["projections"] == ["LowRankLinear"]
+    factors = served["factors"][0]
+    assert factors["linear_base"] and factors["count"] == 2 * 7 * HEAD64.num_hidden_layers
+    if which == "folded":
+        assert factors["A"] == ["ReplicatedLinear", "RowParallelLinear"]  # o, down: row-parallel A
+        assert factors["B"] == ["ColumnParallelLinear", "ReplicatedLinear"]  # q, k, v, gate, up: column B
+    else:  # an unfolded residual has no plan: replicated, B + s R through B's own layer
+        assert factors["A"] == factors["B"] == ["ReplicatedLinear"]
     assert served["ids"] == hf_greedy(path)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+def test_vllm_tensor_parallel_2_on_the_cpu_gives_the_hf_greedy_ids(tmp_path):
+    """The config's plan through vLLM's own TP: two CPU workers (gloo), one core each."""
+    path = model_dirs(tmp_path)["folded"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": "",
+           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    proc = subprocess.run([str(VLLM_PYTHON), str(SCRIPT), str(path), json.dumps(PROMPTS), str(NEW_TOKENS), "2"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"ids"'))  # after worker logs
+    assert json.loads(result)["ids"] == hf_greedy(path)
 
 
 def free_port() -> int:
@@ -153,10 +174,11 @@ def test_the_inference_benchmark_times_vllm_serving_the_factor_layers():
     served = result["vllm_served"]
     assert served["head64/folded"]["projections"] == ["LowRankLinear"]  # not densified on the way in
     rows = {(r["method"], r["batch"]): r for r in result["rows"]}
-    # vLLM holds exactly the parameters HF holds: the folded model is served at low-rank size. (Not
-    # comparable for a dense model: vLLM's CPU backend repacks the weights of its own linear layers
-    # for its GEMM kernels and leaves them empty as parameters.)
-    assert served["head64/folded"]["params"] == rows["folded", 1]["params"]
+    # vLLM's CPU backend repacks the weights of its own linear layers for its GEMM kernels and leaves
+    # them empty as parameters: it holds every parameter HF holds but the factors', which its layers run.
+    factors = sum(p.numel() for n, p in dlr.build_model(HEAD64, "lowrank", rank=16, device="meta").named_parameters()
+                  if n.endswith((".A.weight", ".B.weight")))
+    assert served["head64/folded"]["params"] == rows["folded", 1]["params"] - factors
     for r in rows.values():
         assert r["vllm"]["prefill_tok_s"]["n"] == 1 and r["vllm"]["prefill_tok_s"]["median"] > 0, r["vllm"]
     assert "vLLM decode tok/s" in bench.table(result)

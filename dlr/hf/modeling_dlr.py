@@ -8,7 +8,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dlr import DlrLlamaConfig
-from .lowrank import LowRankLinear, cola_init_std, factorize_projections
+from .lowrank import LowRankLinear, factorize_projections
 
 AUTO_MAP = {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "modeling_dlr.DlrLlamaModel",
             "AutoModelForCausalLM": "modeling_dlr.DlrLlamaForCausalLM"}
@@ -16,14 +16,16 @@ AUTO_MAP = {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "mode
 
 @torch.no_grad()
 def _init_weights(self, module: torch.nn.Module) -> None:
-    """HF's init, but CoLA's scale for the factors (not N(0, 0.02): it matters at low rank)."""
+    """HF's init, but CoLA's scale for the factors (not N(0, 0.02): it matters at low rank). HF
+    visits children first, so A, then B, then their LowRankLinear (its scales) are initialised."""
+    std = getattr(module, "dlr_init_std", None)
+    if isinstance(module, torch.nn.Linear) and std is not None:  # a factor of a LowRankLinear
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+        return
     if not isinstance(module, LowRankLinear):
         return LlamaPreTrainedModel._init_weights(self, module)
-    std = cola_init_std(module.in_features, module.out_features, module.rank)
-    init.normal_(module.A, mean=0.0, std=std)
-    init.normal_(module.B, mean=0.0, std=std)
-    if module.bias is not None:
-        init.zeros_(module.bias)
     if module.has_trainable_latent:
         init.ones_(module.latent_scale_raw)  # c = tanh(1) at the start, as the reference
     if module.alpha_divisor is not None:
@@ -61,6 +63,16 @@ class DlrLlamaForCausalLM(LlamaForCausalLM):
         factorize_projections(self.model.layers, self.config)
         self.model._init_weights = self._init_weights
         super().post_init()
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # transformers' TP (from_pretrained(tp_plan="auto")) shards the factors by the config's plan;
+        # a residual or latent scale has none (B + s R is built whole), so refuse rather than replicate.
+        tp = getattr(distributed_config, "tp_size", 1) or 1
+        if tp > 1 and model.config.base_model_tp_plan is None:
+            raise ValueError(f"tensor parallelism needs a folded model: this {model.config.dlr_method} model's residual "
+                             "or latent scale is not folded into B (fold it first: dlr-fold ckpt=DIR)")
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
 
     def save_pretrained(self, *args, **kwargs):
         # The base model's entry too: vLLM's Transformers backend builds it with AutoModel.

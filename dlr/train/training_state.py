@@ -50,7 +50,9 @@ from ..errors import ConfigError
 from ..run_dir import CHECKPOINTS_DIR
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-FORMAT_VERSION = 4
+# 5: the run's settings and every file's size and sha256 in trainer_state.json; the factors as
+# nn.Linear modules (state-dict names <proj>.A.weight, ...).
+FORMAT_VERSION = 5
 # What a resume reads from trainer_state.json (dlr.train.checkpointing.restore).
 TRAINER_STATE_KEYS = ("step", "tokens", "wall_s", "wandb_id", "last_eval", "metrics_lines", "processes", "config",
                       "files")
