@@ -237,7 +237,7 @@ def test_module_factors_give_the_parameter_forward_bitwise(options, monkeypatch)
 
 
 @pytest.mark.parametrize("options", [{}, {"trainable_alpha_divisor": 2.0, "bias": True}, {"latent_scale": 0.25},
-                                     {"trainable_latent_scale": True}])
+                                     {"trainable_latent": True}])
 def test_engine_forward_calls_b_and_computes_the_same_function(options):
     """With B replaced by an engine's layer (vLLM repacks its weight) the residual goes after B's call."""
     d_in, d_out, rank = 32, 80, 8
