@@ -57,6 +57,12 @@ def _results(extra: dict, fold: dict | None) -> list[str]:
     return lines or ["- No evaluation was recorded with this directory."]
 
 
+def _served_factors(quantization: dict | None) -> str:
+    if quantization:
+        return f", their A and B as vLLM's {quantization['scheme']} quantized linear layers"
+    return ", not quantized"
+
+
 def _training(extra: dict) -> list[str]:
     lines = [f"- Data: `{extra['data']}`." if extra.get("data") else "- Data: not recorded."]
     if isinstance(extra.get("tokens"), int):
@@ -67,8 +73,20 @@ def _training(extra: dict) -> list[str]:
     return lines
 
 
-def model_card(config: Any, params: int, extra: dict | None = None, fold: dict | None = None) -> str:
-    """README.md text for a directory holding `config` (a DlrLlamaConfig) with `params` parameters."""
+def _quantized(q: dict) -> list[str]:
+    check, pb = q["check"], q["projection_bytes"]
+    return [f"- Quantized ({q['scheme']}, compressed-tensors `{q['format']}`): {q['factors']} factor matrices "
+            f"(A and B of every projection), {q['linears']} linear layers in all; the embedding and LM head are not. "
+            f"Their tensors: {pb['before']:,} -> {pb['after']:,} bytes.",
+            f"- Quantization check on {check['tokens']:,} validation tokens: perplexity {check['ppl_after']:.3f} vs "
+            f"{check['ppl_before']:.3f} unquantized (ratio {check['ppl_ratio']:.4f}, bound {check['max_ppl_ratio']}); "
+            f"same greedy token at {check['top1_agreement']:.2%} of positions (bound {check['min_agreement']:.0%})."]
+
+
+def model_card(config: Any, params: int, extra: dict | None = None, fold: dict | None = None,
+               quantization: dict | None = None) -> str:
+    """README.md text for a directory holding `config` (a DlrLlamaConfig) with `params` parameters;
+    `quantization` is a dlr-quantize report."""
     extra = extra or {}
     arch = (f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
             f"FFN {config.intermediate_size}, vocabulary {config.vocab_size}; {params:,} parameters")
@@ -93,7 +111,7 @@ Residuals, arXiv 2606.28932). A folded DLR model costs exactly a rank-{config.dl
 
 ## Evaluation
 
-{chr(10).join(_results(extra, fold))}
+{chr(10).join(_results(extra, fold) + (_quantized(quantization) if quantization else []))}
 
 ## Use
 
@@ -119,6 +137,6 @@ vllm serve MODEL --model-impl transformers --trust-remote-code
 ```
 
 vLLM's Transformers backend runs attention, RMSNorm and scheduling; the factor layers run as
-this directory's PyTorch modules (not sharded by tensor parallelism, not quantized).
+this directory's PyTorch modules (not sharded by tensor parallelism){_served_factors(quantization)}.
 """
     return f"---\n{yaml.safe_dump(front_matter(config, extra), sort_keys=False)}---\n\n{body}"

@@ -310,6 +310,8 @@ def load_model_dir(
     shards = weight_files(p)
     check_integrity(p, verify)
     device = torch.device(device)
+    if getattr(config, "quantization_config", None):
+        return _load_quantized(p, device, dtype), load_tokenizer(str(p))
 
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -336,6 +338,27 @@ def load_model_dir(
         raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
     model.eval()
     return model, load_tokenizer(str(p))
+
+
+def _load_quantized(p: Path, device: torch.device, dtype: torch.dtype) -> DlrLlamaForCausalLM:
+    """A dlr-quantize directory: transformers' quantizer for its format (compressed-tensors) builds
+    the quantized layers, which our meta-and-assign path does not know."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = DlrLlamaForCausalLM.from_pretrained(p, dtype=dtype, attn_implementation="sdpa")
+    except ImportError as e:  # the format's package (compressed-tensors) is missing
+        raise ConfigError(f"checkpoint {str(p)!r} is quantized and needs {e}; pip install 'dlr[quant]'") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    # Unpacked now, not by the hook on the first model(...) call: dlr's loss calls model.model,
+    # which that hook does not see. The layers keep their scheme: weights hold the dequantized
+    # integers and w8a8 quantizes each activation per token, as the packed form computes.
+    model.hf_quantizer.compressor.decompress_model(model)
+    return model.to(device).eval()
 
 
 def _read_tensors(p: Path, shards: Mapping[str, Any], *, expected: dict[str, torch.Tensor], config: DlrLlamaConfig,
