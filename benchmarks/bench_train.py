@@ -56,7 +56,7 @@ class RepeatInterleaveDLR(LowRankLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.latent(x)
-        y = F.linear(z, self.B)
+        y = self.B(z)
         if self.dlr_index is None:
             return y
         k = expansion_factor(self.out_features, self.rank)
@@ -69,9 +69,10 @@ class ScatterAddDLR(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.latent(x)
         if self.dlr_index is None:
-            return F.linear(z, self.B)
-        src = torch.full((self.out_features, 1), self.dlr_scale, dtype=self.B.dtype, device=self.B.device)
-        return F.linear(z, self.B.scatter_add(1, self.dlr_index.unsqueeze(1), src))
+            return self.B(z)
+        B = self.B.weight
+        src = torch.full((self.out_features, 1), self.dlr_scale, dtype=B.dtype, device=B.device)
+        return F.linear(z, B.scatter_add(1, self.dlr_index.unsqueeze(1), src))
 
 
 VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}

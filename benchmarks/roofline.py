@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from dlr.hf.lowrank import LowRankLinear
 from dlr.model import build_model
 from dlr.train.telemetry import PEAK_BF16
 from dlr.zoo import get_size
@@ -63,14 +62,9 @@ def linear_step(tokens: int, d_in: int, d_out: int, peak: float, bandwidth: floa
 
 
 def linear_maps(model: nn.Module) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every GEMM-shaped map a forward runs: a LowRankLinear is two of them."""
-    maps = []
-    for m in model.modules():
-        if isinstance(m, LowRankLinear):
-            maps += [(m.in_features, m.rank), (m.rank, m.out_features)]
-        elif isinstance(m, nn.Linear):
-            maps.append((m.in_features, m.out_features))
-    return maps
+    """(d_in, d_out) of every GEMM-shaped map a forward runs: a LowRankLinear is two of them,
+    its factors A and B (nn.Linear children)."""
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def step_bound(size: str, method: str, micro_batch: int, gpu: str) -> Bound:

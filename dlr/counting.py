@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .hf.lowrank import LowRankLinear
-
 
 @dataclass(frozen=True)
 class ModelStats:
@@ -30,8 +28,7 @@ class ModelStats:
 
 
 def _matmul_params(module: nn.Module) -> int:
-    if isinstance(module, LowRankLinear):
-        return module.rank * (module.in_features + module.out_features)
+    # A LowRankLinear's factors are nn.Linear children: r (d_in + d_out) is counted through them.
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
     return 0

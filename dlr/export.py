@@ -60,12 +60,13 @@ def export_dense(model: DlrLlamaForCausalLM) -> LlamaForCausalLM:
     state: dict[str, torch.Tensor] = {}
     lowrank = {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     for name, t in model.state_dict().items():
-        if name.endswith((".A", ".B", ".dlr_index", ".dlr_alpha", ".latent_scale_raw")):
-            continue
-        state[name] = t
+        if name.rpartition(".")[0].removesuffix(".A").removesuffix(".B") not in lowrank:
+            state[name] = t
     for name, m in lowrank.items():
-        w = m.up_weight().float() @ m.A.float()
-        state[f"{name}.weight"] = w.to(m.A.dtype)
+        w = m.up_weight().float() @ m.A.weight.float()
+        state[f"{name}.weight"] = w.to(m.A.weight.dtype)
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias
     dense.load_state_dict(state, strict=True, assign=True)
     # Non-persistent rotary buffers are not in the state dict: rebuild them on the real device.
     with torch.device("cpu"):

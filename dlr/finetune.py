@@ -4,7 +4,7 @@ Data flows as in pre-training: config -> (model directory, prompt/response data)
 model directory. The model is the `DlrLlamaForCausalLM` that `load_model_dir` built and
 checked, trained in place: its projections stay `LowRankLinear` factors, so the result has
 exactly the parameter count of the input (checked before writing). With `lora=true`, peft
-puts LoRA adapters on the factors themselves (`target_parameters`: `*.A`, `*.B`; dense
+puts LoRA adapters on the factors themselves (`target_parameters`: `*.A.weight`, `*.B.weight`; dense
 `nn.Linear` projections of a `full` model through `target_modules`) and merges them back at
 the end, so the output is again a plain model directory of the same shape.
 
@@ -131,7 +131,7 @@ def lora_config(model: torch.nn.Module, cfg: FinetuneConfig) -> Any:
         if short not in PROJECTIONS:
             continue
         if isinstance(m, LowRankLinear):
-            params |= {f"{short}.A", f"{short}.B"}
+            params |= {f"{short}.A.weight", f"{short}.B.weight"}
         elif isinstance(m, torch.nn.Linear):
             modules.add(short)
     return LoraConfig(r=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),

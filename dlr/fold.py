@@ -34,17 +34,17 @@ def _fold_shard_(layer: LowRankLinear) -> bool:
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    sharded_B, out_features = layer.B, layer.out_features
+    sharded_B, out_features = layer.B.weight, layer.out_features
     shape, offset = compute_local_shape_and_global_offset(sharded_B.shape, sharded_B.device_mesh, sharded_B.placements)
     rows = slice(offset[0], offset[0] + shape[0])
-    layer._parameters["B"] = nn.Parameter(sharded_B.to_local(), requires_grad=False)
+    layer.B._parameters["weight"] = nn.Parameter(sharded_B.to_local(), requires_grad=False)
     if layer.dlr_index is not None:
         layer._buffers["dlr_index"] = layer.dlr_index[rows]
     layer.out_features, layer._dlr_cache = shape[0], None
     try:
         return layer.fold_()
     finally:
-        layer._parameters["B"], layer.out_features = sharded_B, out_features
+        layer.B._parameters["weight"], layer.out_features = sharded_B, out_features
 
 
 def fold_model(model: nn.Module) -> int:
@@ -56,7 +56,7 @@ def fold_model(model: nn.Module) -> int:
     folded = 0
     for m in model.modules():
         if isinstance(m, LowRankLinear):
-            folded += _fold_shard_(m) if isinstance(m.B, DTensor) else m.fold_()
+            folded += _fold_shard_(m) if isinstance(m.B.weight, DTensor) else m.fold_()
     config = getattr(model, "config", None)
     if config is not None and (getattr(config, "dlr_method", None) == "dlr" or folded):
         # Recorded so that a reload builds the residual-free (lowrank) layout.

@@ -60,7 +60,7 @@ class TrainingLowRankLinear(LowRankLinear):
         blocking copy per call); the cache follows the index object, so a load with
         assign=True or a device move (both replace the buffer) rebuilds it.
         """
-        B, index, cache = self.B, self.dlr_index, self._dlr_cache
+        B, index, cache = self.B.weight, self.dlr_index, self._dlr_cache
         if cache is None or cache[0] is not index or cache[2].dtype != B.dtype or cache[2].device != B.device:
             scale = torch.full((self.out_features, 1), self.dlr_scale, dtype=B.dtype, device=B.device)
             cache = self._dlr_cache = (index, index.unsqueeze(1), scale)
@@ -69,13 +69,13 @@ class TrainingLowRankLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dlr_index is None or not self.is_default:
             return super().forward(x)
-        z = self.latent(x)
+        z, B = self.latent(x), self.B.weight
         if torch.compiler.is_compiling():
-            cols = torch.arange(self.rank, device=self.B.device)
-            return F.linear(z, torch.where(cols == self.dlr_index.unsqueeze(1), self.B + self.dlr_scale, self.B))
+            cols = torch.arange(self.rank, device=B.device)
+            return F.linear(z, torch.where(cols == self.dlr_index.unsqueeze(1), B + self.dlr_scale, B))
         if torch.is_autocast_enabled(z.device.type):
-            return F.linear(z, self.B.scatter_add(1, *self.scatter_operands()))
-        return _RebuiltResidualUp.apply(z, self.B, *self.scatter_operands())
+            return F.linear(z, B.scatter_add(1, *self.scatter_operands()))
+        return _RebuiltResidualUp.apply(z, B, *self.scatter_operands())
 
 
 def apply_training_paths(model: nn.Module) -> int:

@@ -61,7 +61,7 @@ def test_round_trip_is_exact_and_self_describing(ckpt):
 def test_load_in_bf16_keeps_the_index_integer(ckpt):
     loaded, _ = load_model_dir(ckpt[0], dtype=torch.bfloat16)
     up = loaded.model.layers[0].mlp.up_proj
-    assert up.A.dtype == torch.bfloat16 and up.dlr_index.dtype == torch.long
+    assert up.A.weight.dtype == torch.bfloat16 and up.dlr_index.dtype == torch.long
 
 
 def test_folded_dir_has_the_lowrank_layout(tmp_path, ckpt, tok):

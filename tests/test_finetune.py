@@ -99,7 +99,7 @@ def test_finetune_learns_the_responses_keeps_the_factors_and_loads_anywhere(fold
     before, after = load_file(str(folded / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
     assert summary["params"] == summary["trainable_params"] == sum(v.numel() for v in after.values())
-    assert not torch.equal(before["model.layers.0.mlp.up_proj.B"], after["model.layers.0.mlp.up_proj.B"])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.B.weight"], after["model.layers.0.mlp.up_proj.B.weight"])
     # The same config.json: nothing the trainer toggled for training (use_cache) leaks into it.
     assert json.loads((folded / "config.json").read_text()) == json.loads((out / "final" / "config.json").read_text())
     c0, c1 = read_config(folded), read_config(out / "final")
@@ -124,7 +124,7 @@ def test_lora_trains_adapters_on_the_factors_and_merges_them_back(folded, data, 
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # Only the factors of the projections move; embeddings, norms and lm_head are untouched.
     assert changed and all(re.search(r"_proj\.[AB]$", k) for k in changed)
-    assert any(k.endswith(".A") for k in changed) and any(k.endswith(".B") for k in changed)
+    assert any(k.endswith(".A.weight") for k in changed) and any(k.endswith(".B.weight") for k in changed)
     model, _ = load_model_dir(out / "final")
     assert sum(p.numel() for p in model.parameters()) == summary["params"]
 

@@ -56,7 +56,7 @@ def tiny_decoder(method, activation, expand, vc, trainable_alpha, latent, bias, 
     with torch.no_grad():
         for layer in layers:
             layer.double()
-            for p in (layer.A, layer.B):
+            for p in (layer.A.weight, layer.B.weight):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
             if layer.bias is not None:
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
@@ -70,12 +70,12 @@ def tiny_decoder(method, activation, expand, vc, trainable_alpha, latent, bias, 
 def reference_forward(layer, config, x):
     """The formula, in float64, from the layer's tensors and the config's numbers only."""
     k = math.ceil(layer.out_features / RANK)
-    z = reference_act(config.dlr_activation, x @ layer.A.T)
+    z = reference_act(config.dlr_activation, x @ layer.A.weight.T)
     if config.dlr_latent_alpha is not None:
         z = z * (config.dlr_latent_alpha / RANK)
     elif config.dlr_trainable_latent_scale:
         z = z * torch.tanh(layer.latent_scale_raw)
-    y = z @ layer.B.T
+    y = z @ layer.B.weight.T
     if config.dlr_method == "dlr":
         alpha = layer.dlr_alpha if config.dlr_trainable_alpha else config.dlr_alpha
         s = alpha / math.sqrt(k) if config.dlr_variance_correction else alpha
@@ -91,9 +91,9 @@ def reference_forward(layer, config, x):
 
 
 def expected_params(layer, config) -> set[str]:
-    names = {"A", "B"}
+    names = {"A.weight", "B.weight"}
     if config.dlr_bias:
-        names.add("bias")
+        names.add("B.bias")
     if config.dlr_method == "dlr" and config.dlr_trainable_alpha:
         names.add("dlr_alpha")
     if config.dlr_trainable_latent_scale:
@@ -129,7 +129,7 @@ def test_every_combination_matches_the_float64_formulas(activation, expand, meth
             # The fold: the learned s and c written into B, nothing training-only left.
             folded = layer.fold_()
             assert folded == (method == "dlr" or latent != "none"), case
-            assert {n for n, _ in layer.named_parameters()} == ({"A", "B", "bias"} if bias else {"A", "B"}), case
+            assert {n for n, _ in layer.named_parameters()} == ({"A.weight", "B.weight", "B.bias"} if bias else {"A.weight", "B.weight"}), case
             assert layer.dlr_index is None and "dlr_index" not in dict(layer.named_buffers()), case
             torch.testing.assert_close(layer(x.detach()), y_ref.detach(), rtol=1e-12, atol=1e-12, msg=case)
             assert layer.fold_() is False  # idempotent

@@ -11,16 +11,16 @@ from dlr.training_paths import TrainingLowRankLinear, apply_training_paths
 
 def explicit_dlr(layer: LowRankLinear, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """y = B z + (alpha/sqrt K) Expand_K(z), the expansion materialised per token."""
-    z = torch.nn.functional.silu(x @ layer.A.T)
-    return z @ layer.B.T + layer.dlr_scale * z[..., index]
+    z = torch.nn.functional.silu(x @ layer.A.weight.T)
+    return z @ layer.B.weight.T + layer.dlr_scale * z[..., index]
 
 
 def make_layer(d_in, d_out, rank, mode="uniform", alpha=1.0, seed=0):
     index = expand_index(d_out, rank, mode, seed, "model.layers.0.self_attn.q_proj")
     scale = alpha / math.sqrt(expansion_factor(d_out, rank))
     layer = LowRankLinear(d_in, d_out, rank, "silu", scale, index)
-    torch.nn.init.normal_(layer.A, std=cola_init_std(d_in, d_out, rank))
-    torch.nn.init.normal_(layer.B, std=cola_init_std(d_in, d_out, rank))
+    torch.nn.init.normal_(layer.A.weight, std=cola_init_std(d_in, d_out, rank))
+    torch.nn.init.normal_(layer.B.weight, std=cola_init_std(d_in, d_out, rank))
     return layer.double(), index
 
 
@@ -86,14 +86,14 @@ def test_effective_weight_matches_explicit_expansion(mode, d_in, d_out, rank):
 
     y = layer(x)
     (y * grad_out).sum().backward()
-    grads = [layer.A.grad.clone(), layer.B.grad.clone()]
+    grads = [layer.A.weight.grad.clone(), layer.B.weight.grad.clone()]
     layer.zero_grad()
 
     y_ref = explicit_dlr(layer, x, index)
     (y_ref * grad_out).sum().backward()
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads[0], layer.A.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads[1], layer.B.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], layer.A.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], layer.B.weight.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_scale_is_alpha_over_sqrt_k():
@@ -141,7 +141,7 @@ def test_training_paths_equal_linear_through_the_effective_weight(mode, d_in, d_
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling and forward is layer)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = forward(x)
-        grads = torch.autograd.grad(y.float(), [x, layer.A, layer.B], grad_out)
+        grads = torch.autograd.grad(y.float(), [x, layer.A.weight, layer.B.weight], grad_out)
         outs.append((y, *grads))
     assert outs[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
     for got, want in zip(*outs):
@@ -203,3 +203,34 @@ def test_residual_layer_compiles_without_graph_breaks():
 
     explained = torch._dynamo.explain(step)(torch.randn(2, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def parameter_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    """The forward when A and B were bare Parameters (F.linear on the tensors, no module call)."""
+    z = torch.nn.functional.linear(x, layer.A.weight)
+    z = z if layer.activation == "identity" else getattr(torch.nn.functional, layer.activation)(z)
+    return torch.nn.functional.linear(z, layer.up_weight(), layer.bias)
+
+
+@pytest.mark.parametrize("options", [{"method": "lowrank"}, {"method": "dlr"}, {"method": "dlr", "fold": True},
+                                     {"method": "dlr", "bias": True, "trainable_latent_scale": True},
+                                     {"method": "lowrank", "bias": True, "activation": "gelu"}])
+def test_module_factors_give_the_parameter_forward_bitwise(options, monkeypatch):
+    """Calling the factors as nn.Linear modules changes no logit bit of a whole model."""
+    import dlr
+    from dlr.fold import fold_model
+
+    options = dict(options)
+    fold = options.pop("fold", False)
+    torch.manual_seed(0)
+    model = dlr.build_model("llama_tiny", **options).eval()
+    if fold:
+        assert fold_model(model) > 0
+    plain = [m.is_plain for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert plain and all(plain) == (fold or options["method"] == "lowrank")  # both forwards are exercised
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        monkeypatch.setattr(LowRankLinear, "forward", parameter_forward)
+        want = model(input_ids=ids).logits
+    assert torch.equal(got, want)

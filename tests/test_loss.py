@@ -77,12 +77,12 @@ def test_model_loss_through_the_fused_path_equals_hf_loss():
     labels = ids.clone()
     labels[1, 20:] = -100
     ref = model(input_ids=ids, labels=labels).loss
-    ref_grads = _grads(ref, model.lm_head.weight, model.model.layers[0].self_attn.q_proj.B)
+    ref_grads = _grads(ref, model.lm_head.weight, model.model.layers[0].self_attn.q_proj.B.weight)
     model.fused_loss = make_loss_fn("chunked")
     out = model(input_ids=ids, labels=labels)
     assert out.logits is None  # no [tokens, vocab] tensor was built
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    for a, b in zip(_grads(out.loss, model.lm_head.weight, model.model.layers[0].self_attn.q_proj.B), ref_grads):
+    for a, b in zip(_grads(out.loss, model.lm_head.weight, model.model.layers[0].self_attn.q_proj.B.weight), ref_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     # generate() and the logits API are untouched by the fused loss.
     assert model(input_ids=ids).logits.shape == (2, 33, model.config.vocab_size)

@@ -41,7 +41,7 @@ def test_cola_init_is_not_overwritten_by_hf_init():
     model = dlr.build_model("llama_demo", method="lowrank")
     up = model.model.layers[0].mlp.up_proj
     expected = cola_init_std(up.in_features, up.out_features, up.rank)
-    for w in (up.A, up.B):
+    for w in (up.A.weight, up.B.weight):
         assert w.std().item() == pytest.approx(expected, rel=0.05)
     assert abs(expected - 0.02) > 0.02  # HF's default would be distinguishable
 

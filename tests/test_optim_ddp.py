@@ -17,11 +17,14 @@ CFG = {"name": "spectron", "lr": 0.02, "weight_decay": 0.01}
 class Factored(nn.Module):
     def __init__(self, d_in: int, d_out: int, rank: int) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, d_in) / d_in**0.5)
-        self.B = nn.Parameter(torch.randn(d_out, rank) / rank**0.5)
+        self.A = nn.utils.skip_init(nn.Linear, d_in, rank, bias=False)
+        self.B = nn.utils.skip_init(nn.Linear, rank, d_out, bias=False)
+        with torch.no_grad():
+            self.A.weight.copy_(torch.randn(rank, d_in) / d_in**0.5)
+            self.B.weight.copy_(torch.randn(d_out, rank) / rank**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.A.T @ self.B.T
+        return self.B(self.A(x))
 
 
 def make_model() -> nn.Module:
@@ -61,7 +64,7 @@ def test_ddp_ranks_stay_identical():
     for key in r0["params"]:
         assert torch.equal(r0["params"][key], r1["params"][key]), key
     # The optimizer moved the weights, and the power-iteration state agrees too.
-    assert not torch.equal(r0["params"]["1.A"], make_model().state_dict()["1.A"])
+    assert not torch.equal(r0["params"]["1.A.weight"], make_model().state_dict()["1.A.weight"])
     for index, state in r0["opt"]["state"].items():
         for key, value in state.items():
             other = r1["opt"]["state"][index][key]

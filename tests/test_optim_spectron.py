@@ -16,11 +16,14 @@ class Factored(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, rank: int) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, d_in) / d_in**0.5)
-        self.B = nn.Parameter(torch.randn(d_out, rank) / rank**0.5)
+        self.A = nn.utils.skip_init(nn.Linear, d_in, rank, bias=False)
+        self.B = nn.utils.skip_init(nn.Linear, rank, d_out, bias=False)
+        with torch.no_grad():
+            self.A.weight.copy_(torch.randn(rank, d_in) / d_in**0.5)
+            self.B.weight.copy_(torch.randn(d_out, rank) / rank**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.silu(nn.functional.linear(x, self.A)), self.B)
+        return self.B(nn.functional.silu(self.A(x)))
 
 
 class Toy(nn.Module):
@@ -103,14 +106,14 @@ def _one_step_delta(scale: float) -> tuple[float, float]:
     torch.manual_seed(0)
     layer = Factored(24, 40, 6)
     with torch.no_grad():
-        layer.A.mul_(scale)
-        layer.B.mul_(scale)
-    grads = (torch.randn_like(layer.A), torch.randn_like(layer.B))
-    layer.A.grad, layer.B.grad = grads
-    before = (layer.A.detach().clone(), layer.B.detach().clone())
-    opt = Spectron([{"params": [layer.A, layer.B], "spectron": True}], lr=0.1, weight_decay=0.0, power_init_iters=50)
+        layer.A.weight.mul_(scale)
+        layer.B.weight.mul_(scale)
+    grads = (torch.randn_like(layer.A.weight), torch.randn_like(layer.B.weight))
+    layer.A.weight.grad, layer.B.weight.grad = grads
+    before = (layer.A.weight.detach().clone(), layer.B.weight.detach().clone())
+    opt = Spectron([{"params": [layer.A.weight, layer.B.weight], "spectron": True}], lr=0.1, weight_decay=0.0, power_init_iters=50)
     opt.step()
-    step = (layer.A.detach() - before[0]).norm().item()
+    step = (layer.A.weight.detach() - before[0]).norm().item()
     sigma_sum = sum(torch.linalg.matrix_norm(p, ord=2).item() for p in before)
     return step, sigma_sum
 
@@ -128,12 +131,12 @@ def test_update_of_product_is_bounded_by_lr():
     for scale in (0.3, 3.0, 30.0):
         layer = Factored(40, 64, 8)
         with torch.no_grad():
-            layer.A.mul_(scale)
-        w0 = (layer.B @ layer.A).detach()
-        layer.A.grad, layer.B.grad = torch.randn_like(layer.A), torch.randn_like(layer.B)
+            layer.A.weight.mul_(scale)
+        w0 = (layer.B.weight @ layer.A.weight).detach()
+        layer.A.weight.grad, layer.B.weight.grad = torch.randn_like(layer.A.weight), torch.randn_like(layer.B.weight)
         lr = 0.05
-        Spectron([{"params": [layer.A, layer.B], "spectron": True}], lr=lr, power_init_iters=50).step()
-        dw = torch.linalg.matrix_norm((layer.B @ layer.A).detach() - w0, ord=2).item()
+        Spectron([{"params": [layer.A.weight, layer.B.weight], "spectron": True}], lr=lr, power_init_iters=50).step()
+        dw = torch.linalg.matrix_norm((layer.B.weight @ layer.A.weight).detach() - w0, ord=2).item()
         # 1.25: Newton-Schulz output singular values reach ~1.2, not exactly 1.
         assert dw <= 1.25 * lr, (scale, dw)
 

@@ -41,8 +41,8 @@ def test_checkpoint_holds_only_safetensors_and_json(run):
         with safe_open(str(p), framework="pt") as f:
             names |= set(f.keys())
     # Model weights and AdamW moments, by parameter name: readable without dlr or DCP.
-    assert "model.model.layers.0.self_attn.q_proj.B" in names
-    assert "optim.model.layers.0.self_attn.q_proj.B.exp_avg_sq" in names
+    assert "model.model.layers.0.self_attn.q_proj.B.weight" in names
+    assert "optim.model.layers.0.self_attn.q_proj.B.weight.exp_avg_sq" in names
 
 
 @pytest.mark.parametrize("damage", ["truncate_state", "garbage_json", "missing_optimizer"])

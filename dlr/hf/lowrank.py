@@ -50,7 +50,7 @@ def cola_init_std(d_in: int, d_out: int, rank: int) -> float:
 
 
 class LowRankLinear(nn.Module):
-    """y = c (B + s R) act(A x) + b. dlr_index (s = dlr_scale) adds the residual; the reference's
+    """y = c (B + s R) act(A x) + b, with A = nn.Linear(d_in, r) and B = nn.Linear(r, d_out, bias=b). dlr_index (s = dlr_scale) adds the residual; the reference's
     knobs: trainable_alpha_divisor (s = Parameter dlr_alpha / divisor), latent_scale (fixed c),
     trainable_latent_scale (c = tanh(latent_scale_raw)), bias (b)."""
 
@@ -62,9 +62,15 @@ class LowRankLinear(nn.Module):
         if trainable_latent_scale and latent_scale is not None:
             raise ValueError("latent_scale (fixed) and trainable_latent_scale exclude each other")
         self.in_features, self.out_features, self.rank, self.activation = in_features, out_features, rank, activation
-        self.A = nn.Parameter(torch.empty(rank, in_features))
-        self.B = nn.Parameter(torch.empty(out_features, rank))
-        device = self.B.device
+        # Standard linear modules, so a serving engine swaps in its own (GEMM kernels, quantization,
+        # tensor-parallel styles); skip_init draws nothing from the RNG (CoLA's init does, A then B).
+        device = torch.get_default_device()
+        self.A = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, device=device)
+        self.B = nn.utils.skip_init(nn.Linear, rank, out_features, bias=bias, device=device)
+        # Read by the model's _init_weights (HF visits A, then B, then this module).
+        self.A.dlr_init_std = self.B.dlr_init_std = cola_init_std(in_features, out_features, rank)
+        if bias:
+            nn.init.zeros_(self.B.bias)
         self.dlr_scale, self.alpha_divisor, self.dlr_index = float(dlr_scale), None, None
         if dlr_index is not None:  # persistent: it travels with the weights; on the buffers' device
             del self.dlr_index  # (vLLM builds parameters on meta but loads buffers in place)
@@ -75,11 +81,13 @@ class LowRankLinear(nn.Module):
         self.latent_scale = None if latent_scale is None else float(latent_scale)
         if trainable_latent_scale:
             self.latent_scale_raw = nn.Parameter(torch.ones(1, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     has_trainable_latent_scale = property(lambda self: "latent_scale_raw" in self._parameters)
     has_latent_scale = property(lambda self: self.latent_scale is not None or self.has_trainable_latent_scale)
     has_residual = property(lambda self: self.dlr_index is not None)
+    bias = property(lambda self: self.B.bias)
+    # Neither residual nor latent scale: the forward is B(act(A(x))), the factors' own modules.
+    is_plain = property(lambda self: self.dlr_index is None and not self.has_latent_scale)
 
     def residual_scale(self) -> torch.Tensor | float:
         return self.dlr_alpha / self.alpha_divisor if self.alpha_divisor is not None else self.dlr_scale
@@ -89,7 +97,7 @@ class LowRankLinear(nn.Module):
 
     def up_weight(self) -> torch.Tensor:
         """c (B + s R), the weight z is multiplied by, and what the fold writes into B."""
-        w = self.B
+        w = self.B.weight
         if self.dlr_index is not None:
             if self.alpha_divisor is None and not self.has_latent_scale and self.bias is None:
                 # The default layer: s added at (o, index[o]) by one scatter, in B's dtype (the
@@ -103,18 +111,20 @@ class LowRankLinear(nn.Module):
         return w if c is None else w * c
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.A)
+        z = self.A(x)
         return z if self.activation == "identity" else getattr(F, self.activation)(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_plain:  # calls B itself, so an engine's replacement of B runs
+            return self.B(self.latent(x))
         return F.linear(self.latent(x), self.up_weight(), self.bias)
 
     @torch.no_grad()
     def fold_(self) -> bool:
         """B <- c (B + s R) (the same ops as the forward), dropping index, alpha and latent scale."""
-        if self.dlr_index is None and not self.has_latent_scale:
+        if self.is_plain:
             return False
-        self.B.copy_(self.up_weight())
+        self.B.weight.copy_(self.up_weight())
         self._buffers.pop("dlr_index", None)
         self._parameters.pop("dlr_alpha", None)
         self._parameters.pop("latent_scale_raw", None)

@@ -8,7 +8,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dlr import DlrLlamaConfig
-from .lowrank import LowRankLinear, cola_init_std, factorize_projections
+from .lowrank import LowRankLinear, factorize_projections
 
 AUTO_MAP = {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "modeling_dlr.DlrLlamaModel",
             "AutoModelForCausalLM": "modeling_dlr.DlrLlamaForCausalLM"}
@@ -16,14 +16,16 @@ AUTO_MAP = {"AutoConfig": "configuration_dlr.DlrLlamaConfig", "AutoModel": "mode
 
 @torch.no_grad()
 def _init_weights(self, module: torch.nn.Module) -> None:
-    """HF's init, but CoLA's scale for the factors (not N(0, 0.02): it matters at low rank)."""
+    """HF's init, but CoLA's scale for the factors (not N(0, 0.02): it matters at low rank). HF
+    visits children first, so A, then B, then their LowRankLinear (its scales) are initialised."""
+    std = getattr(module, "dlr_init_std", None)
+    if isinstance(module, torch.nn.Linear) and std is not None:  # a factor of a LowRankLinear
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+        return
     if not isinstance(module, LowRankLinear):
         return LlamaPreTrainedModel._init_weights(self, module)
-    std = cola_init_std(module.in_features, module.out_features, module.rank)
-    init.normal_(module.A, mean=0.0, std=std)
-    init.normal_(module.B, mean=0.0, std=std)
-    if module.bias is not None:
-        init.zeros_(module.bias)
     if module.has_trainable_latent_scale:
         init.ones_(module.latent_scale_raw)  # c = tanh(1) at the start, as the reference
     if module.alpha_divisor is not None:

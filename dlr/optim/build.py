@@ -17,14 +17,14 @@ def find_factor_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Para
     """(module name, A, B) for every factorized layer, in `model.named_modules()` order.
 
     Duck-typed rather than `isinstance(m, LowRankLinear)`: a factorized layer is any module
-    that directly owns trainable 2-D Parameters named `A` [rank, d_in] and `B` [d_out, rank]
+    whose children `A` and `B` own trainable 2-D weights, A's [rank, d_in] and B's [d_out, rank],
     with a shared rank. This matches `dlr.hf.lowrank.LowRankLinear` and the same class when
     loaded as HF remote code (a different Python class), and it keeps this package free of
     an import of the model code. A wrapper (DDP, torch.compile) only prefixes the names.
     """
     pairs, seen = [], set()
     for name, module in model.named_modules():
-        a, b = module._parameters.get("A"), module._parameters.get("B")
+        a, b = (getattr(module._modules.get(k), "_parameters", {}).get("weight") for k in ("A", "B"))
         if a is None or b is None or not (a.requires_grad and b.requires_grad):
             continue
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
