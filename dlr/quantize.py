@@ -283,6 +283,9 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
     why = refusal(ckpt)
     if why:
         raise ConfigError(why)
+    from .model import build_from_config
+
+    _check_groups(build_from_config(read_config(ckpt), device="meta"), group_size)  # the shapes, no weights
     target = resolve_out(ckpt, out or default_out(ckpt, scheme), False, overwrite)
     t0 = time.perf_counter()
     model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify)

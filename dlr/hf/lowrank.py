@@ -116,7 +116,9 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_plain:  # calls B itself, so an engine's replacement of B runs
-            return self.B(self.latent(x))
+            # On rows, [tokens, d]: vLLM's CPU int8 kernel (the AMX one) takes 2-D inputs only,
+            # and its Transformers backend passes [1, tokens, d]. A view; the same matmuls.
+            return self.B(self.latent(x.reshape(-1, x.shape[-1]))).reshape(*x.shape[:-1], self.out_features)
         return F.linear(self.latent(x), self.up_weight(), self.bias)
 
     @torch.no_grad()
