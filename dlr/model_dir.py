@@ -11,6 +11,10 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
     dlr_checkpoint.json             format version, dlr version, size and sha256 of every
                                     weight file, sha256 of every shipped .py, caller's `extra`
 
+A dlr-quantize directory has the same files plus `quantization_config` in config.json
+(compressed-tensors) and quantize_report.json; `load_model_dir` hands it to transformers'
+quantizer for that format.
+
 Nothing here uses pickle. The per-layer expand index (`*.dlr_index`, random_reuse
 included) is a persistent buffer, so it travels in the safetensors with the weights.
 """

@@ -97,9 +97,8 @@ def refusal(ckpt: Path) -> str | None:
     if foldable(config):
         return (f"{str(ckpt)!r} is an unfolded {describe(config)} directory; quantize the folded one "
                 f"(dlr-fold ckpt={ckpt} writes it)")
-    if quantization_of(ckpt) is not None:
-        return f"{str(ckpt)!r} is already quantized ({quantization_of(ckpt).get('format')})"
-    return None
+    quantized = quantization_of(ckpt)
+    return None if quantized is None else f"{str(ckpt)!r} is already quantized ({quantized.get('format')})"
 
 
 def default_out(ckpt: Path, scheme: str) -> Path:
