@@ -37,7 +37,7 @@ from .errors import ConfigError, bad_value
 from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
 from .hf.lowrank import LowRankLinear
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the factors are nn.Linear modules (<proj>.A.weight, .B.weight, .B.bias)
 META_FILE = "dlr_checkpoint.json"
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -249,8 +249,10 @@ def check_integrity(p: Path, verify: bool = True) -> None:
     meta = read_meta(p)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
+        how = f"convert it: dlr-fold ckpt={p} upgrade=true out=NEW" if version == 2 else \
+            "re-save the model with the dlr that wrote it"
         raise ConfigError(f"{str(meta_path)!r} has format_version={version!r}; this dlr reads format_version={FORMAT_VERSION} "
-                          "only (re-save the model with the dlr that wrote it)")
+                          f"only ({how})")
     for name, size in meta.get("weight_files", {}).items():
         f = p / name
         if not f.is_file():

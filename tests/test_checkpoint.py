@@ -157,7 +157,7 @@ BAD = {
     "folded flag lies": (lambda d: _edit_config(d, dlr_folded=True), "does not have"),
     "nan weights": (_nan, "NaN"),
     "no metadata": (lambda d: (d / "dlr_checkpoint.json").unlink(), "has no dlr_checkpoint.json"),
-    "older format": (lambda d: _edit_meta(d, format_version=1), "format_version=1; this dlr reads format_version=2"),
+    "older format": (lambda d: _edit_meta(d, format_version=1), "format_version=1; this dlr reads format_version=3"),
     "bad metadata": (lambda d: (d / "dlr_checkpoint.json").write_text("[1]"), "not a JSON object"),
     "code changed": (lambda d: _append(d / "lowrank.py", "\nprint('hello')\n"), "lowrank.py' does not match its sha256"),
     "code added": (lambda d: (d / "extra_code.py").write_text("import os\n"), "extra_code.py' is not listed"),
@@ -184,7 +184,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, ckpt, case):
 def test_the_metadata_covers_every_shipped_file_and_verify_false_skips_the_hashes(tmp_path, ckpt):
     d = _copy(ckpt[0], tmp_path / "ck")
     meta = read_meta(d)
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     assert sorted(meta["code_sha256"]) == ["configuration_dlr.py", "lowrank.py", "modeling_dlr.py"]
     assert sorted(meta["sha256"]) == ["model.safetensors"]
     _append(d / "lowrank.py", "\n# edited\n")

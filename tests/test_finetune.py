@@ -123,7 +123,7 @@ def test_lora_trains_adapters_on_the_factors_and_merges_them_back(folded, data, 
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # Only the factors of the projections move; embeddings, norms and lm_head are untouched.
-    assert changed and all(re.search(r"_proj\.[AB]$", k) for k in changed)
+    assert changed and all(re.search(r"_proj\.[AB]\.weight$", k) for k in changed)
     assert any(k.endswith(".A.weight") for k in changed) and any(k.endswith(".B.weight") for k in changed)
     model, _ = load_model_dir(out / "final")
     assert sum(p.numel() for p in model.parameters()) == summary["params"]
@@ -240,7 +240,7 @@ def test_lora_targets_dense_projections_as_modules_and_factors_as_parameters(met
         assert not lc.target_parameters
     else:
         assert not lc.target_modules
-        assert set(lc.target_parameters) == {f"{p}.{f}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+        assert set(lc.target_parameters) == {f"{p}.{f}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                    "up_proj", "down_proj") for f in "AB"}
     peft_model = get_peft_model(model, lc)
     x = torch.randint(0, 32000, (1, 8))

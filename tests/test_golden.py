@@ -4,7 +4,9 @@ Each tests/golden/dlr_tiny-*.json was recorded (tests/golden_record.py) from thi
 with the code as it was before the package was reorganised (commit 4ceda91), one per kind of
 machine (torch version, CPU vendor, torch's CPU capability: the kernels' rounding depends on
 them); the same command must give bitwise the same metrics and the same tensors in final/ and
-folded/ as the record of this machine's kind.
+folded/ as the record of this machine's kind. The records name the tensors as the current model
+directory format does (the factors as `<proj>.A.weight` / `<proj>.B.weight`); a change that renames
+tensors and keeps every tensor's bytes and every metric renames them in the records.
 """
 import json
 import os

@@ -126,7 +126,7 @@ def test_the_shipped_code_is_small_and_imports_only_torch_transformers_and_the_s
     d = save_model_dir(tiny(), load_tokenizer("t5"), tmp_path / "d")
     files = sorted(d.glob("*.py"))
     assert [f.name for f in files] == SHIPPED
-    assert sum(len(f.read_text().splitlines()) for f in files) <= 250
+    assert sum(len(f.read_text().splitlines()) for f in files) <= 300
     for f in [*files, Path(dlr.hf.__file__)]:  # dlr.hf: nothing from the rest of dlr either
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:

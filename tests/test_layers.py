@@ -234,3 +234,22 @@ def test_module_factors_give_the_parameter_forward_bitwise(options, monkeypatch)
         monkeypatch.setattr(LowRankLinear, "forward", parameter_forward)
         want = model(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("options", [{}, {"trainable_alpha_divisor": 2.0, "bias": True}, {"latent_scale": 0.25},
+                                     {"trainable_latent_scale": True}])
+def test_engine_forward_calls_b_and_computes_the_same_function(options):
+    """With B replaced by an engine's layer (vLLM repacks its weight) the residual goes after B's call."""
+    d_in, d_out, rank = 32, 80, 8
+    layer = LowRankLinear(d_in, d_out, rank, "silu", 0.7, expand_index(d_out, rank, "random_reuse", 0, "q"), **options)
+    torch.nn.init.normal_(layer.A.weight, std=0.3)
+    torch.nn.init.normal_(layer.B.weight, std=0.3)
+    layer = layer.double()
+    x = torch.randn(3, 5, d_in, dtype=torch.float64)
+    calls = []
+    layer.B.register_forward_hook(lambda *_: calls.append(1))
+    want = layer(x)
+    assert not calls  # an nn.Linear B: the trained kernel, B + s R built from B's weight
+    got = layer.engine_forward(layer.latent(x))
+    assert calls and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

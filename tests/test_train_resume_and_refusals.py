@@ -100,9 +100,9 @@ def test_an_older_checkpoint_format_is_refused_naming_both_versions(straight, tm
     out = copy(straight, tmp_path)
     remove(out, "final", "folded", "summary.json")
     state = out / "checkpoints" / "step_4" / "trainer_state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "format_version": 2}))
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format_version": 3}))
     line = refused([f"out_dir={out}"], capfd, monkeypatch)
-    assert "format_version=2" in line and "accepted: 3" in line
+    assert "format_version=3" in line and "accepted: 4" in line
 
 
 def test_an_older_run_directory_format_is_refused_naming_both_versions(straight, tmp_path, capfd, monkeypatch):

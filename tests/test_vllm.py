@@ -68,9 +68,30 @@ def test_vllm_greedy_tokens_equal_hf_generate(tmp_path, which):
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
-    # vLLM runs the directory's own factor layers, not a densified weight.
+    # vLLM runs the directory's own factor layers, not a densified weight, and every factor is one
+    # of vLLM's linear layers (its GEMM, its quantization), styled by the config's TP plan.
     assert served["projections"] == ["LowRankLinear"]
+    factors = served["factors"][0]
+    assert factors["linear_base"] and factors["count"] == 2 * 7 * HEAD64.num_hidden_layers
+    if which == "folded":
+        assert factors["A"] == ["ReplicatedLinear", "RowParallelLinear"]  # o, down: row-parallel A
+        assert factors["B"] == ["ColumnParallelLinear", "ReplicatedLinear"]  # q, k, v, gate, up: column B
+    else:  # an unfolded residual has no plan: replicated, B + s R through B's own layer
+        assert factors["A"] == factors["B"] == ["ReplicatedLinear"]
     assert served["ids"] == hf_greedy(path)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+def test_vllm_tensor_parallel_2_on_the_cpu_gives_the_hf_greedy_ids(tmp_path):
+    """The config's plan through vLLM's own TP: two CPU workers (gloo), one core each."""
+    path = model_dirs(tmp_path)["folded"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": "",
+           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    proc = subprocess.run([str(VLLM_PYTHON), str(SCRIPT), str(path), json.dumps(PROMPTS), str(NEW_TOKENS), "2"],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"ids"'))  # after worker logs
+    assert json.loads(result)["ids"] == hf_greedy(path)
 
 
 @pytest.mark.parametrize("scheme,group_size,kernel", [("w8a8", None, "CompressedTensorsW8A8Int8"),
@@ -79,7 +100,7 @@ def test_vllm_runs_every_factor_of_a_dlr_quantize_directory_quantized(tmp_path, 
     """A folded DLR model quantized by dlr-quantize: vLLM builds every factor A and B as its own
     linear layer with the compressed-tensors scheme, and its greedy ids are transformers'. Rank 32:
     vLLM's CPU kernels want factor sizes in multiples of 32. bf16 activations: vLLM's AMX int8 kernel
-    takes no fp32 (transformers' reference runs in fp32; the peaked logits leave no near-ties)."""
+    takes no fp32 (transformers' reference runs in fp32)."""
     from dlr.quantize import quantize_and_verify
 
     torch.manual_seed(0)
@@ -94,11 +115,14 @@ def test_vllm_runs_every_factor_of_a_dlr_quantize_directory_quantized(tmp_path, 
     assert report.passed and report.factors == 2 * 7 * HEAD64.num_hidden_layers
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(VLLM_PYTHON), str(SCRIPT), str(tmp_path / scheme), json.dumps(PROMPTS), "32", "bfloat16"],
+    proc = subprocess.run([str(VLLM_PYTHON), str(SCRIPT), str(tmp_path / scheme), json.dumps(PROMPTS), "32", "1",
+                           "bfloat16"],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     served = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert served["factors"] and all(f.endswith(f"/{kernel}") for f in served["factors"]), served["factors"]
+    factors = served["factors"][0]
+    assert factors["linear_base"] and factors["count"] == 2 * 7 * HEAD64.num_hidden_layers, factors
+    assert served["schemes"] == [kernel]  # every factor runs the scheme's integer kernel
     # Each served token against transformers' greedy choice after the same prefix (teacher-forced):
     # a near-tie flipped by rounding costs one position, not the rest of the sequence. Random weights
     # have many near-ties: measured 0.90 for w8a8 on an AMX Xeon (0.875 against the unquantized model).
@@ -189,10 +213,11 @@ def test_the_inference_benchmark_times_vllm_serving_the_factor_layers():
     served = result["vllm_served"]
     assert served["head64/folded"]["projections"] == ["LowRankLinear"]  # not densified on the way in
     rows = {(r["method"], r["batch"]): r for r in result["rows"]}
-    # vLLM holds exactly the parameters HF holds: the folded model is served at low-rank size. (Not
-    # comparable for a dense model: vLLM's CPU backend repacks the weights of its own linear layers
-    # for its GEMM kernels and leaves them empty as parameters.)
-    assert served["head64/folded"]["params"] == rows["folded", 1]["params"]
+    # vLLM's CPU backend repacks the weights of its own linear layers for its GEMM kernels and leaves
+    # them empty as parameters: it holds every parameter HF holds but the factors', which its layers run.
+    factors = sum(p.numel() for n, p in dlr.build_model(HEAD64, "lowrank", rank=16, device="meta").named_parameters()
+                  if n.endswith((".A.weight", ".B.weight")))
+    assert served["head64/folded"]["params"] == rows["folded", 1]["params"] - factors
     for r in rows.values():
         assert r["vllm"]["prefill_tok_s"]["n"] == 1 and r["vllm"]["prefill_tok_s"]["median"] > 0, r["vllm"]
     assert "vLLM decode tok/s" in bench.table(result)

@@ -4,6 +4,7 @@
     dlr-fold ckpt=runs/x/final out=/tmp/f      # anywhere but over the input
     dlr-fold ckpt=runs/x/final dense=true      # identity activation: plain LlamaForCausalLM
     dlr-fold ckpt=runs/x/final verify=false    # skip the sha256 check of the input (trusted files)
+    dlr-fold ckpt=OLD upgrade=true out=NEW     # a format_version 2 directory in the current format
 
 The fold happens in place on the one loaded copy (B += sR touches only B's storage), so
 memory is the model plus the logits of the check batches.
@@ -25,6 +26,12 @@ def fold_main(args: list[str]) -> int:
     from dlr.data import data_spec
     from dlr.fold import fold_and_verify, nothing_to_fold
 
+    if cfg.upgrade:
+        from dlr.upgrade import upgrade_model_dir
+
+        out = upgrade_model_dir(ckpt, cfg.out, overwrite=bool(cfg.overwrite), verify=bool(cfg.verify))
+        print(f"{PROG}: upgraded {ckpt} to the current model-directory format: wrote {out}")
+        return 0
     if not cfg.dense:
         why = nothing_to_fold(ckpt)
         if why:

@@ -128,6 +128,8 @@ class FoldConfig:
                                        "(<ckpt>-dense if dense)", nonempty=True)
     overwrite: bool = setting(False, "replace an existing out directory")
     dense: bool = setting(False, "export a plain dense LlamaForCausalLM (activation=identity only)")
+    upgrade: bool = setting(False, "convert a format_version 2 model directory to the current format (tensors "
+                                   "renamed, bytes unchanged; out default <ckpt>-v3); folds nothing")
     check_batches: int = setting(2, "validation batches whose logits must agree before anything is written", ge=1)
     batch_size: int = setting(2, "rows per check batch (of data.seq_len tokens)", ge=1)
     tolerance: float = setting(1e-4, "max |logits diff| / max |logits|, fp32", gt=0)

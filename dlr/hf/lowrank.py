@@ -2,8 +2,8 @@
 
 R is the fixed one-hot [d_out, r] matrix of Expand_K (output o reads latent index[o]), s =
 alpha / sqrt(K) (or alpha), K = ceil(d_out / r), c an optional latent scale, b an optional
-bias. The residual goes through the up weight: no [tokens, d_out] expansion is built. Folding
-writes c (B + s R) into B. Shipped in model directories (remote code): torch and stdlib only.
+bias. The residual goes through the up weight, with no [tokens, d_out] expansion, unless an engine
+replaced B (engine_forward). Folding writes c (B + s R) into B. Shipped (remote code): torch only.
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def cola_init_std(d_in: int, d_out: int, rank: int) -> float:
 
 
 class LowRankLinear(nn.Module):
-    """y = c (B + s R) act(A x) + b, with A = nn.Linear(d_in, r) and B = nn.Linear(r, d_out, bias=b). dlr_index (s = dlr_scale) adds the residual; the reference's
-    knobs: trainable_alpha_divisor (s = Parameter dlr_alpha / divisor), latent_scale (fixed c),
+    """y = c (B + s R) act(A x) + b with the factors A = nn.Linear(d_in, r), B = nn.Linear(r, d_out,
+    bias=b). dlr_index (s = dlr_scale) adds the residual; the reference's knobs:
+    trainable_alpha_divisor (s = Parameter dlr_alpha / divisor), latent_scale (fixed c),
     trainable_latent_scale (c = tanh(latent_scale_raw)), bias (b)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, activation: str = "silu",
@@ -119,7 +120,18 @@ class LowRankLinear(nn.Module):
             # On rows, [tokens, d]: vLLM's CPU int8 kernel (the AMX one) takes 2-D inputs only,
             # and its Transformers backend passes [1, tokens, d]. A view; the same matmuls.
             return self.B(self.latent(x.reshape(-1, x.shape[-1]))).reshape(*x.shape[:-1], self.out_features)
-        return F.linear(self.latent(x), self.up_weight(), self.bias)
+        z = self.latent(x)
+        if not isinstance(self.B, nn.Linear):
+            return self.engine_forward(z)
+        return F.linear(z, self.up_weight(), self.bias)
+
+    def engine_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """c (B + s R) z + b as B(c z) + s (c z)[index], for a B that a serving engine replaced with
+        its own layer (vLLM repacks the weight for its kernels, so B + s R cannot be built)."""
+        c = self.latent_multiplier()
+        z = z if c is None else z * c
+        y = self.B(z)
+        return y if self.dlr_index is None else y + self.residual_scale() * z[..., self.dlr_index]
 
     @torch.no_grad()
     def fold_(self) -> bool:

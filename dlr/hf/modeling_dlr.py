@@ -64,6 +64,16 @@ class DlrLlamaForCausalLM(LlamaForCausalLM):
         self.model._init_weights = self._init_weights
         super().post_init()
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # transformers' TP (from_pretrained(tp_plan="auto")) shards the factors by the config's plan;
+        # a residual or latent scale has none (B + s R is built whole), so refuse rather than replicate.
+        tp = getattr(distributed_config, "tp_size", 1) or 1
+        if tp > 1 and model.config.base_model_tp_plan is None:
+            raise ValueError(f"tensor parallelism needs a folded model: this {model.config.dlr_method} model's residual "
+                             "or latent scale is not folded into B (fold it first: dlr-fold ckpt=DIR)")
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     def save_pretrained(self, *args, **kwargs):
         # The base model's entry too: vLLM's Transformers backend builds it with AutoModel.
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}

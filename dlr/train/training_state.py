@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..run_dir import CHECKPOINTS_DIR
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: the factors are nn.Linear modules (state-dict names <proj>.A.weight, ...)
 # What a resume reads from trainer_state.json (dlr.train.checkpointing.restore).
 TRAINER_STATE_KEYS = ("step", "tokens", "wall_s", "wandb_id", "last_eval", "metrics_lines", "processes")
 STATE_DIR = "state"
