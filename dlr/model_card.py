@@ -59,8 +59,8 @@ def _results(extra: dict, fold: dict | None) -> list[str]:
 
 def _served_factors(quantization: dict | None) -> str:
     if quantization:
-        return f", their A and B as vLLM's {quantization['scheme']} quantized linear layers"
-    return ", not quantized"
+        return f", with the integer kernels of this directory's {quantization['scheme']} quantization"
+    return ""
 
 
 def _training(extra: dict) -> list[str]:
@@ -136,7 +136,7 @@ model = AutoModelForCausalLM.from_pretrained(MODEL, trust_remote_code=True, revi
 vllm serve MODEL --model-impl transformers --trust-remote-code
 ```
 
-vLLM's Transformers backend runs attention, RMSNorm and scheduling; the factor layers run as
-this directory's PyTorch modules (not sharded by tensor parallelism){_served_factors(quantization)}.
+vLLM's Transformers backend runs attention, RMSNorm and scheduling, and the factors A and B of
+every projection as its own linear layers{_served_factors(quantization)}.
 """
     return f"---\n{yaml.safe_dump(front_matter(config, extra), sort_keys=False)}---\n\n{body}"
