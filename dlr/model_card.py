@@ -66,6 +66,12 @@ def _results(extra: dict, fold: dict | None) -> list[str]:
     return lines or ["- No evaluation was recorded with this directory."]
 
 
+def _served_factors(quantization: dict | None) -> str:
+    if quantization:
+        return f", with the integer kernels of this directory's {quantization['scheme']} quantization"
+    return ""
+
+
 def _training(extra: dict) -> list[str]:
     hub = f" ([{extra['dataset']}](https://huggingface.co/datasets/{extra['dataset']}))" if extra.get("dataset") else ""
     lines = [f"- Data: `data={extra['data']}`{hub}." if extra.get("data") else "- Data: not recorded."]
@@ -84,7 +90,7 @@ def _training(extra: dict) -> list[str]:
     return lines
 
 
-def use_section(remote_code: bool) -> str:
+def use_section(remote_code: bool, dtype: str = "float32") -> str:
     """How to load, generate with and serve the directory; every snippet runs as written from
     inside the directory (tested), or with MODEL set to its Hub id."""
     load = "import dlr.hf  # registers the dlr_llama classes with transformers: no downloaded code runs\n" \
@@ -126,13 +132,25 @@ An OpenAI-compatible server with vLLM (the command works with its CPU build too)
 
 ```bash
 MODEL=.  # this directory; on the Hub, the repository id
-{SERVER} --model "$MODEL"{flags} --dtype float32
+{SERVER} --model "$MODEL"{flags} --dtype {dtype}
 ```
 """
 
 
-def model_card(config: Any, params: int, extra: dict | None = None, fold: dict | None = None) -> str:
-    """README.md text for a directory holding `config` (a DlrLlamaConfig) with `params` parameters."""
+def _quantized(q: dict) -> list[str]:
+    check, pb = q["check"], q["projection_bytes"]
+    return [f"- Quantized ({q['scheme']}, compressed-tensors `{q['format']}`): {q['factors']} factor matrices "
+            f"(A and B of every projection), {q['linears']} linear layers in all; the embedding and LM head are not. "
+            f"Their tensors: {pb['before']:,} -> {pb['after']:,} bytes.",
+            f"- Quantization check on {check['tokens']:,} validation tokens: perplexity {check['ppl_after']:.3f} vs "
+            f"{check['ppl_before']:.3f} unquantized (ratio {check['ppl_ratio']:.4f}, bound {check['max_ppl_ratio']}); "
+            f"same greedy token at {check['top1_agreement']:.2%} of positions (bound {check['min_agreement']:.0%})."]
+
+
+def model_card(config: Any, params: int, extra: dict | None = None, fold: dict | None = None,
+               quantization: dict | None = None) -> str:
+    """README.md text for a directory holding `config` (a DlrLlamaConfig) with `params` parameters;
+    `quantization` is a dlr-quantize report."""
     extra = extra or {}
     arch = (f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
             f"FFN {config.intermediate_size}, vocabulary {config.vocab_size}; {params:,} parameters")
@@ -157,11 +175,11 @@ Residuals, arXiv 2606.28932). A folded DLR model costs exactly a rank-{config.dl
 
 ## Evaluation
 
-{chr(10).join(_results(extra, fold))}
+{chr(10).join(_results(extra, fold) + (_quantized(quantization) if quantization else []))}
 
-{use_section(remote_code=True)}
-vLLM's Transformers backend runs attention, RMSNorm and scheduling; the factor layers run as
-this directory's PyTorch modules (not sharded by tensor parallelism, not quantized).
+{use_section(remote_code=True, dtype='bfloat16' if quantization else 'float32')}
+vLLM's Transformers backend runs attention, RMSNorm and scheduling, and the factors A and B of
+every projection as its own linear layers{_served_factors(quantization)}.
 """
     return f"---\n{yaml.safe_dump(front_matter(config, extra), sort_keys=False)}---\n\n{body}"
 

@@ -16,6 +16,10 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
 The dense export (dlr.export) has the same layout with a plain LlamaForCausalLM's config.json
 and no .py files. No file holds a path of the machine that wrote it.
 
+A dlr-quantize directory has the same files plus `quantization_config` in config.json
+(compressed-tensors) and quantize_report.json; `load_model_dir` hands it to transformers'
+quantizer for that format.
+
 Nothing here uses pickle. The per-layer expand index (`*.dlr_index`, random_reuse
 included) is a persistent buffer, so it travels in the safetensors with the weights.
 """
@@ -361,7 +365,10 @@ def load_model_dir(
     find_tokenizer(p)
     shards = weight_files(p)
     check_integrity(p, verify)
-    model = _build_and_fill(p, config, shards, torch.device(device), dtype)
+    device = torch.device(device)
+    if getattr(config, "quantization_config", None):
+        return _load_quantized(p, device, dtype), load_tokenizer(str(p))
+    model = _build_and_fill(p, config, shards, device, dtype)
     return model, load_tokenizer(str(p))
 
 
@@ -398,6 +405,27 @@ def _build_and_fill(p: Path, config: Any, shards: Mapping[str, Any], device: tor
     if leftover:  # a bug in this loader, not bad input
         raise RuntimeError(f"load_model_dir left tensors on meta: {leftover[:3]}")
     return model.eval()
+
+
+def _load_quantized(p: Path, device: torch.device, dtype: torch.dtype) -> DlrLlamaForCausalLM:
+    """A dlr-quantize directory: transformers' quantizer for its format (compressed-tensors) builds
+    the quantized layers, which our meta-and-assign path does not know."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = DlrLlamaForCausalLM.from_pretrained(p, dtype=dtype, attn_implementation="sdpa")
+    except ImportError as e:  # the format's package (compressed-tensors) is missing
+        raise ConfigError(f"checkpoint {str(p)!r} is quantized and needs {e}; pip install 'dlr[quant]'") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    # Unpacked now, not by the hook on the first model(...) call: dlr's loss calls model.model,
+    # which that hook does not see. The layers keep their scheme: weights hold the dequantized
+    # integers and w8a8 quantizes each activation per token, as the packed form computes.
+    model.hf_quantizer.compressor.decompress_model(model)
+    return model.to(device).eval()
 
 
 def _read_tensors(p: Path, shards: Mapping[str, Any], *, expected: dict[str, torch.Tensor], config: DlrLlamaConfig,

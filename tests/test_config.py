@@ -119,7 +119,7 @@ assert "torch" not in sys.modules, "printing help imported torch"
 
 @pytest.mark.parametrize("command,module", [("train", "dlr.cli.train"), ("eval", "dlr.cli.evaluate"),
                                             ("fold", "dlr.cli.fold"), ("prepare", "dlr.cli.prepare"),
-                                            ("finetune", "dlr.cli.finetune")])
+                                            ("finetune", "dlr.cli.finetune"), ("quantize", "dlr.cli.quantize")])
 def test_help_lists_the_commands_own_settings_without_torch(command, module):
     proc = subprocess.run([sys.executable, "-c", HELP_PROBE.format(prog=f"dlr-{command}", module=module)],
                           capture_output=True, text=True, timeout=120)

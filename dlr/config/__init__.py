@@ -13,7 +13,7 @@ from typing import Any
 
 from .choices import *  # noqa: F403  (the accepted values are part of the config's API)
 from .commands import (COMMAND_SCHEMAS, SHORT_SECTIONS, CompareConfig, EvalConfig, FinetuneConfig, FoldConfig,
-                       PrepareConfig, ScalingConfig, TrainConfig)
+                       PrepareConfig, QuantizeConfig, ScalingConfig, TrainConfig)
 from .fields import FP32_MAX, build, check_field, describe_field, setting, unknown_key
 from .hydra import register, run_name
 from .overrides import compose, from_command_line, from_overrides, group_options, parse_overrides, typed

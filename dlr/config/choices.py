@@ -31,3 +31,4 @@ DTYPE_NAMES = ("fp32", "bf16")  # what evaluation and the benchmarks compute in
 PARALLELISMS = ("ddp", "fsdp2")
 LOGGERS = ("none", "wandb")
 EVAL_PROTOCOLS = ("auto", "sliding", "rows")
+QUANT_SCHEMES = ("w8a8", "w4a16")

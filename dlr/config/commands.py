@@ -1,4 +1,4 @@
-"""The settings of each command (dlr-train, dlr-eval, dlr-fold, dlr-finetune, dlr-prepare,
+"""The settings of each command (dlr-train, dlr-eval, dlr-fold, dlr-quantize, dlr-finetune, dlr-prepare,
 dlr-compare, dlr-scaling): one dataclass each, built from the sections and groups of `dlr.config.sections`.
 """
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 from typing import Any, Optional
 
-from .choices import DTYPE_NAMES, EVAL_PROTOCOLS, LOGGERS, OPTIMIZERS, PRECISIONS
+from .choices import DTYPE_NAMES, EVAL_PROTOCOLS, LOGGERS, OPTIMIZERS, PRECISIONS, QUANT_SCHEMES
 from .fields import group, section, setting
 from .sections import (MAX_LR, CheckpointConfig, DataConfig, FactorizationConfig, LoggingConfig, ModelConfig,
                        OPTIMIZER_SCHEMAS, ScheduleConfig, SystemConfig)
@@ -139,6 +139,30 @@ class FoldConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """dlr-quantize (configs/quantize.yaml): a folded model directory quantized with compressed-tensors (dlr.quantize)."""
+
+    data: Any = group(DataConfig, "configs/data/<name>.yaml: the validation text of the perplexity check")
+    ckpt: str = setting(MISSING, "a folded (or plain low-rank, or dense) model directory, never modified; an unfolded "
+                                 "DLR directory is refused", nonempty=True)
+    scheme: str = setting("w8a8", "w8a8 (int8 weights per channel, int8 activations per token) | w4a16 (4-bit "
+                                  "weights, activations unquantized)", choices=QUANT_SCHEMES)
+    group_size: Optional[int] = setting(None, "w4a16: one scale per this many inputs (must divide every factor's input "
+                                              "size); null = one scale per output channel", ge=2)
+    out: Optional[str] = setting(None, "output directory; default <ckpt>-<scheme>", nonempty=True)
+    overwrite: bool = setting(False, "replace an existing out directory")
+    eval_tokens: Optional[int] = setting(None, "validation tokens of the check (null = the data config's val_tokens)",
+                                         ge=1)
+    batch_size: int = setting(4, "rows per check batch (of data.seq_len tokens)", ge=1)
+    max_ppl_ratio: float = setting(1.05, "the written model's perplexity over the unquantized one's must not exceed "
+                                         "this", ge=1)
+    min_agreement: float = setting(0.9, "share of validation positions whose greedy (argmax) token must equal the "
+                                        "unquantized model's", ge=0, le=1)
+    device: str = setting("cpu", "cpu | cuda | cuda:N (quantization and check run in fp32 here)", check=_device)
+    verify: bool = setting(True, VERIFY_HELP)
+
+
+@dataclass
 class PrepareConfig:
     """dlr-prepare (configs/prepare.yaml): tokenize a data config once into token shards for data=tokens."""
 
@@ -202,7 +226,7 @@ class ScalingConfig:
 
 COMMAND_SCHEMAS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig, "fold": FoldConfig,
                                     "prepare": PrepareConfig, "compare": CompareConfig, "scaling": ScalingConfig,
-                                    "finetune": FinetuneConfig}
+                                    "finetune": FinetuneConfig, "quantize": QuantizeConfig}
 # Settings a command also takes bare on its command line (an argument without `=`), appended in order.
 POSITIONAL: dict[str, str] = {"compare": "runs", "scaling": "runs"}
 # Sections of a command whose keys are also accepted bare on the command line (`rank=8` for

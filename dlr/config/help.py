@@ -15,6 +15,9 @@ SUMMARIES = {
              "Perplexity of a model directory on a data config, or lm-evaluation-harness tasks."),
     "fold": ("dlr-fold ckpt=DIR [key=value ...]",
              "Fold the DLR residual into B, verify the logits on real batches, write a model directory."),
+    "quantize": ("dlr-quantize ckpt=FOLDED_DIR [scheme=w8a8|w4a16] [key=value ...]",
+                 "Quantize every factor of a folded model (compressed-tensors, served by vLLM), check perplexity "
+                 "and greedy tokens, write a model directory."),
     "finetune": ("dlr-finetune ckpt=DIR data=PAIRS.jsonl [key=value ...]",
                  "Supervised fine-tuning (TRL) of a model directory; the loss is on responses only."),
     "prepare": ("dlr-prepare data=NAME out=DIR [key=value ...]",

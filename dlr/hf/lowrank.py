@@ -114,9 +114,11 @@ class LowRankLinear(nn.Module):
         return z if self.activation == "identity" else getattr(F, self.activation)(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.latent(x)
         if self.is_plain:  # calls B itself, so an engine's replacement of B runs
-            return self.B(z)
+            # On rows, [tokens, d]: vLLM's CPU int8 kernel (the AMX one) takes 2-D inputs only,
+            # and its Transformers backend passes [1, tokens, d]. A view; the same matmuls.
+            return self.B(self.latent(x.reshape(-1, x.shape[-1]))).reshape(*x.shape[:-1], self.out_features)
+        z = self.latent(x)
         if not isinstance(self.B, nn.Linear):
             return self.engine_forward(z)
         return F.linear(z, self.up_weight(), self.bias)
