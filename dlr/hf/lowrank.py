@@ -117,7 +117,7 @@ class LowRankLinear(nn.Module):
         if self.is_plain:  # calls B itself, so an engine's replacement of B runs
             # On rows, [tokens, d]: vLLM's CPU int8 kernel (the AMX one) takes 2-D inputs only,
             # and its Transformers backend passes [1, tokens, d]. A view; the same matmuls.
-            return self.B(self.latent(x.reshape(-1, x.shape[-1]))).reshape(*x.shape[:-1], self.out_features)
+            return self.B(self.latent(x.reshape(-1, x.shape[-1]))).reshape(*x.shape[:-1], -1)  # -1: a TP rank's columns
         z = self.latent(x)
         if not isinstance(self.B, nn.Linear):
             return self.engine_forward(z)
