@@ -137,7 +137,7 @@ def test_eval_matches_the_trainer_path_and_folded_agrees(run, tmp_path, capsys, 
 @pytest.mark.parametrize("args,needle", [
     (["ckpt=/nonexistent/ck"], "does not exist"),
     ([], "ckpt is required"),
-    (["ckpt={final}", "data=nope"], "data='nope' is not valid; accepted: c4, c4_local, c4_sample, text"),
+    (["ckpt={final}", "data=nope"], "data='nope' is not valid; accepted: c4, c4_local, c4_sample, dclm, fineweb, fineweb_edu, hub, mix, slimpajama, text, tokens"),
     (["ckpt={final}", "bogus=1"], "bogus"),
     (["ckpt={final}", "dtype=fp64"], "dtype='fp64'"),
     (["ckpt={final}", "eval_tokens=0"], "eval_tokens=0"),
