@@ -15,6 +15,7 @@ from .preflight import check_resume
 from .settings import resolved_settings
 from .state import TrainerState
 from .training_state import checkpoint_dirs, load_checkpoint, save_checkpoint
+from ..config import TrainConfig
 
 log = logging.getLogger("dlr.train")
 
@@ -24,7 +25,7 @@ def due(every: int, step: int, last_step: int) -> bool:
     return step % every == 0 or step == last_step
 
 
-def resume_point(cfg, out_dir: Path) -> Path | None:
+def resume_point(cfg: TrainConfig, out_dir: Path) -> Path | None:
     """The checkpoint to resume from for resume=auto|never|<dir>; ConfigError if it contradicts out_dir."""
     existing = checkpoint_dirs(out_dir)
     if cfg.checkpoint.resume == "auto":

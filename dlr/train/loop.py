@@ -29,12 +29,13 @@ from .step import FiniteGuard, next_batches, train_step
 from .telemetry import Throughput
 from .training_state import check_checkpoint
 from .validation import run_eval
+from ..config import TrainConfig
 
 log = logging.getLogger("dlr.train")
 __all__ = ["TrainingDiverged", "train"]
 
 
-def train(cfg) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Run (or dry-run) one training job described by the settings.
 
     Everything that can be wrong with the input is refused (ConfigError, one line) before a
@@ -67,7 +68,7 @@ def train(cfg) -> dict:
         lock.release()
 
 
-def _check_run_dir(cfg, out_dir: Path, resolved: dict) -> dict | None:
+def _check_run_dir(cfg: TrainConfig, out_dir: Path, resolved: dict) -> dict | None:
     """Refuse an out_dir that cannot hold this run; the summary if it has finished (resume=auto)."""
     check_out_dir(out_dir)
     check_run_dir(out_dir, resolved, allow_changed=cfg.checkpoint.resume_changed)
@@ -79,7 +80,7 @@ def _own(lock: RunLock) -> None:
     tidy(lock.out_dir)
 
 
-def _setup(cfg, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan, lock: RunLock, resume_from: Path | None,
+def _setup(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan, lock: RunLock, resume_from: Path | None,
            *, resolved: dict) -> tuple[TrainerState, list | None]:
     """The trainer state at its starting step, and the first step's batches (None at the end).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..config import PARALLELISMS
+from ..config import PARALLELISMS, TrainConfig
 from ..counting import ModelStats
 from ..errors import bad_value
 
@@ -25,7 +25,7 @@ class TrainPlan:
         return asdict(self)
 
 
-def make_plan(cfg, processes: int, seq_len: int) -> TrainPlan:
+def make_plan(cfg: TrainConfig, processes: int, seq_len: int) -> TrainPlan:
     """Derive accumulation and steps; every inconsistency is a one-line ConfigError.
 
     Each value's type and range is checked by the schema (dlr.config) before this.

@@ -24,6 +24,7 @@ from .plan import TrainPlan
 from .preflight import check_resume
 from .sharding import check_parallelism, equal_batch_count, shard_model
 from .state import TrainerState
+from ..config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Inputs:
     parallelism: str
 
 
-def model_config(cfg, tokenizer):
+def model_config(cfg: TrainConfig, tokenizer):
     """The model's config from the settings; the whole model node, so model.hidden_size=... applies."""
     config = make_config(size_from_mapping(cfg.model), cfg.factorization, seed=cfg.seed, vocab_size=tokenizer.vocab_size)
     # The ids the data pipeline writes are the ids the model (and generate()) must use.
@@ -44,7 +45,7 @@ def model_config(cfg, tokenizer):
     return config
 
 
-def check_inputs(cfg) -> Inputs:
+def check_inputs(cfg: TrainConfig) -> Inputs:
     """Data spec, tokenizer, model config, parallelism, optimizer and resume value; ConfigError if bad."""
     spec = data_spec(cfg.data)
     tokenizer = load_tokenizer(spec.tokenizer)
@@ -58,14 +59,14 @@ def check_inputs(cfg) -> Inputs:
     return Inputs(spec, tokenizer, config, parallelism)
 
 
-def precision(cfg) -> str:
+def precision(cfg: TrainConfig) -> str:
     """accelerate's mixed_precision for precision=auto|fp32|bf16."""
     if cfg.system.precision == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
     return "no" if cfg.system.precision == "fp32" else "bf16"
 
 
-def make_accelerator(cfg, parallelism: str) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, parallelism: str) -> Accelerator:
     """The process group, device and reductions; refuses accelerate's own FSDP."""
     # cpu=True is what makes accelerate pick gloo for a torchrun-launched CPU job. Under FSDP2
     # the sharding's MixedPrecisionPolicy casts for compute, so accelerate's autocast stays off.
@@ -85,7 +86,7 @@ def _enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_state(cfg, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan) -> TrainerState:
+def build_state(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan) -> TrainerState:
     """Model (compiled, sharded), optimizer, schedule and data, at step 0; writes nothing."""
     parallelism, device, bf16 = inputs.parallelism, accelerator.device, precision(cfg) == "bf16"
     set_seed(cfg.seed)  # identical init on every process

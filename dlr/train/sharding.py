@@ -24,9 +24,10 @@ from ..config import PARALLELISMS
 from ..config.methods import KNOBS
 from ..errors import ConfigError, bad_value
 from ..optim.build import BUILDERS
+from ..config import TrainConfig
 
 
-def check_parallelism(cfg) -> str:
+def check_parallelism(cfg: TrainConfig) -> str:
     value = cfg.system.parallelism
     if value not in PARALLELISMS:
         raise bad_value("parallelism", value, PARALLELISMS)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..config import TrainConfig
 from ..counting import ModelStats
 from .plan import TrainPlan
 from ..run_dir import MetricsLog
@@ -16,7 +17,7 @@ from ..run_dir import MetricsLog
 class TrainerState:
     """The parts of a run (built by dlr.train.setup) and where in training it is."""
 
-    cfg: Any
+    cfg: TrainConfig
     plan: TrainPlan
     accelerator: Any
     model: torch.nn.Module
