@@ -4,8 +4,9 @@
     dlr-quantize ckpt=runs/x/folded scheme=w4a16 group_size=16 out=/tmp/q4
     dlr-quantize ckpt=runs/x/folded max_ppl_ratio=1.2 min_agreement=0.8
 
-The output is a compressed-tensors checkpoint: `vllm serve DIR --model-impl transformers
---trust-remote-code` runs its factors with vLLM's int8 (w8a8) or 4-bit (w4a16) CPU kernels, and
+The output is a compressed-tensors checkpoint: `python -m vllm.entrypoints.openai.api_server --model DIR
+--model-impl transformers --trust-remote-code --dtype bfloat16` (the command its model card gives) runs its
+factors with vLLM's int8 (w8a8) or 4-bit (w4a16) CPU kernels, and
 dlr-eval / transformers load it. Nothing is written unless the reloaded directory's perplexity and
 greedy tokens on the validation batches are within the bounds.
 """
@@ -26,10 +27,10 @@ def quantize_main(args: list[str]) -> int:
     from dlr.data import data_spec
     from dlr.quantize import quantize_and_verify
 
-    report = quantize_and_verify(ckpt, cfg.out, scheme=str(cfg.scheme), group_size=cfg.group_size,
-                                 eval_tokens=cfg.eval_tokens, batch_size=int(cfg.batch_size),
-                                 max_ppl_ratio=float(cfg.max_ppl_ratio), min_agreement=float(cfg.min_agreement),
-                                 device=str(cfg.device), verify=bool(cfg.verify), overwrite=bool(cfg.overwrite),
+    report = quantize_and_verify(ckpt, cfg.out, scheme=cfg.scheme, group_size=cfg.group_size,
+                                 eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size,
+                                 max_ppl_ratio=cfg.max_ppl_ratio, min_agreement=cfg.min_agreement,
+                                 device=cfg.device, verify=cfg.verify, overwrite=cfg.overwrite,
                                  data=data_spec(cfg.data))
     _print(report)
     if not report.passed:
