@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import dlr
-    from dlr.model_dir import save_model_dir
+    from dlr.artifacts.model_dir import save_model_dir
     from dlr.data import load_tokenizer
 
     work = Path(args.workdir)

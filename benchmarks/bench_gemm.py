@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dlr.model import build_model
+from dlr.model.llama import build_model
 
 from .recipe import SEQ, recipe_micro_batch
 from .roofline import GPUS, gemm_seconds, linear_maps

@@ -163,7 +163,7 @@ def vllm_rows(name: str, models: dict[str, torch.nn.Module], rows: list[dict], a
     """Save each model (and free it: vLLM loads its own copy), then serve each directory with vLLM;
     the rates join the HF rows of the same (method, batch). Returns what vLLM ran, per method."""
     from dlr.data import load_tokenizer
-    from dlr.model_dir import save_model_dir
+    from dlr.artifacts.model_dir import save_model_dir
 
     served = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dlr.loss import chunked_linear_cross_entropy, liger_available, liger_linear_cross_entropy, shift_labels
+from dlr.model.fused_loss import chunked_linear_cross_entropy, liger_available, liger_linear_cross_entropy, shift_labels
 
 VOCAB = 32000
 

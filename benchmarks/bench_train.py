@@ -42,9 +42,9 @@ import dlr.config
 from dlr import build_model, model_stats
 from dlr.config import DTYPE_NAMES
 from dlr.hf.lowrank import LowRankLinear, expansion_factor
-from dlr.loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
+from dlr.model.fused_loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
 from dlr.train.compile import compile_decoder, compile_layers
-from dlr.training_paths import apply_training_paths
+from dlr.train.layer_paths import apply_training_paths
 from dlr.train.telemetry import peak_flops
 
 from .recipe import SEQ, recipe_micro_batch

@@ -1,7 +1,7 @@
 """The geometry every benchmark shares with `dlr-train`: the sequence length and each size's micro-batch."""
 from __future__ import annotations
 
-from dlr.zoo import recipe
+from dlr.model.sizes import recipe
 
 SEQ = 256  # the zoo's sequence length (configs/data/*.yaml seq_len)
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from dlr.model import build_model
+from dlr.model.llama import build_model
 from dlr.train.telemetry import PEAK_BF16
-from dlr.zoo import get_size
+from dlr.model.sizes import get_size
 
 from .recipe import SEQ, recipe_micro_batch
 

@@ -39,11 +39,11 @@ import torch._inductor.config as inductor_config
 from torch._inductor import metrics
 from torch._inductor.scheduler import ExternKernelSchedulerNode
 
-from dlr.loss import make_loss_fn
-from dlr.model import build_model
-from dlr.training_paths import apply_training_paths
+from dlr.model.fused_loss import make_loss_fn
+from dlr.model.llama import build_model
+from dlr.train.layer_paths import apply_training_paths
 from dlr.train.compile import compile_decoder
-from dlr.zoo import VOCAB_SIZE, get_size
+from dlr.model.sizes import VOCAB_SIZE, get_size
 
 from .recipe import SEQ, recipe_micro_batch
 

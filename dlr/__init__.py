@@ -10,27 +10,27 @@ from typing import Any
 
 _EXPORTS = {
     "ConfigError": "dlr.errors",
-    "ModelStats": "dlr.counting",
-    "model_stats": "dlr.counting",
-    "fold_model": "dlr.fold",
-    "fold_and_verify": "dlr.fold",
-    "FoldReport": "dlr.fold",
+    "ModelStats": "dlr.model.counting",
+    "model_stats": "dlr.model.counting",
+    "fold_model": "dlr.artifacts.fold",
+    "fold_and_verify": "dlr.artifacts.fold",
+    "FoldReport": "dlr.artifacts.fold",
     "evaluate_checkpoint": "dlr.eval",
     "EvalReport": "dlr.eval",
     "DlrLlamaConfig": "dlr.hf",
     "DlrLlamaForCausalLM": "dlr.hf",
     "LowRankLinear": "dlr.hf",
-    "build_from_config": "dlr.model",
-    "build_model": "dlr.model",
-    "factorization": "dlr.model",
-    "make_config": "dlr.model",
-    "get_size": "dlr.zoo",
-    "size_names": "dlr.zoo",
+    "build_from_config": "dlr.model.llama",
+    "build_model": "dlr.model.llama",
+    "factorization": "dlr.model.llama",
+    "make_config": "dlr.model.llama",
+    "get_size": "dlr.model.sizes",
+    "size_names": "dlr.model.sizes",
 }
 __all__ = sorted(_EXPORTS)
 
 
-_SUBPACKAGES = ("config", "data", "eval", "optim", "train")
+_SUBPACKAGES = ("analysis", "artifacts", "config", "data", "eval", "model", "optim", "train")
 
 
 def __getattr__(name: str) -> Any:

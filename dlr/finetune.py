@@ -188,7 +188,7 @@ def _load(ckpt: Path, device: torch.device, verify: bool) -> tuple[torch.nn.Modu
     """(model, dlr tokenizer, the directory's AutoTokenizer, which TRL tokenizes with)."""
     from transformers import AutoTokenizer
 
-    from dlr.model_dir import load_model_dir
+    from .artifacts.model_dir import load_model_dir
 
     model, tokenizer = load_model_dir(ckpt, device=device, verify=verify)
     try:
@@ -285,7 +285,7 @@ def _final_model(trained: torch.nn.Module, model: torch.nn.Module, *, lora: bool
 def _provenance(ckpt: Path, cfg: FinetuneConfig, train_loss: float) -> dict[str, Any]:
     """dlr_checkpoint.json extras: the input's step, tokens and data, and what fine-tuned it. A
     local file or directory is named by its name only: the output holds no path of this machine."""
-    from dlr.model_dir import read_meta
+    from .artifacts.model_dir import read_meta
 
     meta = read_meta(ckpt).get("extra", {})
     data = str(cfg.train_data)
@@ -303,7 +303,7 @@ def finetune(cfg: FinetuneConfig, callbacks: list | tuple = ()) -> dict[str, Any
     from trl import SFTTrainer
 
     from dlr.device import pick_device
-    from dlr.model_dir import describe, read_config, save_model_dir
+    from .artifacts.model_dir import describe, read_config, save_model_dir
 
     validate(cfg)
     ckpt = Path(str(cfg.ckpt)).expanduser()

@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from dlr.study import BASE, ORDER, STUDIES
+from experiments.study import BASE, ORDER, STUDIES
 
 REPO = Path(__file__).resolve().parent.parent
 

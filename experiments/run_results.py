@@ -155,7 +155,7 @@ def eval_one(args: argparse.Namespace, method: str, seed: int) -> list[Path]:
 
 def eval_table(args: argparse.Namespace) -> str:
     """Held-out perplexity of each deployable model (dlr-eval, fp32): groups, mean ± std, paired."""
-    from dlr import compare
+    from dlr.analysis import compare
 
     runs = compare.load_runs([str(args.out / "runs")])
     for run in runs:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "eval_table.md").write_text(table)
         print(table)
     (args.out / "manifest.json").write_text(json.dumps(manifest(args, time.perf_counter() - t0), indent=2))
-    from dlr.study import bundle
+    from experiments.study import bundle
 
     # Every small file under the out folder's own name; the token shards are data, not results.
     path = bundle(args.out, args.bundle or args.out / "results_bundle.tar.gz", root=args.out.name, token_shards=False)

@@ -1,7 +1,7 @@
 """Regenerate the parameter / FLOP table in docs/models.md from the zoo configs."""
 from pathlib import Path
 
-from dlr.counting import zoo_table
+from dlr.model.counting import zoo_table
 
 HEADER = """# Model zoo
 

@@ -1,7 +1,7 @@
 """Run by tests/test_fsdp2.py under torch.distributed.run: 2 CPU processes, gloo, FSDP2.
 
 A DLR model sharded by dlr.train.sharding.shard_model (what parallelism=fsdp2 does) must train
-like the same model unsharded on the whole batch; our checkpoint code (dlr.train.training_state)
+like the same model unsharded on the whole batch; our checkpoint code (dlr.train.checkpoint_files)
 must restore it exactly from the shards; the fold must work on the shards bit for bit; and a
 model directory streamed from the shards must be byte-identical to a single-process save.
 """
@@ -15,11 +15,11 @@ from accelerate import Accelerator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dlr import build_model
-from dlr.model_dir import save_model_dir
+from dlr.artifacts.model_dir import save_model_dir
 from dlr.data import load_tokenizer
-from dlr.fold import fold_model
+from dlr.artifacts.fold import fold_model
 from dlr.train.sharding import save_model_dir_gathered, shard_model
-from dlr.train.training_state import load_checkpoint, save_checkpoint
+from dlr.train.checkpoint_files import load_checkpoint, save_checkpoint
 
 SIZE, LR, WD = "llama_tiny", 1e-3, 0.01
 # build_model options from the test (e.g. the trainable alpha / latent scale, 1-element parameters).
@@ -118,7 +118,7 @@ def main(out: Path) -> None:
             fold_model(plain)
         save_model_dir_gathered(model, tok, out / f"sharded_{name}", rank == 0, max_shard_size="200KB")
         if rank == 0:
-            from dlr import model_dir as ck
+            from dlr.artifacts import model_dir as ck
 
             ck.MAX_SHARD_SIZE, before = "200KB", ck.MAX_SHARD_SIZE
             save_model_dir(plain, tok, out / f"plain_{name}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks import bench_inference as bench
-from dlr.zoo import LlamaSize
+from dlr.model.sizes import LlamaSize
 
 TINY = LlamaSize("bench_tiny", hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
                  max_position_embeddings=64, default_rank=8)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dlr.model_dir import TOKENIZER_MARKERS
+from dlr.artifacts.model_dir import TOKENIZER_MARKERS
 import torch
 
 import dlr
-from dlr.model_dir import load_model_dir, read_config, read_meta, save_model_dir
+from dlr.artifacts.model_dir import load_model_dir, read_config, read_meta, save_model_dir
 from dlr.errors import ConfigError
 
 
@@ -77,7 +77,7 @@ def test_folded_dir_has_the_lowrank_layout(tmp_path, ckpt, tok):
 
 
 def test_sharded_save_loads(tmp_path, tok, monkeypatch):
-    import dlr.model_dir as ck
+    import dlr.artifacts.model_dir as ck
 
     monkeypatch.setattr(ck, "MAX_SHARD_SIZE", "2MB")
     model = tiny("lowrank")

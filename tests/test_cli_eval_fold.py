@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import dlr
-from dlr.model_dir import load_model_dir, read_config, save_model_dir
+from dlr.artifacts.model_dir import load_model_dir, read_config, save_model_dir
 from dlr.cli.evaluate import main as eval_cli
 from dlr.cli.fold import main as fold_cli
 from dlr.data import data_spec, load_tokenizer, validation_batches

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlr import compare
+from dlr.analysis import compare
 from dlr.cli import compare as compare_cli
 from dlr.errors import ConfigError
 

@@ -10,7 +10,7 @@ import pytest
 
 from dlr.config import (COMMAND_SCHEMAS, SHORT_SECTIONS, FactorizationConfig, TrainConfig, from_overrides,
                         all_keys, runtime_keys, short_names)
-from dlr import zoo
+from dlr.model import sizes as zoo
 from dlr.config.help import command_help
 from dlr.errors import ConfigError
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dlr
-from dlr.model_dir import load_model_dir, save_model_dir
+from dlr.artifacts.model_dir import load_model_dir, save_model_dir
 from dlr.cli.evaluate import main as eval_cli
 from dlr.eval.corpus import window_spans
 from dlr.data import load_tokenizer

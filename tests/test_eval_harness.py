@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from dlr.model_dir import load_model_dir
+from dlr.artifacts.model_dir import load_model_dir
 from dlr.cli.evaluate import main as eval_cli
 from dlr.eval.harness import bundled_task_dir
 from test_cli_eval_fold import call, run  # noqa: F401  (the module-scoped tiny final/ + folded/ fixture)

@@ -12,7 +12,7 @@ from dlr.cli.evaluate import main as eval_cli
 from dlr.data import data_spec, validation_batches
 from dlr.errors import ConfigError
 from dlr.eval import EvalReport, evaluate, evaluate_checkpoint, resolve_protocol, rows_perplexity, sliding_perplexity
-from dlr.model_dir import load_model_dir
+from dlr.artifacts.model_dir import load_model_dir
 from dlr.config import EvalConfig
 from test_cli_eval_fold import EVAL, call, run  # noqa: F401  (the module-scoped tiny final/ + folded/ fixture)
 from test_eval_corpus import model_dir, wiki  # noqa: F401

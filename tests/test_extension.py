@@ -19,8 +19,8 @@ from dlr.cli.train import main as train_cli
 from dlr.config import METHODS, OPTIMIZERS, Method, from_overrides, method_named, register_method, run_name, setting
 from dlr.data import load_tokenizer
 from dlr.hf.lowrank import LowRankLinear
-from dlr.model import build_from_config
-from dlr.model_dir import load_model_dir, read_config
+from dlr.model.llama import build_from_config
+from dlr.artifacts.model_dir import load_model_dir, read_config
 from dlr.optim import OptimizerSpec, build_optimizer, register_optimizer
 from dlr.optim.build import BUILDERS
 from dlr.train.setup import model_config

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import dlr
-from dlr.model_dir import load_model_dir, read_config, save_model_dir
+from dlr.artifacts.model_dir import load_model_dir, read_config, save_model_dir
 from dlr.config import from_overrides
 from dlr.cli.finetune import main as finetune_cli
 from dlr.data import load_tokenizer

@@ -8,9 +8,9 @@ import pytest
 
 from dlr.cli.fold import main as fold_cli
 from dlr.errors import ConfigError
-from dlr.fold import FoldReport, fold_and_verify, nothing_to_fold
+from dlr.artifacts.fold import FoldReport, fold_and_verify, nothing_to_fold
 from dlr.data import load_tokenizer
-from dlr.model_dir import read_config, save_model_dir
+from dlr.artifacts.model_dir import read_config, save_model_dir
 from dlr.config import FoldConfig
 from test_cli_eval_fold import call, run, tiny  # noqa: F401  (run: the module-scoped tiny final/ + folded/ fixture)
 

@@ -23,7 +23,7 @@ def test_fsdp2_sharded_dlr_trains_like_unsharded_and_resumes_exactly(tmp_path, o
     # Sharded on 2 processes == unsharded on the whole batch (fp32, up to reduction order).
     assert report["losses"] == pytest.approx(report["ref_losses"], rel=1e-5)
     assert report["param_diff_vs_unsharded"] < 1e-5
-    # dlr.train.training_state's FSDP branch: full state dicts out, sharded state back in, exactly.
+    # dlr.train.checkpoint_files's FSDP branch: full state dicts out, sharded state back in, exactly.
     assert report["loaded_diff"] == 0.0
     assert report["restored_next_loss"] == report["next_loss"]
     assert report["after_resume_diff"] == 0.0

@@ -73,7 +73,7 @@ def test_a_training_step_has_no_host_sync():
     """The hot path of dlr.train.loop under CUDA's sync debug mode: the compiled decoder (eager,
     transformers' mask code calls .all() once per forward), the compiled chunked loss, fused AdamW
     with found_inf."""
-    from dlr.loss import make_loss_fn
+    from dlr.model.fused_loss import make_loss_fn
     from dlr.train.compile import compile_decoder
 
     model = build_model("llama_tiny", method="dlr", rank=16).cuda()
@@ -99,11 +99,11 @@ def test_a_training_step_has_no_host_sync():
 
 @cuda
 def test_the_compiled_loss_chunk_matches_the_plain_loss_on_cuda():
-    """The compiled chunk (dlr/loss.py, written out of place for inductor) through Triton: the
+    """The compiled chunk (dlr/model/fused_loss.py, written out of place for inductor) through Triton: the
     plain loss's value and gradients in fp32, and the eager chunk's under bf16 autocast."""
     import torch.nn.functional as F
 
-    from dlr.loss import chunked_linear_cross_entropy, shift_labels
+    from dlr.model.fused_loss import chunked_linear_cross_entropy, shift_labels
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = (torch.randn(3, 37, 64, device="cuda", generator=g) * 3).requires_grad_()

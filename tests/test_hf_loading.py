@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dlr
-from dlr.model_dir import load_model_dir, save_model_dir
+from dlr.artifacts.model_dir import load_model_dir, save_model_dir
 from dlr.data import load_tokenizer
 from dlr.errors import ConfigError
-from dlr.export import export_dense, save_dense_dir
+from dlr.artifacts.export import export_dense, save_dense_dir
 
 X = torch.randint(2, 32000, (2, 20), generator=torch.Generator().manual_seed(2))
 

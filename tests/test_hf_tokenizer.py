@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dlr.model_dir import load_model_dir
+from dlr.artifacts.model_dir import load_model_dir
 from dlr.cli.evaluate import main as eval_cli
 from dlr.data import load_tokenizer
 from dlr.data.tokenizer import HFTokenizer

@@ -114,3 +114,21 @@ def test_choice_tuples_are_declared_once():
                     again += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name, v in declared.items()
                               if len(values) > 1 and set(values) == set(v)]
     assert not again, again
+
+
+def test_the_package_shows_its_parts():
+    """A handful of modules loose in dlr/, the rest in packages named for their job; no two modules
+    share a name outside dlr/cli/ (whose modules are named for the command they run); nothing in the
+    library reaches into the repository's experiments/, benchmarks/ or scripts/."""
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(loose) <= 6, loose
+    names = [p.name for p in PACKAGE.rglob("*.py")
+             if "assets" not in p.parts and "cli" not in p.parts and p.name != "__init__.py"]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    for path in PACKAGE.rglob("*.py"):
+        if "assets" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.split(".")[0] in ("experiments", "benchmarks", "scripts") for m in mods), path

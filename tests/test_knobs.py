@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import dlr
-from dlr.model_dir import load_model_dir, read_config, save_model_dir
+from dlr.artifacts.model_dir import load_model_dir, read_config, save_model_dir
 from dlr.data import load_tokenizer
 from dlr.errors import ConfigError
 from dlr.hf.lowrank import factorize_projections
@@ -259,7 +259,7 @@ def test_a_model_dir_keeps_the_random_reuse_index_it_was_trained_with(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from dlr.model_dir import sha256_file
+    from dlr.artifacts.model_dir import sha256_file
 
     torch.manual_seed(0)
     model = dlr.build_model("llama_tiny", "dlr", expand="random_reuse", seed=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dlr.hf.lowrank import LowRankLinear, cola_init_std, expand_index, expansion_factor
-from dlr.training_paths import TrainingLowRankLinear, apply_training_paths
+from dlr.train.layer_paths import TrainingLowRankLinear, apply_training_paths
 
 
 def explicit_dlr(layer: LowRankLinear, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ def parameter_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
 def test_module_factors_give_the_parameter_forward_bitwise(options, monkeypatch):
     """Calling the factors as nn.Linear modules changes no logit bit of a whole model."""
     import dlr
-    from dlr.fold import fold_model
+    from dlr.artifacts.fold import fold_model
 
     options = dict(options)
     fold = options.pop("fold", False)

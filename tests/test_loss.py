@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from dlr import build_model
 from dlr.errors import ConfigError
 from dlr.eval.loss import evaluate
-from dlr.loss import chunked_linear_cross_entropy, make_loss_fn, resolve_loss_impl, shift_labels
+from dlr.model.fused_loss import chunked_linear_cross_entropy, make_loss_fn, resolve_loss_impl, shift_labels
 
 
 def _inputs(seed=0, B=3, T=37, H=24, V=101):
@@ -136,7 +136,7 @@ def test_the_compiled_chunk_holds_one_logits_buffer_in_the_compute_dtype():
     logit in bf16): the gradient overwrites the matmul's output, no fp32 copy is stored."""
     from torch._inductor.utils import run_and_get_code
 
-    from dlr.loss import _chunk_loss_and_grads_fused
+    from dlr.model.fused_loss import _chunk_loss_and_grads_fused
 
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(96, 16, generator=g).bfloat16(), torch.randn(500, 16, generator=g).bfloat16()

@@ -92,7 +92,7 @@ def test_counts_match_closed_form(size, method):
 
 
 def test_docs_table_is_current():
-    from dlr.counting import zoo_table
+    from dlr.model.counting import zoo_table
 
     with open("docs/models.md") as f:
         assert zoo_table() in f.read(), "docs/models.md is stale: run `python scripts/model_table.py`"

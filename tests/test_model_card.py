@@ -8,8 +8,8 @@ from huggingface_hub.utils import filter_repo_objects
 import dlr
 from dlr.cli.fold import main as fold_cli
 from dlr.data import load_tokenizer
-from dlr.model_card import SERVER
-from dlr.model_dir import read_meta, save_model_dir
+from dlr.artifacts.model_card import SERVER
+from dlr.artifacts.model_dir import read_meta, save_model_dir
 
 EXTRA = {"step": 6, "tokens": 24576, "val_loss": 7.25, "val_tokens": 4096, "data": "c4_sample", "dataset": "allenai/c4"}
 

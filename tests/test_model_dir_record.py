@@ -25,8 +25,8 @@ from dlr.cli.finetune import main as finetune_cli
 from dlr.cli.fold import main as fold_cli
 from dlr.config import from_overrides
 from dlr.errors import ConfigError
-from dlr.model_card import PROMPT, SERVER
-from dlr.model_dir import META_FILE, check_integrity, load_model_dir, read_meta, recorded_names, save_model_dir
+from dlr.artifacts.model_card import PROMPT, SERVER
+from dlr.artifacts.model_dir import META_FILE, check_integrity, load_model_dir, read_meta, recorded_names, save_model_dir
 from dlr.train.loop import train
 from test_cli_eval_fold import call
 from test_finetune import pairs, write_jsonl

@@ -11,8 +11,8 @@ from dlr.cli.evaluate import main as eval_cli
 from dlr.cli.quantize import main as quantize_cli
 from dlr.config import QUANT_SCHEMES
 from dlr.hf.lowrank import PROJECTIONS, LowRankLinear
-from dlr.model_dir import load_model_dir
-from dlr.quantize import SCHEMES, factor_count, unquantized_linears
+from dlr.artifacts.model_dir import load_model_dir
+from dlr.artifacts.quantize import SCHEMES, factor_count, unquantized_linears
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4", "log_every=5", "data.val_tokens=2000",
         "data.num_workers=0", "eval_every=30", "save_every=30", "steps=30", "method=dlr"]

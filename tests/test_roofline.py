@@ -2,9 +2,9 @@
 import pytest
 
 from benchmarks import recipe, roofline
-from dlr.counting import model_stats
-from dlr.model import build_model
-from dlr.zoo import get_size
+from dlr.model.counting import model_stats
+from dlr.model.llama import build_model
+from dlr.model.sizes import get_size
 
 
 @pytest.mark.parametrize("method", ["full", "lowrank", "dlr"])

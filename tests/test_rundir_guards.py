@@ -16,7 +16,7 @@ from dlr.cli.evaluate import main as eval_cli
 from dlr.errors import ConfigError, TrainingDiverged
 from dlr.train.finite import checkpoint_is_finite, nonfinite
 from dlr.train.loop import train
-from dlr.run_dir import MetricsLog, RunLock, read_metrics
+from dlr.artifacts.run_dir import MetricsLog, RunLock, read_metrics
 
 TINY = ["model=llama_tiny", "data=c4_sample", "global_batch=4", "micro_batch=4", "log_every=1",
         "data.val_tokens=1000", "data.num_workers=0", "eval_every=2", "save_every=2", "method=dlr"]
@@ -186,7 +186,7 @@ def test_sigterm_ends_a_run_like_sigint_one_line_lock_freed_checkpoint_kept(tmp_
     # One line, as SIGINT gives (the progress bar shares stderr).
     assert err.count("dlr-train: terminated (SIGTERM)\n") == 1 and "Traceback" not in err, err[-2000:]
     assert not (out / ".lock").exists() and not (out / "summary.json").exists()
-    from dlr.train.training_state import check_checkpoint, checkpoint_dirs
+    from dlr.train.checkpoint_files import check_checkpoint, checkpoint_dirs
 
     # The newest complete checkpoint is whole (every file's sha256 as recorded): resume=auto goes on from it.
     assert check_checkpoint(checkpoint_dirs(out)[-1])["step"] >= 2

@@ -1,4 +1,4 @@
-"""dlr.scaling: the approach-3 fit recovers a known law; intervals, optimum and FLOPs per token."""
+"""dlr.analysis.scaling: the approach-3 fit recovers a known law; intervals, optimum and FLOPs per token."""
 import math
 import re
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dlr.errors import ConfigError
-from dlr.scaling import FlopsPerToken, difference_at, fit_law
+from dlr.analysis.scaling import FlopsPerToken, difference_at, fit_law
 
 # Hoffmann et al.'s published fit, as the known law.
 TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dlr.cli import scaling as scaling_cli
-from dlr.zoo import recipe
+from dlr.model.sizes import recipe
 
 # Zoo names, so their recipes (configs/model/*.yaml; llama_60m's lr differs) are what the grouping looks up;
 # (hidden, non-embedding params) are the test's own.

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from test_compare import make_run
 
-from dlr import compare, study
+from dlr.analysis import compare
+from experiments import study
 from dlr.cli import compare as compare_cli
 from dlr.errors import ConfigError
 
@@ -224,7 +225,7 @@ def test_bad_scaling_grid_arguments(sizes, tokens, methods, needle):
 
 def test_scaling_zoo_sizes_span_the_range_with_heads_of_32_or_more():
     import dlr
-    from dlr.zoo import get_size
+    from dlr.model.sizes import get_size
 
     names = ("llama_n100k", "llama_n300k", "llama_n800k", "llama_n3m", "llama_n10m", "llama_n20m")
     counts = [dlr.model_stats(dlr.build_model(n, "full", device="meta")).non_embedding_params for n in names]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import dlr
 from dlr.data import load_tokenizer
-from dlr.model_dir import save_model_dir
+from dlr.artifacts.model_dir import save_model_dir
 
 SCRIPT = Path(__file__).with_name("serving") / "tp_generate.py"
 PROMPTS = [[37, 1530, 12, 8, 2600], [100, 7, 3, 912]]

@@ -2,8 +2,8 @@
 import dataclasses
 
 from benchmarks import recipe, roofline, traffic
-from dlr.model import build_model
-from dlr.zoo import get_size
+from dlr.model.llama import build_model
+from dlr.model.sizes import get_size
 
 
 def test_a_layers_gemm_bytes_are_the_rooflines_and_its_kernels_add_up():

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import dlr
 from dlr.cli.fold import main as fold_cli
 from dlr.errors import ConfigError
-from dlr.model_dir import load_model_dir, read_meta, save_model_dir, sha256_file
+from dlr.artifacts.model_dir import load_model_dir, read_meta, save_model_dir, sha256_file
 
 X = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
 V2_NAMES = {".A.weight": ".A", ".B.weight": ".B", ".B.bias": ".bias"}

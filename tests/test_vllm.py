@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 import dlr
 from dlr.data import load_tokenizer
-from dlr.model_dir import save_model_dir
-from dlr.zoo import LlamaSize
+from dlr.artifacts.model_dir import save_model_dir
+from dlr.model.sizes import LlamaSize
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("DLR_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -103,7 +103,7 @@ def test_vllm_runs_every_factor_of_a_dlr_quantize_directory_quantized(tmp_path, 
     linear layer with the compressed-tensors scheme, and its greedy ids are transformers'. Rank 32:
     vLLM's CPU kernels want factor sizes in multiples of 32. bf16 activations: vLLM's AMX int8 kernel
     takes no fp32 (transformers' reference runs in fp32)."""
-    from dlr.quantize import quantize_and_verify
+    from dlr.artifacts.quantize import quantize_and_verify
 
     torch.manual_seed(0)
     model = dlr.build_model(HEAD64, "dlr", rank=32)

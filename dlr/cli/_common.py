@@ -42,7 +42,7 @@ def required(cfg: Any, key: str, example: str) -> Any:
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
     """Write strict JSON atomically (temp file + rename) so a reader never sees half a file."""
     from dlr.atomic import write_atomic
-    from dlr.run_dir import dumps_strict
+    from ..artifacts.run_dir import dumps_strict
 
     p = Path(path).expanduser()
     if p.is_dir():

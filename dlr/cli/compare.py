@@ -30,7 +30,7 @@ PROG = "dlr-compare"
 
 
 def compare_main(argv: list[str]) -> int:
-    from dlr import compare
+    from ..analysis import compare
 
     cfg = from_command_line("compare", argv)
     out = Path(cfg.out) if cfg.out is not None else None

@@ -21,13 +21,13 @@ USAGE = __doc__
 
 def fold_main(args: list[str]) -> int:
     cfg = from_overrides("fold", args)
-    # Types and ranges: dlr.config.FoldConfig (from_overrides); the rest: dlr.fold.fold_and_verify.
+    # Types and ranges: dlr.config.FoldConfig (from_overrides); the rest: dlr.artifacts.fold.fold_and_verify.
     ckpt = str(required(cfg, "ckpt", "runs/x/final"))
     from dlr.data import data_spec
-    from dlr.fold import fold_and_verify, nothing_to_fold
+    from ..artifacts.fold import fold_and_verify, nothing_to_fold
 
     if cfg.upgrade:
-        from dlr.upgrade import upgrade_model_dir
+        from ..artifacts.upgrade import upgrade_model_dir
 
         out = upgrade_model_dir(ckpt, cfg.out, overwrite=bool(cfg.overwrite), verify=bool(cfg.verify))
         print(f"{PROG}: upgraded {ckpt} to the current model-directory format: wrote {out}")

@@ -22,10 +22,10 @@ USAGE = __doc__
 
 def quantize_main(args: list[str]) -> int:
     cfg = from_overrides("quantize", args)
-    # Types and ranges: dlr.config.QuantizeConfig (from_overrides); the rest: dlr.quantize.quantize_and_verify.
+    # Types and ranges: dlr.config.QuantizeConfig (from_overrides); the rest: dlr.artifacts.quantize.quantize_and_verify.
     ckpt = str(required(cfg, "ckpt", "runs/x/folded"))
     from dlr.data import data_spec
-    from dlr.quantize import quantize_and_verify
+    from ..artifacts.quantize import quantize_and_verify
 
     report = quantize_and_verify(ckpt, cfg.out, scheme=cfg.scheme, group_size=cfg.group_size,
                                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size,

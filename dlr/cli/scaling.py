@@ -9,7 +9,7 @@ differs), except that the size (model, rank and the size's recipe lr / global ba
 the budget (steps, tokens) are what the law is fitted over. Each run is one point: N its
 non-embedding parameters (summary.json `train_non_embedding_params`), D its training
 tokens, L its final validation loss (`metric=`, default val_loss, in nats), C its training
-FLOPs (`train_flops_per_token` x tokens). The fit is Chinchilla's approach 3 (dlr.scaling)
+FLOPs (`train_flops_per_token` x tokens). The fit is Chinchilla's approach 3 (dlr.analysis.scaling)
 with bootstrap intervals (`bootstrap=` refits on resampled points, `seed=`).
 
 Prints, and with out= writes: fit.json (parameters, intervals, residuals, the points used),
@@ -27,7 +27,7 @@ from dlr.atomic import check_writable
 from dlr.cli._common import run_cli
 from dlr.config import from_command_line
 from dlr.errors import ConfigError
-from dlr.scaling_report import ScalingRequest
+from ..analysis.scaling_report import ScalingRequest
 
 PROG = "dlr-scaling"
 
@@ -43,10 +43,10 @@ def scaling_main(argv: list[str]) -> int:
     cfg = from_command_line("scaling", argv)
     _check(cfg)
     if cfg.out is not None and cfg.plots:
-        from dlr.compare import pyplot
+        from ..analysis.compare import pyplot
 
         pyplot()  # a missing matplotlib is refused before any file is written
-    from dlr.scaling_report import (default_budgets, differences, differences_markdown, fit_runs,
+    from ..analysis.scaling_report import (default_budgets, differences, differences_markdown, fit_runs,
                                     params_markdown, predictions, predictions_markdown, write_outputs)
 
     req = ScalingRequest(runs=cfg.runs, metric=cfg.metric, bootstrap=cfg.bootstrap, seed=cfg.seed, level=cfg.level,

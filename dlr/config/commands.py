@@ -40,7 +40,7 @@ class TrainConfig:
     optimizer: Any = group(OPTIMIZER_SCHEMAS, "configs/optimizer/<name>.yaml: " + " | ".join(OPTIMIZERS))
 
 
-# The same check for every command that reads a model directory (dlr.model_dir.check_integrity).
+# The same check for every command that reads a model directory (dlr.artifacts.model_dir.check_integrity).
 VERIFY_HELP = ("check the sha256 of every file a loader reads (config, tokenizer, weights, code) against "
                "dlr_checkpoint.json before loading, and refuse a file it does not list; "
                "false also loads a directory without that file (trusted copies only)")
@@ -140,7 +140,7 @@ class FoldConfig:
 
 @dataclass
 class QuantizeConfig:
-    """dlr-quantize (configs/quantize.yaml): a folded model directory quantized with compressed-tensors (dlr.quantize)."""
+    """dlr-quantize (configs/quantize.yaml): a folded model directory quantized with compressed-tensors (dlr.artifacts.quantize)."""
 
     data: Any = group(DataConfig, "configs/data/<name>.yaml: the validation text of the perplexity check")
     ckpt: str = setting(MISSING, "a folded (or plain low-rank, or dense) model directory, never modified; an unfolded "

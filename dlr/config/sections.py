@@ -220,7 +220,7 @@ class SystemConfig:
                                choices=PARALLELISMS, runtime=True)
     compile: Any = setting("auto", "auto (on for CUDA, off on CPU) | true | false: torch.compile of the decoder",
                            check=_compile, runtime=True)
-    loss: str = setting("chunked", "how the LM loss is computed (dlr/loss.py): chunked | liger | plain",
+    loss: str = setting("chunked", "how the LM loss is computed (dlr/model/fused_loss.py): chunked | liger | plain",
                         choices=LOSS_IMPLS, runtime=True)
     dry_run: bool = setting(False, "print the plan (params, FLOPs, batch, memory) and exit; nothing is written",
                             runtime=True)

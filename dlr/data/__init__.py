@@ -11,7 +11,7 @@ from dlr.config.choices import MODES, SOURCES
 from dlr.data.spec import DataSpec, data_provenance, data_spec
 from dlr.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, bundled_t5_path, check_vocab, load_tokenizer
 from dlr.data.token_batches import TokenBatches
-from dlr.data.validation import validation_batches, validation_rows
+from .validation_set import validation_batches, validation_rows
 
 __all__ = [
     "FORMATS", "MODES", "SOURCES", "DataSpec", "Format", "HFTokenizer", "SentencePieceTokenizer", "TokenBatches",

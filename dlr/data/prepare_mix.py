@@ -9,7 +9,7 @@ documents as any token shards (block-shuffled), so the proportions are the weigh
 The validation split is each source's validation documents, its weight's share of
 `data.val_tokens` (as the streaming mixture's validation set), one shard per source in the order
 of data.mix; `manifest["mix"]` records where each source's part ends, so that
-`dlr.data.validation` cuts the rows per source as the streaming path does.
+`dlr.data.validation_set` cuts the rows per source as the streaming path does.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dlr.data.shards import IDX_DTYPE, shard_stem
 from dlr.data.sources import split_texts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
-from dlr.data.validation import mix_budgets
+from .validation_set import mix_budgets
 from dlr.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-from dlr.loss import chunked_linear_cross_entropy
+from ..model.fused_loss import chunked_linear_cross_entropy
 
 
 def _fsdp_sharded(model: torch.nn.Module) -> bool:

@@ -62,7 +62,7 @@ class EvalReport:
     """Everything `evaluate_checkpoint` measured on one model directory."""
 
     ckpt: str
-    model: str  # dlr.model_dir.describe of its config
+    model: str  # dlr.artifacts.model_dir.describe of its config
     folded: bool
     dtype: str
     device: str
@@ -217,7 +217,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, *, data: DataSpec | None = None
     process gets the same report; tasks run in one process only.
     """
     from dlr.data import check_vocab
-    from dlr.model_dir import DTYPES, describe, load_model_dir, read_config
+    from ..artifacts.model_dir import DTYPES, describe, load_model_dir, read_config
 
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype={dtype!r} is not valid; accepted: {', '.join(DTYPE_NAMES)}")

@@ -10,11 +10,11 @@ import torch
 from ..atomic import normalize_modes
 from ..errors import ConfigError, TrainingDiverged
 from .finite import last_finite_checkpoint, training_state_nonfinite
-from ..run_dir import settings_differences
+from ..artifacts.run_dir import settings_differences
 from .preflight import check_resume
 from .settings import resolved_settings
-from .state import TrainerState
-from .training_state import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .trainer_state import TrainerState
+from .checkpoint_files import checkpoint_dirs, load_checkpoint, save_checkpoint
 from ..config import TrainConfig
 
 log = logging.getLogger("dlr.train")

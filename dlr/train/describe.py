@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..config import PARALLELISMS
-from ..counting import ModelStats, model_stats
-from ..loss import DEFAULT_CHUNK_TOKENS
-from ..model import build_from_config, deploy_config
+from ..model.counting import ModelStats, model_stats
+from ..model.fused_loss import DEFAULT_CHUNK_TOKENS
+from ..model.llama import build_from_config, deploy_config
 from .compile import compile_enabled
 from .plan import TrainPlan, memory_estimate_gib
 from .setup import precision

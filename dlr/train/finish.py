@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import logging
 
-from ..counting import model_stats
+from ..model.counting import model_stats
 from ..data import data_provenance
-from ..fold import fold_model, foldable
-from ..run_dir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
+from ..artifacts.fold import fold_model, foldable
+from ..artifacts.run_dir import FINAL_DIR, FOLDED_DIR, tidy, write_summary
 from .sharding import save_final
-from .state import TrainerState
+from .trainer_state import TrainerState
 from .telemetry import Throughput, peak_memory_gib
 from .reporting import say
-from .validation import run_eval
+from .evaluation import run_eval
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ One code path for CPU, one GPU, many GPUs and nodes, DDP or FSDP2. Each part has
 settings (the config read), setup (model, optimizer, data), step (one optimizer step and
 its finite guard), validation, checkpointing (cadence, save, resume), reporting (metrics,
 tracker, console), telemetry (throughput, memory), finish (final/, fold, summary), describe
-(the dry run), and training_state (the checkpoint format; the run directory is dlr.run_dir).
+(the dry run), and training_state (the checkpoint format; the run directory is dlr.artifacts.run_dir).
 """
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from .finish import finish
 from .plan import TrainPlan, make_plan
 from .preflight import check_data_files, check_out_dir
 from .reporting import TrainLogger, open_metrics, say
-from ..run_dir import RunLock, check_run_dir, finished_summary, tidy, write_config
+from ..artifacts.run_dir import RunLock, check_run_dir, finished_summary, tidy, write_config
 from .settings import resolved_settings
 from .setup import Inputs, build_state, check_inputs, make_accelerator
-from .state import TrainerState
+from .trainer_state import TrainerState
 from .step import FiniteGuard, next_batches, train_step
 from .telemetry import Throughput
-from .training_state import check_checkpoint
-from .validation import run_eval
+from .checkpoint_files import check_checkpoint
+from .evaluation import run_eval
 from ..config import TrainConfig
 
 log = logging.getLogger("dlr.train")

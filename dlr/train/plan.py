@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..config import PARALLELISMS, TrainConfig
-from ..counting import ModelStats
+from ..model.counting import ModelStats
 from ..errors import bad_value
 
 
@@ -67,7 +67,7 @@ def memory_estimate_gib(stats: ModelStats, plan: TrainPlan, *, hidden: int, laye
 
     Activations follow Korthikanti et al. (2022) for a transformer layer with flash/SDPA
     attention, 34 * s * b * h bytes in half precision (x2 in fp32), and the logits
-    (b * s * V, fp32 for the loss, plus their gradient; with a fused loss, dlr.loss, one chunk
+    (b * s * V, fp32 for the loss, plus their gradient; with a fused loss, dlr.model.fused_loss, one chunk
     of logits as the chunk's math holds them: eager, the matmul's output, its fp32 upcast and
     the gradient cast back (2 + 4 + 2 bytes per logit in bf16, 4 in fp32, where they are one
     tensor); compiled (`compiled_loss`, and Liger), one buffer in the compute dtype that the

@@ -6,8 +6,8 @@ import uuid
 import torch
 from tqdm.auto import tqdm
 
-from ..run_dir import METRICS_FILE, MetricsLog
-from .state import TrainerState
+from ..artifacts.run_dir import METRICS_FILE, MetricsLog
+from .trainer_state import TrainerState
 from .telemetry import Throughput, peak_flops, peak_memory_gib
 
 

@@ -10,20 +10,20 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ..counting import model_stats
+from ..model.counting import model_stats
 from ..data import check_vocab, data_spec, load_tokenizer, train_batches, validation_batches
 from ..data.spec import DataSpec
 from ..errors import ConfigError
-from ..loss import make_loss_fn, resolve_loss_impl
-from ..model import build_from_config, make_config
-from ..training_paths import apply_training_paths
+from ..model.fused_loss import make_loss_fn, resolve_loss_impl
+from ..model.llama import build_from_config, make_config
+from .layer_paths import apply_training_paths
 from ..optim import build_optimizer
-from ..zoo import size_from_mapping
+from ..model.sizes import size_from_mapping
 from .compile import compile_enabled, compile_for
 from .plan import TrainPlan
 from .preflight import check_resume
 from .sharding import check_parallelism, equal_batch_count, shard_model
-from .state import TrainerState
+from .trainer_state import TrainerState
 from ..config import TrainConfig
 
 

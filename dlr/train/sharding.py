@@ -74,7 +74,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> tor
         fully_shard(model.get_input_embeddings(), **kw)
     for layer in model.model.layers:
         fully_shard(layer, **kw)
-    # lm_head stays in the root unit (with the final norm): the fused loss (dlr.loss) reads
+    # lm_head stays in the root unit (with the final norm): the fused loss (dlr.model.fused_loss) reads
     # lm_head.weight inside the model's forward without calling lm_head, so lm_head's own
     # unit would never be gathered; the root's is, for the whole forward and backward.
     fully_shard(model, **kw)
@@ -155,7 +155,7 @@ def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_mai
     from safetensors.torch import save_file
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from ..model_dir import INDEX_FILE, MAX_SHARD_SIZE, atomic_dir, finish_model_dir, save_pretrained_quietly
+    from ..artifacts.model_dir import INDEX_FILE, MAX_SHARD_SIZE, atomic_dir, finish_model_dir, save_pretrained_quietly
 
     max_shard_size = max_shard_size or MAX_SHARD_SIZE
     state = model.state_dict()
@@ -190,7 +190,7 @@ def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_mai
 def save_final(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, extra: dict | None = None) -> None:
     """final/ and folded/: streamed from the shards under FSDP2, from the main process under DDP.
     `extra` goes into dlr_checkpoint.json (the trainer's step, tokens, val loss)."""
-    from ..model_dir import save_model_dir
+    from ..artifacts.model_dir import save_model_dir
 
     if is_sharded(model):
         save_model_dir_gathered(model, tokenizer, out_dir, is_main, extra=extra)

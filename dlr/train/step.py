@@ -8,8 +8,8 @@ import torch
 from ..errors import TrainingDiverged
 from .finite import last_finite_checkpoint
 from .sharding import clip_grad_norm, no_sync
-from .state import TrainerState
-from .training_state import checkpoint_dirs
+from .trainer_state import TrainerState
+from .checkpoint_files import checkpoint_dirs
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..counting import ModelStats
+from ..model.counting import ModelStats
 from .plan import TrainPlan
-from ..run_dir import MetricsLog
+from ..artifacts.run_dir import MetricsLog
 
 
 @dataclass

@@ -5,7 +5,7 @@ import torch
 
 from ..eval.loss import evaluate
 from .reporting import report, say
-from .state import TrainerState
+from .trainer_state import TrainerState
 
 # What a checkpoint keeps of the last evaluation (finish() needs it after a resume).
 EVAL_KEYS = ("val_loss", "val_ppl", "val_tokens")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import method_named
-from .errors import ConfigError
+from ..config import method_named
+from ..errors import ConfigError
 
 OLD_VERSION = 2
 _RENAMES = {"A": "A.weight", "B": "B.weight", "bias": "B.bias"}
@@ -53,9 +53,9 @@ def upgrade_model_dir(ckpt: str | os.PathLike, out: str | os.PathLike | None = N
     """Write the format_version 2 directory `ckpt` as a current one at `out` (default `<ckpt>-v3`)."""
     from safetensors.torch import load_file
 
-    from .data import load_tokenizer
+    from ..data import load_tokenizer
     from .fold import resolve_out
-    from .hf import DlrLlamaForCausalLM
+    from ..hf import DlrLlamaForCausalLM
     from .model_dir import find_tokenizer, read_config, save_model_dir, weight_files
 
     ckpt = Path(ckpt).expanduser()

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .atomic import check_writable
-from .config import FULL, FactorizationConfig, method_named
-from .errors import ConfigError
-from .hf.lowrank import LowRankLinear
-from .model import deploy_config, factorization_of
+from ..atomic import check_writable
+from ..config import FULL, FactorizationConfig, method_named
+from ..errors import ConfigError
+from ..hf.lowrank import LowRankLinear
+from ..model.llama import deploy_config, factorization_of
 
 if TYPE_CHECKING:
-    from .data.spec import DataSpec
+    from ..data.spec import DataSpec
 
 
 @torch.no_grad()
@@ -153,7 +153,7 @@ def foldable(config: Any) -> bool:
 
 def nothing_to_fold(ckpt: str | os.PathLike) -> str | None:
     """Why the model directory `ckpt` has nothing to fold, or None if it has."""
-    from dlr.model_dir import describe, read_config
+    from .model_dir import describe, read_config
 
     config = read_config(Path(ckpt).expanduser())
     if foldable(config):
@@ -223,14 +223,14 @@ def _agreement(before: Any, after: Any, reference: Any, key: str) -> Agreement:
 
 def _fold(model: nn.Module, dense: bool) -> tuple[nn.Module, int]:
     """The folded model (a plain LLaMA if `dense`) and the number of layers folded, in place."""
-    from dlr.model_dir import residual_layers
+    from .model_dir import residual_layers
 
     folded = fold_model(model)
     if residual_layers(model):  # fold_model's contract; a failure here is a bug
         raise RuntimeError("residual layers left after fold_model")
     if not dense:
         return model, folded
-    from dlr.export import export_dense
+    from .export import export_dense
 
     return export_dense(model), folded
 
@@ -238,14 +238,14 @@ def _fold(model: nn.Module, dense: bool) -> tuple[nn.Module, int]:
 def _write(report: FoldReport, model: nn.Module, tokenizer: Any, ckpt: Path, out: Path) -> None:
     """The output directory; its report and record name the input by its directory name only, so
     no file holds a path of this machine (the directory is published as it is)."""
-    from dlr.model_dir import read_meta, save_model_dir
+    from .model_dir import read_meta, save_model_dir
 
     files = {"fold_report.json": {**report.to_dict(), "input": ckpt.resolve().name, "output": out.name}}
     extra = dict(read_meta(ckpt).get("extra", {}))
     if "val_loss" in extra:  # the fold is exact: the input's loss is the output's, and the card says so
         extra["unfolded_val_loss"] = extra["val_loss"]
     if report.kind == "dense":
-        from dlr.export import save_dense_dir
+        from .export import save_dense_dir
 
         save_dense_dir(model, tokenizer, out, files=files, extra={**extra, "exported_from": ckpt.resolve().name})
         return
@@ -254,7 +254,7 @@ def _write(report: FoldReport, model: nn.Module, tokenizer: Any, ckpt: Path, out
 
 
 def _check_dense(ckpt: Path, config: Any) -> None:
-    from dlr.export import dense_refusal
+    from .export import dense_refusal
 
     reason = dense_refusal(config)
     if reason:
@@ -276,11 +276,11 @@ def fold_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None = Non
     input, raised before any weight is read. The fold happens in place on the one loaded copy,
     so memory is the model plus the logits of the check batches.
     """
-    from dlr.counting import model_stats
+    from ..model.counting import model_stats
     from dlr.data import check_vocab
     from dlr.device import pick_device
-    from dlr.model import build_from_config
-    from dlr.model_dir import describe, load_model_dir, read_config
+    from ..model.llama import build_from_config
+    from .model_dir import describe, load_model_dir, read_config
 
     ckpt, dev = Path(ckpt).expanduser(), pick_device(device)
     config = read_config(ckpt)

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .data.spec import DataSpec
+    from ..data.spec import DataSpec
 
 # scheme name -> (compressed-tensors preset, compression format vLLM reads).
 SCHEMES = {"w8a8": ("W8A8", "int-quantized"), "w4a16": ("W4A16", "pack-quantized")}
@@ -168,7 +168,7 @@ def compress_(model: nn.Module, scheme: str) -> Any:
 
 def factor_count(model: nn.Module) -> tuple[int, int]:
     """(quantized factors, all factors): A and B of every LowRankLinear."""
-    from .hf.lowrank import LowRankLinear
+    from ..hf.lowrank import LowRankLinear
 
     factors = [f for m in model.modules() if isinstance(m, LowRankLinear) for f in (m.A, m.B)]
     return sum(1 for f in factors if getattr(f, "quantization_scheme", None) is not None), len(factors)
@@ -235,7 +235,7 @@ class _Rejected(Exception):
 
 
 def _batches(data: DataSpec | None, tokenizer: Any, eval_tokens: int | None, batch_size: int) -> list[dict]:
-    from .data import validation_batches
+    from ..data import validation_batches
     from .fold import bundled_sample
 
     spec = data if data is not None else bundled_sample()
@@ -269,8 +269,8 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
     (`report.passed` is False). An unfolded DLR directory, an already quantized one and every
     bad setting are ConfigErrors, raised before any weight is read.
     """
-    from .data import check_vocab
-    from .device import pick_device
+    from ..data import check_vocab
+    from ..device import pick_device
     from .fold import resolve_out
     from .model_dir import load_model_dir, read_config
 
@@ -282,7 +282,7 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
     why = refusal(ckpt)
     if why:
         raise ConfigError(why)
-    from .model import build_from_config
+    from ..model.llama import build_from_config
 
     _check_groups(build_from_config(read_config(ckpt), device="meta"), group_size)  # the shapes, no weights
     target = resolve_out(ckpt, out or default_out(ckpt, scheme), False, overwrite)
@@ -313,7 +313,7 @@ def describe_quantized(config: Any, scheme: str) -> str:
 def _write(model: nn.Module, compressor: Any, tokenizer: Any, ckpt: Path, target: Path, *, meta: dict, layers: set[str],
            params: int, check: Any, t0: float) -> QuantizeReport:
     """Save, load back, check; keep the directory only if the check passes (else _Rejected)."""
-    from .atomic import atomic_dir
+    from ..atomic import atomic_dir
     from .model_dir import finish_model_dir, load_model_dir, read_meta, save_pretrained_quietly, write_errors
 
     with write_errors(target), atomic_dir(target) as tmp:

@@ -1,7 +1,7 @@
 """Multi-seed comparison of finished runs: grouping, statistics, tables and plots.
 
 A group is every run whose resolved config.yaml agrees on everything but the seed, the
-out_dir and the runtime keys that `dlr.run_dir` already treats as "same run" (logging,
+out_dir and the runtime keys that `dlr.artifacts.run_dir` already treats as "same run" (logging,
 checkpoint cadence, micro_batch, ...). Keys a method does not use (rank for `full`, alpha /
 expand / scope for `lowrank`) are dropped too, so e.g. two `full` runs launched with
 different `rank=` land in one group. Everything here is a plain function so that
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 
-from .atomic import check_writable, write_atomic
-from .errors import ConfigError
-from .config import LOWRANK, METHODS, display_key, short_form
-from .run_dir import RUNTIME_KEYS as _RUNTIME_KEYS, read_run_config
+from ..atomic import check_writable, write_atomic
+from ..errors import ConfigError
+from ..config import LOWRANK, METHODS, display_key, short_form
+from ..artifacts.run_dir import RUNTIME_KEYS as _RUNTIME_KEYS, read_run_config
 
 RUNTIME_KEYS = {display_key("train", k) for k in _RUNTIME_KEYS}
 

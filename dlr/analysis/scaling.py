@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 HUBER_DELTA = 1e-3
 PARAMS = ("E", "A", "alpha", "B", "beta")

@@ -47,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
-from ..run_dir import CHECKPOINTS_DIR
+from ..artifacts.run_dir import CHECKPOINTS_DIR
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # 5: the run's settings and every file's size and sha256 in trainer_state.json; the factors as

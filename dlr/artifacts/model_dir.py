@@ -13,7 +13,7 @@ Layout (what `save_model_dir` writes, and `final/`, `folded/` and `dlr-fold` out
     dlr_checkpoint.json             format version, dlr version, size and sha256 of every
                                     other file (all a loader may read), caller's `extra`
 
-The dense export (dlr.export) has the same layout with a plain LlamaForCausalLM's config.json
+The dense export (dlr.artifacts.export) has the same layout with a plain LlamaForCausalLM's config.json
 and no .py files. No file holds a path of the machine that wrote it.
 
 A dlr-quantize directory has the same files plus `quantization_config` in config.json
@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_dir
-from .config import method_named
-from .errors import ConfigError, bad_value
-from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .hf.lowrank import LowRankLinear
+from ..atomic import atomic_dir
+from ..config import method_named
+from ..errors import ConfigError, bad_value
+from ..hf import DlrLlamaConfig, DlrLlamaForCausalLM
+from ..hf.lowrank import LowRankLinear
 
 FORMAT_VERSION = 3  # 3: the factors are nn.Linear modules (<proj>.A.weight, .B.weight, .B.bias)
 META_FILE = "dlr_checkpoint.json"
@@ -49,7 +49,7 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CARD_FILE = "README.md"
-DENSE_MODEL_TYPE = "llama"  # the dense export (dlr.export): a plain LlamaForCausalLM
+DENSE_MODEL_TYPE = "llama"  # the dense export (dlr.artifacts.export): a plain LlamaForCausalLM
 # Not in the record: no loader reads them, and a card may be edited before publishing.
 UNRECORDED = (CARD_FILE, META_FILE)
 # Shards bound the transient memory of safetensors' serializer (it turns a whole shard into
@@ -222,7 +222,7 @@ def read_config(path: str | os.PathLike, dense: bool = False) -> Any:
 
 
 def _validate_dlr_fields(c: DlrLlamaConfig, where: Path) -> None:
-    from .model import check_factorization, factorization_of
+    from ..model.llama import check_factorization, factorization_of
 
     try:
         for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
@@ -358,7 +358,7 @@ def load_model_dir(
     copies). `dense` also accepts the dense export, loaded as a plain LlamaForCausalLM.
     Returns (model in eval mode, tokenizer).
     """
-    from .data import load_tokenizer
+    from ..data import load_tokenizer
 
     p = _check_dir(path)
     config = read_config(p, dense=dense)
@@ -376,7 +376,7 @@ def _build_and_fill(p: Path, config: Any, shards: Mapping[str, Any], device: tor
     """The model of `config` built on meta and filled from the checked shards, in eval mode."""
     from transformers import LlamaForCausalLM
 
-    from .model import build_from_config
+    from ..model.llama import build_from_config
 
     if not isinstance(config, DlrLlamaConfig):  # the dense export
         config._attn_implementation = "sdpa"

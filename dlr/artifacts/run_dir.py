@@ -4,7 +4,7 @@ dlr-train writes it; dlr-eval, dlr-fold and dlr-compare read it:
 
     out_dir/config.yaml        the resolved settings (CONFIG_FILE)
     out_dir/metrics.jsonl      one strict-JSON record per line (METRICS_FILE, MetricsLog)
-    out_dir/checkpoints/step_<N>/  training state (CHECKPOINTS_DIR; dlr.train.training_state)
+    out_dir/checkpoints/step_<N>/  training state (CHECKPOINTS_DIR; dlr.train.checkpoint_files)
     out_dir/final/, folded/    model directories (FINAL_DIR, FOLDED_DIR; folded/ for method=dlr)
     out_dir/summary.json       written last, with format_version (SUMMARY_FILE, read_summary)
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import file_mode, remove_stale_temps, write_atomic
-from .config import TrainConfig, display_key, runtime_keys
-from .errors import ConfigError
+from ..atomic import file_mode, remove_stale_temps, write_atomic
+from ..config import TrainConfig, display_key, runtime_keys
+from ..errors import ConfigError
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOCK_FILE = "config.yaml", "metrics.jsonl", "summary.json", ".lock"
 CHECKPOINTS_DIR, FINAL_DIR, FOLDED_DIR = "checkpoints", "final", "folded"
@@ -279,7 +279,7 @@ def tidy(out_dir: Path) -> None:
     """Remove temporaries that dead writers left in the run directory (we hold the lock)."""
     for name in (FINAL_DIR, FOLDED_DIR, CONFIG_FILE, SUMMARY_FILE, METRICS_FILE):
         remove_stale_temps(Path(out_dir) / name)
-    # A training checkpoint being assembled when its writer died (dlr.train.training_state's temp).
+    # A training checkpoint being assembled when its writer died (dlr.train.checkpoint_files's temp).
     ckpts = Path(out_dir) / CHECKPOINTS_DIR
     if ckpts.is_dir():
         for p in ckpts.glob(".tmp_step_*"):

@@ -6,7 +6,7 @@ from importlib import resources
 
 import yaml
 
-from .errors import bad_value
+from ..errors import bad_value
 
 # The T5 SentencePiece tokenizer GaLore's and CoLA's C4 code uses: 32000 pieces, pad 0, eos 1, no bos.
 VOCAB_SIZE = 32000

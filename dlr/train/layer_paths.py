@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hf.lowrank import LowRankLinear
+from ..hf.lowrank import LowRankLinear
 
 
 class _RebuiltResidualUp(torch.autograd.Function):

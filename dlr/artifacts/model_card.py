@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .config import FactorizationConfig, method_named
+from ..config import FactorizationConfig, method_named
 
 LICENSE = "apache-2.0"
 PROMPT = "The weather today is"

@@ -7,10 +7,10 @@ import dataclasses
 
 import torch
 
-from .config import FactorizationConfig, build, check_field, method_named
-from .errors import ConfigError, bad_value
-from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .zoo import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
+from ..config import FactorizationConfig, build, check_field, method_named
+from ..errors import ConfigError, bad_value
+from ..hf import DlrLlamaConfig, DlrLlamaForCausalLM
+from .sizes import EOS_ID, PAD_ID, VOCAB_SIZE, LlamaSize, get_size
 
 
 # Each factorization setting is stored in config.json as dlr_<name>.

@@ -189,11 +189,11 @@ def resolve_loss_impl(impl: str, device: torch.device) -> str:
     must not have.
     """
     if impl not in LOSS_IMPLS:
-        from .errors import bad_value
+        from ..errors import bad_value
 
         raise bad_value("loss", impl, LOSS_IMPLS)
     if impl == "liger" and (device.type != "cuda" or not liger_available()):
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"loss='liger' needs a CUDA device and liger-kernel (pip install 'dlr[gpu]'); "
                           f"device is {device.type}; accepted here: chunked, plain")

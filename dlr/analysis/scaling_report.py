@@ -59,7 +59,7 @@ def _point(run, metric: str) -> dict:
 
 
 def _size_free_settings(run) -> dict:
-    from dlr import compare
+    from . import compare
 
     flat = compare.settings(run, SIZE_AND_BUDGET)
     model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
@@ -71,14 +71,14 @@ def _size_free_settings(run) -> dict:
 
 def _recipe(name: str | None) -> dict:
     """The recipe of the run's size (configs/model/<name>.yaml); none for a name the zoo lacks."""
-    from dlr.zoo import recipe, size_names
+    from ..model.sizes import recipe, size_names
 
     return recipe(name) if name in size_names() else {}
 
 
 def group_for_scaling(runs: list) -> list:
     """compare.Group per setting, over sizes and budgets; order as dlr-compare's."""
-    from dlr import compare
+    from . import compare
 
     groups: dict[tuple, compare.Group] = {}
     for run in runs:
@@ -89,7 +89,7 @@ def group_for_scaling(runs: list) -> list:
 
 
 def _check_counts(groups: list, labels: list[str], points: list[list[dict]]) -> None:
-    from dlr.scaling import MIN_POINTS, unidentified
+    from .scaling import MIN_POINTS, unidentified
 
     for g, name, pts in zip(groups, labels, points):
         distinct = len({(p["N"], p["D"]) for p in pts})
@@ -127,8 +127,8 @@ def predictions(laws: list, labels: list[str], budgets: list[float], level: floa
 
 def differences(groups: list, laws: list, labels: list[str], budgets: list[float], level: float) -> list[dict]:
     """b - a for every two groups (a the simpler method), with the reading of its interval."""
-    from dlr import compare
-    from dlr.scaling import difference_at
+    from . import compare
+    from .scaling import difference_at
 
     rows = []
     order = sorted(range(len(groups)), key=lambda i: (compare.method_order(groups[i].method), i))
@@ -202,8 +202,8 @@ def fit_runs(req: ScalingRequest, say: Callable[[str], None] = lambda text: None
              ) -> tuple[list, list[str], list[list[dict]], list]:
     """Load the runs, group them over size and budget, and fit one law per group; `say` hears
     what is being fitted (a fit with its bootstrap takes seconds to minutes per group)."""
-    from dlr import compare
-    from dlr.scaling import fit_law
+    from . import compare
+    from .scaling import fit_law
 
     runs = compare.load_runs(req.runs)
     groups = group_for_scaling(runs)
@@ -232,7 +232,7 @@ def fit_json(req: ScalingRequest, res: dict) -> dict:
 def write_outputs(out: Path, req: ScalingRequest, res: dict) -> list[Path]:
     """fit.json, table.md, table.csv and (unless req.plots is false) the plots, atomically."""
     from dlr.atomic import check_writable, write_atomic
-    from dlr.scaling_plots import plot_isoflops, plot_loss_vs_compute
+    from .scaling_plots import plot_isoflops, plot_loss_vs_compute
 
     check_writable(out, "out")
     out.mkdir(parents=True, exist_ok=True)

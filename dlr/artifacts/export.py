@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .atomic import atomic_dir
-from .config import method_named
-from .errors import ConfigError
-from .hf import DlrLlamaConfig, DlrLlamaForCausalLM
-from .hf.lowrank import LowRankLinear
+from ..atomic import atomic_dir
+from ..config import method_named
+from ..errors import ConfigError
+from ..hf import DlrLlamaConfig, DlrLlamaForCausalLM
+from ..hf.lowrank import LowRankLinear
 from .model_dir import finish_model_dir, save_pretrained_quietly, write_errors
 
 

@@ -47,9 +47,9 @@ def model_stats(model: nn.Module, seq_len: int = 256) -> ModelStats:
 
 def zoo_table(seq_len: int = 256) -> str:
     """Markdown table of every zoo size, full vs low-rank at its default rank (docs/models.md)."""
-    from .config import FULL, LOWRANK
-    from .model import build_model
-    from .zoo import get_size, size_names
+    from ..config import FULL, LOWRANK
+    from .llama import build_model
+    from .sizes import get_size, size_names
 
     rows = [
         "| size | hidden / inter / heads / layers | rank | full params | low-rank params | full non-emb | low-rank non-emb | full GFLOPs/tok (fwd) | low-rank GFLOPs/tok (fwd) |",
