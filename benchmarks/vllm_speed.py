@@ -1,7 +1,8 @@
 """Time one model directory served by vLLM; run by bench_inference with the vLLM venv's Python.
 
-vLLM pins its own transformers, so this runs where dlr is not installed: vLLM builds the model
-from the directory's own code through its Transformers backend. Nothing here computes a rate:
+vLLM pins its own transformers, so this runs where dlr is not installed: vLLM builds a dlr
+model from the directory's own code through its Transformers backend, and a plain LLaMA (the
+dense export) with its own LLaMA implementation. Nothing here computes a rate:
 it prints the raw seconds of each timed `generate`, and bench_inference turns them into
 tokens/s exactly as it does for HF `generate`.
 
@@ -30,8 +31,12 @@ def main() -> None:
     path, spec = sys.argv[1], json.loads(sys.argv[2])
     prompts = {int(b): [TokensPrompt(prompt_token_ids=ids) for ids in rows] for b, rows in spec["prompts"].items()}
     prompt_len = len(next(iter(prompts.values()))[0]["prompt_token_ids"])
-    llm = LLM(model=path, model_impl="transformers", trust_remote_code=True, dtype=spec["dtype"],
-              max_model_len=prompt_len + spec["new"], max_num_seqs=max(prompts), seed=0,
+    with open(f"{path}/config.json") as f:
+        dlr_dir = json.load(f).get("model_type") == "dlr_llama"
+    # A dlr directory runs through the Transformers backend (its factor layers become vLLM's linear
+    # layers); a plain LLaMA (the dense export) through vLLM's own LLaMA, as vLLM serves dense models.
+    llm = LLM(model=path, model_impl="transformers" if dlr_dir else "auto", trust_remote_code=dlr_dir,
+              dtype=spec["dtype"], max_model_len=prompt_len + spec["new"], max_num_seqs=max(prompts), seed=0,
               # Every repeat sends the same prompts: with prefix caching on, all but the first would
               # skip their prefill and the timing would measure the cache, not the model.
               enable_prefix_caching=False,

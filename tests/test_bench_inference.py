@@ -2,6 +2,7 @@
 
 The vLLM half runs in tests/test_vllm.py, where vLLM is installed.
 """
+import json
 import os
 
 import pytest
@@ -31,13 +32,14 @@ def test_hf_and_vllm_see_the_same_fixed_prompts():
 
 
 def test_a_tiny_run_measures_every_row_and_folded_weighs_what_lowrank_weighs():
-    args = bench.parse_args(["--batches", "1,2", "--prompt", "8", "--new", "3", "--repeats", "1", "--threads", "1"])
+    args = bench.parse_args(["--methods", "full,lowrank,folded", "--batches", "1,2", "--prompt", "8", "--new", "3",
+                             "--repeats", "1", "--threads", "1"])
     mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
     result = bench.run(args, sizes=[TINY])
     assert (os.sched_getaffinity(0), torch.get_num_threads()) == (mask, threads)  # the pin is undone
     assert len(result["cores"]) == 1 and result["dtype"] == "fp32" and result["device"]
     rows = {(r["method"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {(m, b) for m in bench.METHODS for b in (1, 2)}
+    assert set(rows) == {(m, b) for m in bench.METHODS for b in (1, 2)} and {r["quant"] for r in rows.values()} == {"none"}
     for r in rows.values():
         assert r["prefill_tok_s"]["n"] == 1 and r["prefill_tok_s"]["median"] > 0
     folded, lowrank, full = rows["folded", 1], rows["lowrank", 1], rows["full", 1]
@@ -46,8 +48,26 @@ def test_a_tiny_run_measures_every_row_and_folded_weighs_what_lowrank_weighs():
     table = bench.table(result)
     assert len(table.splitlines()) == 2 + 6 and "vLLM" not in table
     ratios = bench.ratio_table(result).splitlines()
-    assert len(ratios) == 2 + 2 and ratios[2].startswith("| bench_tiny | 1 | 0.")  # folded weighs less than full
-    assert bench.ratio_table(result, "folded", "lowrank").splitlines()[2].startswith("| bench_tiny | 1 | 1.00 |")
+    assert len(ratios) == 2 + 2 and ratios[2].startswith("| bench_tiny | none | 1 | 1.")  # folded weighs less than full
+    assert bench.ratio_table(result, "folded", "lowrank").splitlines()[2].startswith("| bench_tiny | none | 1 | 1.00 |")
+
+
+def test_quantized_rows_time_what_dlr_quantize_writes_through_hf():
+    """--quant w8a8 --hf-quant: each model is saved, quantized by dlr-quantize's own function and loaded
+    the way dlr-eval loads it. transformers loads compressed-tensors int8 dequantized (it simulates the
+    quantization), so its row holds the dequantized weights plus their scales: HF has no int8 path to
+    time, which is what the row shows."""
+    args = bench.parse_args(["--quant", "none,w8a8", "--hf-quant", "--batches", "2", "--prompt", "8", "--new", "3",
+                             "--repeats", "1"])
+    result = bench.run(args, sizes=[TINY])
+    rows = {(r["method"], r["quant"]): r for r in result["rows"]}
+    assert set(rows) == {(m, q) for m in ("full", "folded") for q in ("none", "w8a8")}
+    for method in ("full", "folded"):
+        plain, int8 = rows[method, "none"], rows[method, "w8a8"]
+        assert int8["decode_tok_s"]["median"] > 0 and int8["params"] == plain["params"]
+        assert int8["weight_bytes"] > plain["weight_bytes"]  # dequantized weights, and their scales
+    assert rows["folded", "w8a8"]["weight_bytes"] < rows["full", "w8a8"]["weight_bytes"]
+    assert "| bench_tiny | w8a8 | 2 |" in bench.ratio_table(result)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -55,9 +75,28 @@ def test_a_tiny_run_measures_every_row_and_folded_weighs_what_lowrank_weighs():
     (["--batches", "1,x"], "--batches: '1,x' is not a comma-separated list of integers"),
     (["--new", "1"], "--new: 1 is below 2"),
     (["--vllm-python", "/nonexistent/python"], "--vllm-python: '/nonexistent/python' is not a file"),
+    (["--quant", "int3"], "--quant: unknown int3; accepted: none, w8a8, w4a16"),
+    (["--quant", "w8a8"], "--quant w8a8: quantized rows are timed through vLLM or HF; add --vllm-python or --hf-quant"),
 ])
 def test_bad_flags_are_one_line_naming_the_value(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.parse_args(argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_saved_results_join_into_one_set_of_tables(tmp_path):
+    """--tables: the docs' tables come from committed result files, several runs joined; runs of
+    another setting are refused rather than mixed."""
+    args = bench.parse_args(["--batches", "1", "--prompt", "8", "--new", "3", "--repeats", "1"])
+    small = bench.run(args, sizes=[TINY])
+    other = bench.run(args, sizes=[LlamaSize("bench_tiny2", hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                             num_hidden_layers=1, max_position_embeddings=64, default_rank=8)])
+    (tmp_path / "a.json").write_text(json.dumps(small))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    joined = bench.merged([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert {r["size"] for r in joined["rows"]} == {"bench_tiny", "bench_tiny2"}
+    assert len(bench.ratio_table(joined).splitlines()) == 2 + 2
+    (tmp_path / "c.json").write_text(json.dumps({**other, "dtype": "bf16"}))
+    with pytest.raises(SystemExit, match="differ in dtype"):
+        bench.merged([str(tmp_path / "a.json"), str(tmp_path / "c.json")])

@@ -147,6 +147,7 @@ def test_the_directory_describes_itself(w8a8):
     (["ckpt={run}/folded"], "already exists"),
     (["ckpt={run}/folded", "out={run}/folded/x"], "overlaps"),
     (["ckpt={run}/folded", "min_agreement=2", "out={run}/x"], "min_agreement=2"),
+    (["ckpt={run}/folded", "ignore=['re:(']", "out={run}/x"], "valid re: patterns"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run, w8a8, capsys, args, message):
     before = sorted(p.name for p in run.iterdir())
@@ -160,3 +161,47 @@ def test_a_model_outside_the_bounds_is_not_written(run, capsys):
                                          f"out={run / 'strict'}", *CHECK], capsys)
     assert code == 1 and "nothing written" in err and "same greedy token" in out
     assert not (run / "strict").exists() and not list(run.glob(".strict*"))
+
+
+def test_ignore_keeps_the_named_layers_unquantized_and_every_other_factor_quantized(run, capsys):
+    """llm-compressor's `ignore`: the B factors of gate and up (a pattern) and one named A stay in the
+    model's dtype; everything else is int8, and the report, the card and the reloaded model agree."""
+    kept = ["re:.*mlp[.](gate|up)_proj[.]B$", "model.layers.0.self_attn.o_proj.A"]
+    listed = ",".join(f"'{k}'" for k in kept)  # quoted: Hydra's grammar reserves ( | [ outside quotes
+    code, out, _ = call(quantize_cli, [f"ckpt={run / 'folded'}", f"ignore=[{listed}]", f"out={run / 'kept'}",
+                                       *CHECK], capsys)
+    assert code == 0 and "kept unquantized" in out
+    dtypes = stored(run / "kept")
+    factors = {k: v for k, v in dtypes.items() if k.endswith((".A.weight", ".B.weight"))}
+    float_factors = sorted(k for k, v in factors.items() if v == "F32")
+    assert float_factors == sorted([f"model.layers.{i}.mlp.{p}_proj.B.weight" for i in (0, 1) for p in ("gate", "up")]
+                                   + ["model.layers.0.self_attn.o_proj.A.weight"])
+    assert {v for k, v in factors.items() if k not in float_factors} == {"I8"}
+    report = json.loads((run / "kept" / "quantize_report.json").read_text())
+    assert report["ignore"] == kept and report["factors"] == FACTORS - 5
+    model, _ = load_model_dir(run / "kept")
+    assert factor_count(model, kept) == (FACTORS - 5, FACTORS - 5) and unquantized_linears(model, kept) == []
+    assert "but those `ignore` names" in (run / "kept" / "README.md").read_text()
+
+
+def test_the_dense_export_quantizes_too_every_projection_int8(tmp_path, capsys):
+    """The baseline a deployer quantizes: a plain LLaMA (dlr-fold dense=true's format) through the same
+    command; every projection is int8, the card is the dense export's, and it loads back as a LlamaForCausalLM."""
+    import dlr
+    from dlr.artifacts.export import export_dense, save_dense_dir
+    from dlr.data import load_tokenizer
+
+    torch.manual_seed(0)
+    save_dense_dir(export_dense(dlr.build_model("llama_tiny", "full")), load_tokenizer("t5"), tmp_path / "dense")
+    # Random weights: the bounds are for trained models (the tests above).
+    code, out, err = call(quantize_cli, [f"ckpt={tmp_path / 'dense'}", "max_ppl_ratio=1e9", "min_agreement=0", *CHECK],
+                          capsys)
+    assert code == 0 and "dense llama" in out
+    assert "it/s" not in out + err and "Compressing model" not in err  # compressed-tensors' bars are held back
+    dtypes = stored(tmp_path / "dense-w8a8")
+    projections = {k: v for k, v in dtypes.items() if k.endswith("_proj.weight")}
+    assert len(projections) == LAYERS and set(projections.values()) == {"I8"}
+    model, _ = load_model_dir(tmp_path / "dense-w8a8", dense=True)
+    assert type(model).__name__ == "LlamaForCausalLM" and unquantized_linears(model) == []
+    card = (tmp_path / "dense-w8a8" / "README.md").read_text()
+    assert "Dense export" in card and f"{LAYERS} linear layers (every projection)" in card

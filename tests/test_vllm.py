@@ -210,20 +210,26 @@ def test_vllm_serve_answers_openai_completions_with_the_hf_greedy_ids(tmp_path):
     assert served == hf_greedy(path)
 
 
-def test_the_inference_benchmark_times_vllm_serving_the_factor_layers():
+def test_the_inference_benchmark_times_vllm_serving_the_factor_layers_and_their_int8_directories():
+    """Dense is served as a plain LLaMA by vLLM's own implementation (fused q/k/v and gate/up), folded
+    through the Transformers backend with its factors as vLLM linear layers; each also as the
+    directory dlr-quantize writes. Rank 32 and bf16: what vLLM's CPU int8 kernels take."""
     from benchmarks import bench_inference as bench
 
-    args = bench.parse_args(["--methods", "folded", "--batches", "1,2", "--prompt", "8", "--new", "3",
-                             "--repeats", "1", "--vllm-python", str(VLLM_PYTHON)])
-    result = bench.run(args, sizes=[HEAD64])
+    size = LlamaSize("head64", hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
+                     max_position_embeddings=256, default_rank=32)
+    args = bench.parse_args(["--batches", "1,2", "--prompt", "8", "--new", "3", "--repeats", "1", "--dtype", "bf16",
+                             "--quant", "none,w8a8", "--vllm-python", str(VLLM_PYTHON)])
+    result = bench.run(args, sizes=[size])
     served = result["vllm_served"]
-    assert served["head64/folded"]["projections"] == ["LowRankLinear"]  # not densified on the way in
-    rows = {(r["method"], r["batch"]): r for r in result["rows"]}
-    # vLLM's CPU backend repacks the weights of its own linear layers for its GEMM kernels and leaves
-    # them empty as parameters: it holds every parameter HF holds but the factors', which its layers run.
-    factors = sum(p.numel() for n, p in dlr.build_model(HEAD64, "lowrank", rank=16, device="meta").named_parameters()
-                  if n.endswith((".A.weight", ".B.weight")))
-    assert served["head64/folded"]["params"] == rows["folded", 1]["params"] - factors
+    assert served["head64/folded"]["projections"] == served["head64/folded/w8a8"]["projections"] == ["LowRankLinear"]
+    assert "LowRankLinear" not in served["head64/full"]["projections"]  # vLLM's own LLaMA layers
+    rows = {(r["method"], r["quant"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(m, q, b) for m in ("full", "folded") for q in ("none", "w8a8") for b in (1, 2)}
     for r in rows.values():
-        assert r["vllm"]["prefill_tok_s"]["n"] == 1 and r["vllm"]["prefill_tok_s"]["median"] > 0, r["vllm"]
-    assert "vLLM decode tok/s" in bench.table(result)
+        assert r["vllm"]["decode_tok_s"]["n"] == 1 and r["vllm"]["decode_tok_s"]["median"] > 0, r
+    for m in ("full", "folded"):
+        assert rows[m, "w8a8", 1]["weight_bytes"] < rows[m, "none", 1]["weight_bytes"]
+    assert rows["folded", "w8a8", 1]["weight_bytes"] < rows["full", "w8a8", 1]["weight_bytes"]
+    assert "vLLM decode tok/s" in bench.table(result) and "| head64 | w8a8 | 2 |" in bench.ratio_table(result)
+    assert "folded w8a8" in bench.gain_table(result, batch=2)

@@ -139,9 +139,13 @@ MODEL=.  # this directory; on the Hub, the repository id
 
 def _quantized(q: dict) -> list[str]:
     check, pb = q["check"], q["projection_bytes"]
-    return [f"- Quantized ({q['scheme']}, compressed-tensors `{q['format']}`): {q['factors']} factor matrices "
-            f"(A and B of every projection), {q['linears']} linear layers in all; the embedding and LM head are not. "
-            f"Their tensors: {pb['before']:,} -> {pb['after']:,} bytes.",
+    kept = q.get("ignore") or []
+    scope = (f"every one but those `ignore` names ({', '.join(f'`{p}`' for p in kept)})" if kept
+             else "A and B of every projection" if q["factors"] else "every projection")
+    what = f"{q['factors']} factor matrices ({scope}), {q['linears']} linear layers in all" if q["factors"] \
+        else f"{q['linears']} linear layers ({scope})"
+    return [f"- Quantized ({q['scheme']}, compressed-tensors `{q['format']}`): {what}; the embedding and LM head "
+            f"are not. Their tensors: {pb['before']:,} -> {pb['after']:,} bytes.",
             f"- Quantization check on {check['tokens']:,} validation tokens: perplexity {check['ppl_after']:.3f} vs "
             f"{check['ppl_before']:.3f} unquantized (ratio {check['ppl_ratio']:.4f}, bound {check['max_ppl_ratio']}); "
             f"same greedy token at {check['top1_agreement']:.2%} of positions (bound {check['min_agreement']:.0%})."]
@@ -184,7 +188,8 @@ every projection as its own linear layers{_served_factors(quantization)}.
     return f"---\n{yaml.safe_dump(front_matter(config, extra), sort_keys=False)}---\n\n{body}"
 
 
-def dense_card(config: dict, params: int, extra: dict | None = None, fold: dict | None = None) -> str:
+def dense_card(config: dict, params: int, extra: dict | None = None, fold: dict | None = None,
+               quantization: dict | None = None) -> str:
     """README.md text for the dense export (`dlr-fold dense=true`): a plain LLaMA whose `config`
     (config.json, a dict) has no dlr_* fields; `extra` and `fold` say where it came from."""
     extra = extra or {}
@@ -207,7 +212,7 @@ factors multiplied out (W = (B + s R) A), so it computes the same function with 
 
 ## Evaluation
 
-{chr(10).join(_results(extra, fold))}
+{chr(10).join(_results(extra, fold) + (_quantized(quantization) if quantization else []))}
 
-{use_section(remote_code=False)}"""
+{use_section(remote_code=False, dtype='bfloat16' if quantization else 'float32')}"""
     return f"---\n{yaml.safe_dump({**meta, 'datasets': datasets} if datasets else meta, sort_keys=False)}---\n\n{body}"

@@ -26,11 +26,13 @@ included) is a persistent buffer, so it travels in the safetensors with the weig
 from __future__ import annotations
 
 import contextlib
+import io
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -367,7 +369,7 @@ def load_model_dir(
     check_integrity(p, verify)
     device = torch.device(device)
     if getattr(config, "quantization_config", None):
-        return _load_quantized(p, device, dtype), load_tokenizer(str(p))
+        return _load_quantized(p, config, device, dtype), load_tokenizer(str(p))
     model = _build_and_fill(p, config, shards, device, dtype)
     return model, load_tokenizer(str(p))
 
@@ -407,15 +409,35 @@ def _build_and_fill(p: Path, config: Any, shards: Mapping[str, Any], device: tor
     return model.eval()
 
 
-def _load_quantized(p: Path, device: torch.device, dtype: torch.dtype) -> DlrLlamaForCausalLM:
-    """A dlr-quantize directory: transformers' quantizer for its format (compressed-tensors) builds
-    the quantized layers, which our meta-and-assign path does not know."""
+_BAR = re.compile(r"^[^\n]*\|[^|]*\| *\d+/\d+ \[[^\]]*\]$")
+
+
+@contextlib.contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """compressed-tensors draws a tqdm bar per model pass (apply, compress, decompress, dispatch) with
+    no switch to turn them off: their stderr is held, and every line that is not a bar goes through."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        kept = [line for line in held.getvalue().replace("\r", "\n").splitlines() if line.strip() and not _BAR.match(line)]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
+
+
+def _load_quantized(p: Path, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A dlr-quantize directory (of a dlr model or of the dense export): transformers' quantizer for
+    its format (compressed-tensors) builds the quantized layers, which our meta-and-assign path does not know."""
+    from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
+    cls = DlrLlamaForCausalLM if isinstance(config, DlrLlamaConfig) else LlamaForCausalLM
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = DlrLlamaForCausalLM.from_pretrained(p, dtype=dtype, attn_implementation="sdpa")
+        with without_progress_bars():
+            model = cls.from_pretrained(p, dtype=dtype, attn_implementation="sdpa")
     except ImportError as e:  # the format's package (compressed-tensors) is missing
         raise ConfigError(f"checkpoint {str(p)!r} is quantized and needs {e}; pip install 'dlr[quant]'") from None
     finally:
@@ -424,7 +446,8 @@ def _load_quantized(p: Path, device: torch.device, dtype: torch.dtype) -> DlrLla
     # Unpacked now, not by the hook on the first model(...) call: dlr's loss calls model.model,
     # which that hook does not see. The layers keep their scheme: weights hold the dequantized
     # integers and w8a8 quantizes each activation per token, as the packed form computes.
-    model.hf_quantizer.compressor.decompress_model(model)
+    with without_progress_bars():
+        model.hf_quantizer.compressor.decompress_model(model)
     return model.to(device).eval()
 
 

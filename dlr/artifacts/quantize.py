@@ -10,7 +10,9 @@ kernels and transformers loads through its CompressedTensorsHfQuantizer:
            every factor's input and output size to be a multiple of 32).
 
 Every `nn.Linear` but the LM head is quantized: in a low-rank model those are the factors A
-and B of every projection. Scales are the weights' own min/max (round to nearest; no
+and B of every projection. `ignore` keeps more layers unquantized (module names or `re:`
+patterns, llm-compressor's convention), e.g. where a serving kernel does not take a layer's
+shape; every other layer is checked to be quantized in the reloaded model. Scales are the weights' own min/max (round to nearest; no
 calibration data needed). Written the way llm-compressor writes it (apply the scheme, set the
 scales, compress, save, add `quantization_config` to config.json); llm-compressor itself pins
 an older transformers, so dlr drives compressed-tensors directly.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .model_dir import without_progress_bars
 
 if TYPE_CHECKING:
     from ..data.spec import DataSpec
@@ -67,6 +71,7 @@ class QuantizeReport:
     scheme: str
     format: str
     group_size: int | None
+    ignore: list[str]  # layers kept unquantized besides the LM head (names or re: patterns)
     factors: int  # factor matrices (A and B of every low-rank projection) quantized in the reloaded model
     linears: int  # every quantized nn.Linear (factors, and the dense projections of a full model)
     weight_bytes: dict[str, int]  # all weight files before / after
@@ -93,12 +98,31 @@ def refusal(ckpt: Path) -> str | None:
     from .fold import foldable
     from .model_dir import describe, read_config
 
-    config = read_config(ckpt)
-    if foldable(config):
+    config = read_config(ckpt, dense=True)
+    if is_dlr(config) and foldable(config):
         return (f"{str(ckpt)!r} is an unfolded {describe(config)} directory; quantize the folded one "
                 f"(dlr-fold ckpt={ckpt} writes it)")
     quantized = quantization_of(ckpt)
     return None if quantized is None else f"{str(ckpt)!r} is already quantized ({quantized.get('format')})"
+
+
+def is_dlr(config: Any) -> bool:
+    """A dlr model directory's config (else the dense export's plain LlamaConfig)."""
+    from ..hf import DlrLlamaConfig
+
+    return isinstance(config, DlrLlamaConfig)
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The model of `config` on the meta device: its layers' shapes, no weights."""
+    from transformers import LlamaForCausalLM
+
+    from ..model.llama import build_from_config
+
+    if is_dlr(config):
+        return build_from_config(config, device="meta")
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
 
 
 def default_out(ckpt: Path, scheme: str) -> Path:
@@ -110,21 +134,27 @@ def quantized_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
             if isinstance(m, nn.Linear) and getattr(m, "quantization_scheme", None) is not None)
 
 
-def _scheme(scheme: str, group_size: int | None):
+def ignored(name: str, ignore: list[str] | tuple[str, ...] = ()) -> bool:
+    """Whether the layer `name` stays unquantized: the LM head, and what `ignore` names (the way
+    compressed-tensors matches its `ignore` list: a module name, or `re:` and a regex)."""
+    return name.rsplit(".", 1)[-1] in IGNORED or any(
+        re.match(p[3:], name) if p.startswith("re:") else name == p for p in ignore)
+
+
+def _scheme(scheme: str, group_size: int | None, ignore: list[str] | tuple[str, ...] = ()):
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy, preset_name_to_scheme
 
     preset = preset_name_to_scheme(SCHEMES[scheme][0], ["Linear"])
     if scheme == "w4a16":  # the preset's group of 128 rarely divides a factor's rank
         strategy = QuantizationStrategy.GROUP if group_size else QuantizationStrategy.CHANNEL
-        preset.weights = preset.weights.model_copy(update={"strategy": strategy, "group_size": group_size})
-    return QuantizationConfig(config_groups={"group_0": preset}, ignore=list(IGNORED))
+        preset.weights = preset.weights.model_copy(update={"strategy": strategy, "group_size": group_size, "ignore": list(ignore)})
+    return QuantizationConfig(config_groups={"group_0": preset}, ignore=[*IGNORED, *ignore])
 
 
-def _check_groups(model: nn.Module, group_size: int | None) -> None:
+def _check_groups(model: nn.Module, group_size: int | None, ignore: list[str] | tuple[str, ...] = ()) -> None:
     if not group_size:
         return
-    sizes = sorted({m.in_features for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORED})
+    sizes = sorted({m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear) and not ignored(n, ignore)})
     bad = [s for s in sizes if s % group_size]
     if bad:
         common = math.gcd(*sizes)
@@ -133,7 +163,8 @@ def _check_groups(model: nn.Module, group_size: int | None) -> None:
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module, scheme: str, group_size: int | None = None) -> int:
+def quantize_model_(model: nn.Module, scheme: str, group_size: int | None = None,
+                    ignore: list[str] | tuple[str, ...] = ()) -> int:
     """Attach `scheme` to every nn.Linear but the LM head and set each weight's scales from its
     own min/max (compressed-tensors' qparams); returns how many layers. The model then computes
     with quantized-dequantized weights and activations until `compress_` packs them."""
@@ -142,8 +173,9 @@ def quantize_model_(model: nn.Module, scheme: str, group_size: int | None = None
 
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme={scheme!r} is not valid; accepted: {', '.join(SCHEMES)}")
-    _check_groups(model, group_size)
-    apply_quantization_config(model, _scheme(scheme, group_size))
+    _check_groups(model, group_size, ignore)
+    with without_progress_bars():
+        apply_quantization_config(model, _scheme(scheme, group_size, ignore))
     count = 0
     for _, m in quantized_linears(model):
         args, w = m.quantization_scheme.weights, m.weight.float()
@@ -162,20 +194,23 @@ def compress_(model: nn.Module, scheme: str) -> Any:
     from compressed_tensors.compressors import ModelCompressor
 
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=SCHEMES[scheme][1])
-    compressor.compress_model(model)
+    with without_progress_bars():
+        compressor.compress_model(model)
     return compressor
 
 
-def factor_count(model: nn.Module) -> tuple[int, int]:
-    """(quantized factors, all factors): A and B of every LowRankLinear."""
+def factor_count(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> tuple[int, int]:
+    """(quantized factors, factors not ignored): A and B of every LowRankLinear."""
     from ..hf.lowrank import LowRankLinear
 
-    factors = [f for m in model.modules() if isinstance(m, LowRankLinear) for f in (m.A, m.B)]
-    return sum(1 for f in factors if getattr(f, "quantization_scheme", None) is not None), len(factors)
+    factors = [(f"{n}.{k}", getattr(m, k)) for n, m in model.named_modules() if isinstance(m, LowRankLinear)
+               for k in ("A", "B")]
+    kept = [f for n, f in factors if not ignored(n, ignore)]
+    return sum(1 for f in kept if getattr(f, "quantization_scheme", None) is not None), len(kept)
 
 
-def unquantized_linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORED
+def unquantized_linears(model: nn.Module, ignore: list[str] | tuple[str, ...] = ()) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not ignored(n, ignore)
             and getattr(m, "quantization_scheme", None) is None]
 
 
@@ -259,7 +294,8 @@ def _check(reloaded: nn.Module, reference: tuple[float, int, list[torch.Tensor]]
 def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None = None, *, scheme: str = "w8a8",
                         group_size: int | None = None, eval_tokens: int | None = None, batch_size: int = 4,
                         max_ppl_ratio: float = 1.05, min_agreement: float = 0.9, device: str = "cpu",
-                        verify: bool = True, overwrite: bool = False, data: DataSpec | None = None) -> QuantizeReport:
+                        verify: bool = True, overwrite: bool = False, data: DataSpec | None = None,
+                        ignore: list[str] | tuple[str, ...] = ()) -> QuantizeReport:
     """Quantize the model directory `ckpt` with `scheme` and write `out` (default <ckpt>-<scheme>).
 
     The written directory is loaded back the way dlr-eval loads it; its perplexity on the
@@ -282,26 +318,33 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
     why = refusal(ckpt)
     if why:
         raise ConfigError(why)
-    from ..model.llama import build_from_config
-
-    _check_groups(build_from_config(read_config(ckpt), device="meta"), group_size)  # the shapes, no weights
+    _check_groups(meta_model(read_config(ckpt, dense=True)), group_size, ignore)
     target = resolve_out(ckpt, out or default_out(ckpt, scheme), False, overwrite)
     t0 = time.perf_counter()
-    model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify)
+    model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify, dense=True)
     check_vocab(tokenizer, model.config.vocab_size)
     batches = _batches(data, tokenizer, eval_tokens, batch_size)
     reference = score(model, batches, dev)
     params = sum(p.numel() for p in model.parameters())
-    quantize_model_(model, scheme, group_size)
+    quantize_model_(model, scheme, group_size, ignore)
     layers = {n for n, _ in quantized_linears(model)}
     compressor = compress_(model, scheme)
-    meta = {"input": str(ckpt.resolve()), "output": str(target), "model": describe_quantized(read_config(ckpt), scheme),
-            "scheme": scheme, "format": SCHEMES[scheme][1], "group_size": group_size}
+    described = describe_quantized(read_config(ckpt, dense=True), scheme)
+    meta = {"input": str(ckpt.resolve()), "output": str(target), "model": described,
+            "scheme": scheme, "format": SCHEMES[scheme][1], "group_size": group_size, "ignore": list(ignore)}
     try:
         return _write(model, compressor, tokenizer, ckpt, target, meta=meta, layers=layers, params=params,
                check=lambda m: _check(m, reference, batches, dev, (max_ppl_ratio, min_agreement)), t0=t0)
     except _Rejected as e:
         return e.report
+
+
+def _fold_report(ckpt: Path) -> dict | None:
+    """The dense export's fold_report.json (what its card says it came from), if it has one."""
+    import json
+
+    f = ckpt / "fold_report.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def describe_quantized(config: Any, scheme: str) -> str:
@@ -320,9 +363,9 @@ def _write(model: nn.Module, compressor: Any, tokenizer: Any, ckpt: Path, target
         save_pretrained_quietly(model, tmp)
         compressor.update_config(tmp)
         tokenizer.save(tmp)
-        reloaded, _ = load_model_dir(tmp, device=next(model.parameters()).device, verify=False)
-        factors, all_factors = factor_count(reloaded)
-        missed = unquantized_linears(reloaded)
+        reloaded, _ = load_model_dir(tmp, device=next(model.parameters()).device, verify=False, dense=True)
+        factors, all_factors = factor_count(reloaded, meta["ignore"])
+        missed = unquantized_linears(reloaded, meta["ignore"])
         if factors != all_factors or missed:  # quantize_model_ targets every nn.Linear: a bug, not bad input
             raise RuntimeError(f"layers left unquantized: {missed[:3]} ({factors} of {all_factors} factors quantized)")
         result = check(reloaded)
@@ -335,11 +378,13 @@ def _write(model: nn.Module, compressor: Any, tokenizer: Any, ckpt: Path, target
                                 seconds=round(time.perf_counter() - t0, 3))
         if not report.passed:
             raise _Rejected(report)
-        from .model_card import model_card
+        from .model_card import dense_card, model_card
         from .model_dir import read_config
 
         extra = {**read_meta(ckpt).get("extra", {}), "quantized_from": ckpt.resolve().name}  # a name: no path of this machine
-        card = model_card(read_config(tmp), params, extra, quantization=report.to_dict())
+        config = read_config(tmp, dense=True)
+        card = (model_card(config, params, extra, quantization=report.to_dict()) if is_dlr(config) else
+                dense_card(config.to_dict(), params, extra, _fold_report(ckpt), quantization=report.to_dict()))
         # The file names directories, never locates them (the returned report keeps the paths).
         named = {**report.to_dict(), "input": Path(report.input).name, "output": Path(report.output).name}
         finish_model_dir(tmp, extra, tokenizer=tokenizer, files={"quantize_report.json": named, "README.md": card})

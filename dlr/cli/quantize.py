@@ -31,7 +31,7 @@ def quantize_main(args: list[str]) -> int:
                                  eval_tokens=cfg.eval_tokens, batch_size=cfg.batch_size,
                                  max_ppl_ratio=cfg.max_ppl_ratio, min_agreement=cfg.min_agreement,
                                  device=cfg.device, verify=cfg.verify, overwrite=cfg.overwrite,
-                                 data=data_spec(cfg.data))
+                                 data=data_spec(cfg.data), ignore=cfg.ignore)
     _print(report)
     if not report.passed:
         print(f"{PROG}: check failed (see above); nothing written", file=sys.stderr)
@@ -42,7 +42,8 @@ def quantize_main(args: list[str]) -> int:
 def _print(r) -> None:
     c, w, p = r.check, r.weight_bytes, r.projection_bytes
     lines = [
-        f"{PROG}: {r.model}: {r.factors} factor(s) quantized ({r.linears} linear layers, compressed-tensors {r.format})",
+        f"{PROG}: {r.model}: {r.factors} factor(s) quantized ({r.linears} linear layers, compressed-tensors {r.format})"
+        + (f"; kept unquantized: {', '.join(r.ignore)}" if r.ignore else ""),
         f"  validation ({c.tokens} tokens): ppl {c.ppl_after:.4f} vs {c.ppl_before:.4f} unquantized "
         f"(ratio {c.ppl_ratio:.4f}, max {c.max_ppl_ratio}); same greedy token at {c.top1_agreement:.2%} "
         f"(min {c.min_agreement:.0%})",

@@ -138,6 +138,22 @@ class FoldConfig:
     verify: bool = setting(True, VERIFY_HELP)
 
 
+def _patterns(value: Any) -> str | None:
+    import re
+
+    def valid(entry: Any) -> bool:
+        if not isinstance(entry, str) or not entry.removeprefix("re:"):
+            return False
+        try:
+            re.compile(entry.removeprefix("re:"))
+        except re.error:
+            return False
+        return True
+
+    ok = isinstance(value, (list, tuple)) and all(valid(e) for e in value)
+    return None if ok else 'a list of module names or valid re: patterns, e.g. ["re:.*mlp.(gate|up)_proj.B$"]'
+
+
 @dataclass
 class QuantizeConfig:
     """dlr-quantize (configs/quantize.yaml): a folded model directory quantized with compressed-tensors (dlr.artifacts.quantize)."""
@@ -149,6 +165,8 @@ class QuantizeConfig:
                                   "weights, activations unquantized)", choices=QUANT_SCHEMES)
     group_size: Optional[int] = setting(None, "w4a16: one scale per this many inputs (must divide every factor's input "
                                               "size); null = one scale per output channel", ge=2)
+    ignore: list[str] = setting([], "layers kept unquantized besides the LM head: module names or `re:` patterns, as "
+                                    "llm-compressor takes them (quoted, e.g. ignore=['re:.*mlp[.](gate|up)_proj[.]B$'])", check=_patterns)
     out: Optional[str] = setting(None, "output directory; default <ckpt>-<scheme>", nonempty=True)
     overwrite: bool = setting(False, "replace an existing out directory")
     eval_tokens: Optional[int] = setting(None, "validation tokens of the check (null = the data config's val_tokens)",
