@@ -145,10 +145,10 @@ def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
 
 
 def sliding_batches(ids: torch.Tensor, window: int, stride: int, batch_size: int, pad_id: int, *,
-                    rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """This process's windows (every world_size-th), as {"input_ids", "labels"} rows of `window`
+                    process_index: int = 0, num_processes: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's windows (every num_processes-th), as {"input_ids", "labels"} rows of `window`
     (right-padded, -100 on context and padding), for `dlr.eval.loss.evaluate`."""
-    spans = window_spans(int(ids.numel()), window, stride)[rank::world_size]
+    spans = window_spans(int(ids.numel()), window, stride)[process_index::num_processes]
     for i in range(0, len(spans), batch_size):
         chunk = spans[i: i + batch_size]
         x = torch.full((len(chunk), window), pad_id, dtype=torch.int64)
