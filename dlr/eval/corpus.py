@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlr.data.formats import format_of, open_text
+from dlr.data.formats import format_of, open_text, source_kind
 from dlr.data.sources import check_local_file, iter_part, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
@@ -91,7 +91,7 @@ def load_corpus(spec: DataSpec, tokenizer: Tokenizer, budget: int | None = None)
     eos = tokenizer.eos_id
     stream: list[int] = [eos]
     total = words = nbytes = docs = 0
-    read_all = spec.source == "text"
+    read_all = source_kind(spec.source).corpus
     complete = True
     for pieces in _documents(spec):
         if docs:

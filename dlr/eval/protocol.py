@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dlr.data.formats import source_kind
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
 from dlr.device import dist_env, pick_device
@@ -93,13 +94,13 @@ def resolve_protocol(protocol: str, spec: DataSpec, stride: int | None = None) -
 
     if protocol not in EVAL_PROTOCOLS:
         raise ConfigError(f"protocol={protocol!r} is not valid; accepted: {', '.join(EVAL_PROTOCOLS)}")
+    kind = source_kind(spec.source)
     if protocol == "auto":
-        protocol = "sliding" if spec.source == "text" else "rows"
+        protocol = "sliding" if kind.corpus else "rows"
     if protocol == "sliding":
-        if spec.source in ("tokens", "mix"):
-            what = "holds prepared token shards" if spec.source == "tokens" else "weighs its sources by rows"
-            raise ConfigError(f"protocol=sliding reads one corpus's documents; data.source={spec.source!r} {what}; "
-                              "accepted there: protocol=rows (or auto)")
+        if kind.no_sliding:
+            raise ConfigError(f"protocol=sliding reads one corpus's documents; data.source={spec.source!r} "
+                              f"{kind.no_sliding}; accepted there: protocol=rows (or auto)")
         check_window(spec.seq_len, default_stride(spec, stride))
     return protocol
 
@@ -112,15 +113,11 @@ def _process_place() -> tuple[int, int]:
 
 
 def data_description(spec: DataSpec, files: Sequence[str]) -> dict[str, Any]:
-    """What was actually read: the hub dataset for source=hub, the files otherwise."""
+    """What was actually read: the settings its source is described by (the hub dataset, the
+    token shards' directory, ...) and the files."""
     d: dict[str, Any] = {"source": spec.source, "seq_len": spec.seq_len, "mode": spec.mode,
                          "val_tokens": spec.val_tokens}
-    if spec.source == "hub":
-        d.update({"path": spec.path, "name": spec.name})
-    if spec.source == "text":
-        d["sample_by"] = spec.sample_by
-    if spec.source == "tokens":  # a dlr-prepare directory of token shards
-        d["path"] = spec.path
+    d.update({k: getattr(spec, k) for k in source_kind(spec.source).described_by})
     if spec.holdout is not None:  # validation = the first holdout documents of the train files
         d["holdout"] = spec.holdout
     if spec.mix:
@@ -141,7 +138,7 @@ def sliding_perplexity(model: torch.nn.Module, tokenizer: Tokenizer, spec: DataS
     process_index, num_processes = _process_place()
     window, stride = spec.seq_len, default_stride(spec, stride)
     corpus = load_corpus(spec, tokenizer, budget=spec.val_tokens)
-    if spec.source == "text":  # a fixed C4 budget is the pre-training protocol, not a corpus
+    if source_kind(spec.source).corpus:  # a fixed C4 budget is the pre-training protocol, not a corpus
         check_coverage(corpus.scored_tokens, corpus.corpus_tokens, min_coverage,
                        f"eval_tokens={spec.val_tokens} (data.val_tokens)", f"set eval_tokens >= {corpus.corpus_tokens}")
     batches = sliding_batches(corpus.ids, window, stride, batch_size, tokenizer.pad_id,
@@ -171,12 +168,13 @@ def rows_perplexity(model: torch.nn.Module, tokenizer: Tokenizer, spec: DataSpec
     from dlr.eval.loss import evaluate
 
     process_index, num_processes = _process_place()
+    kind = source_kind(spec.source)
     # The files read (the hub's are listed by validation_batches itself; token shards have none).
-    files = (resolve_files(spec, "validation") if spec.source in ("json", "parquet", "text") else
+    files = (resolve_files(spec, "validation") if kind.local_files else
              [f for _, _, sub in spec.mix for f in sub.validation_files] if spec.mix else spec.validation_files)
     batches = validation_batches(spec, tokenizer, batch_size, process_index=process_index,
                                  num_processes=num_processes)
-    if spec.source == "text":
+    if kind.corpus:
         check_coverage(_scored_everywhere(batches, device), split_tokens(spec, tokenizer), min_coverage,
                        f"protocol=rows (data.mode={spec.mode}, sample_by={spec.sample_by})",
                        "use protocol=sliding (every token of the corpus, the default for data=text)")
