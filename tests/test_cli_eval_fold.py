@@ -168,7 +168,7 @@ def test_two_processes_give_the_same_number(run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("val_ppl=") == 1  # only rank 0 prints
     two = json.loads((tmp_path / "two.json").read_text())
-    assert two["world_size"] == 2
+    assert two["num_processes"] == 2
     one = subprocess.run([sys.executable, "-m", "dlr.cli.evaluate", f"ckpt={run / 'final'}", *EVAL, "--json"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     one = json.loads(one.stdout)

@@ -149,11 +149,11 @@ def test_empty_split_with_workers_is_one_line(tok, tmp_path):
     assert "no documents" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_bad_batch_size_and_rank(tok, tmp_path):
+def test_bad_batch_size_and_process_index(tok, tmp_path):
     p = write_docs(tmp_path / "d.json", 10)
     with pytest.raises(ConfigError, match="batch_size=0"):
         train_batches(local_spec(p), tok, 0, 0, 1, 0)
-    with pytest.raises(ConfigError, match="rank=2"):
+    with pytest.raises(ConfigError, match="process_index=2, num_processes=2 are not valid"):
         train_batches(local_spec(p), tok, 1, 2, 2, 0)
 
 

@@ -88,6 +88,26 @@ def test_resume_equals_uninterrupted(tok, docs, mode, num_workers, world_size):
     assert state2["batches"] == before + after
 
 
+def test_a_data_state_that_names_the_processes_rank_and_world_size_resumes_exactly(tok, docs):
+    """Data states written by earlier dlr name the process keys `rank` / `world_size`."""
+    spec = spec_for(docs, mode="packed")  # packed: no process-count-free position to fall back on
+    ref_it = train_batches(spec, tok, 3, 1, 2, seed=11)
+    ref = [next(ref_it)["input_ids"] for _ in range(9)]
+    ref_it.close()
+    it = train_batches(spec, tok, 3, 1, 2, seed=11)
+    for _ in range(5):
+        next(it)
+    state, run = roundtrip(it.state_dict()), roundtrip(it.global_state([it.local_position()] * 2))
+    it.close()
+    names = {"process_index": "rank", "num_processes": "world_size"}
+    old = {**state, "config": {names.get(k, k): v for k, v in state["config"].items()}}
+    assert {"rank", "world_size"} <= set(old["config"]) and not run["portable"]
+    resumed = train_batches(spec, tok, 3, 1, 2, seed=11)
+    resumed.restore(old, run)
+    assert all(torch.equal(next(resumed)["input_ids"], ref[i]) for i in range(5, 9))
+    resumed.close()
+
+
 def test_resume_in_place_rewinds(tok, docs):
     it = train_batches(spec_for(docs), tok, 4, 0, 1, seed=1)
     next(it)
@@ -110,5 +130,5 @@ def test_resume_with_other_settings_is_refused(tok, docs):
 def test_more_processes_than_documents(tok, tmp_path):
     p = write_docs(tmp_path / "few.json", 2)
     spec = data_spec({"source": "json", "train_files": str(p), "seq_len": 16, "num_workers": 0})
-    with pytest.raises(ConfigError, match="2 documents, fewer than world_size=3"):
+    with pytest.raises(ConfigError, match="2 documents, fewer than num_processes=3"):
         next(train_batches(spec, tok, 1, 2, 3, 0))

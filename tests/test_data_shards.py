@@ -154,7 +154,7 @@ def test_resume_with_another_split_mode_is_refused(tok, docs):
 
 def test_resume_with_another_world_size_names_it(tok, docs):
     state = _state(docs, tok, 0, 2)
-    with pytest.raises(ConfigError, match="world_size=4 now but 2 in the checkpoint"):
+    with pytest.raises(ConfigError, match="num_processes=4 now but 2 in the checkpoint"):
         train_batches(spec_for(docs), tok, 3, 0, 4, seed=1).load_state_dict(state)
 
 
@@ -163,7 +163,7 @@ def test_empty_file_shard_is_one_line(tok, tmp_path):
     (tmp_path / "c4-train.00001-of-00002.json").write_text("")
     spec = dataclasses.replace(spec_for(tmp_path, shuffle_buffer=0), train_files=(str(tmp_path / "c4-train.*.json"),))
     assert [doc_ids(next(train_batches(spec, tok, 2, 0, 2, 0)), tok)] == [[0, 1]]
-    with pytest.raises(ConfigError, match="rank=1 of world_size=2 got train files with no documents") as e:
+    with pytest.raises(ConfigError, match="process_index=1 of num_processes=2 got train files with no documents") as e:
         next(train_batches(spec, tok, 2, 1, 2, 0))
     assert "\n" not in str(e.value)
 

@@ -231,6 +231,25 @@ def test_resume_equals_uninterrupted(tok, small_dir, mode, prefetch, world_size)
     resumed.close()
 
 
+def test_a_token_data_state_that_names_the_processes_rank_and_world_size_resumes_exactly(tok, small_dir):
+    """Data states written by earlier dlr name the process keys `rank` / `world_size`."""
+    spec = tokens_spec(small_dir, seq_len=16, shuffle_buffer=8, prefetch=0)
+    ref_it = train_batches(spec, tok, 3, 1, 2, seed=11)
+    ref = [next(ref_it)["input_ids"] for _ in range(9)]
+    it = train_batches(spec, tok, 3, 1, 2, seed=11)
+    for _ in range(5):
+        next(it)
+    state = roundtrip(it.state_dict())
+    names = {"process_index": "rank", "num_processes": "world_size"}
+    old = {**state, "config": {names.get(k, k): v for k, v in state["config"].items()}}
+    assert {"rank", "world_size"} <= set(old["config"])
+    resumed = train_batches(spec, tok, 3, 1, 2, seed=11)
+    resumed.load_state_dict(old)
+    assert all(torch.equal(next(resumed)["input_ids"], ref[i]) for i in range(5, 9))
+    with pytest.raises(ConfigError, match="process_index=1 now but 0 in the checkpoint"):
+        resumed.load_state_dict({**old, "config": {**old["config"], "rank": 0}})
+
+
 def _run_state(its) -> dict:
     """What dlr-train writes to data.json for these processes (through JSON, as on disk)."""
     return json.loads(json.dumps(its[0].global_state([it.local_position() for it in its])))

@@ -101,5 +101,5 @@ def test_portable_position_into_a_file_split_is_one_line(tok, docs, tmp_path):
     next(its[0])
     state = checkpoint(its)
     assert state["portable"]
-    with pytest.raises(ConfigError, match="world_size=2 would split 6 train files by file"):
+    with pytest.raises(ConfigError, match="num_processes=2 would split 6 train files by file"):
         processes(spec_for(tmp_path), tok, 2)[0].restore(None, state)

@@ -9,7 +9,7 @@ from importlib import resources
 
 import dlr.eval
 from dlr.cli.evaluate import main as eval_cli
-from dlr.data import data_spec, validation_batches
+from dlr.data import Format, data_spec, datasets_batches, validation_batches
 from dlr.errors import ConfigError
 from dlr.eval import EvalReport, evaluate, evaluate_checkpoint, resolve_protocol, rows_perplexity, sliding_perplexity
 from dlr.artifacts.model_dir import load_model_dir
@@ -63,6 +63,42 @@ def test_the_protocol_is_chosen_by_the_data(wiki, tmp_path):
         resolve_protocol("sliding", text, stride=256)
     with pytest.raises(ConfigError, match="protocol='chunks' is not valid; accepted: auto, sliding, rows"):
         resolve_protocol("chunks", text)
+
+
+# A kind of file declared in this test alone (no dlr file names it): running text in .md files.
+NOTES = Format("Markdown notes", (".md",), datasets_batches("text", sample_by=lambda s: "document"),
+               check=lambda spec, path: None, field=lambda spec: "text", whole_file_documents=True,
+               described_by=("text_field",))
+
+
+def test_a_declared_source_is_evaluated_by_what_it_declares(model_dir, wiki, tmp_path):
+    """dlr/eval asks the source's declaration, so a new source needs no edit there."""
+    notes = tmp_path / "notes.md"
+    notes.write_text(wiki.read_text(encoding="utf-8"), encoding="utf-8")
+    spec = data_spec({"source": f"{__name__}:NOTES", "validation_files": str(tmp_path / "*.md"), "val_tokens": None})
+    assert resolve_protocol("auto", spec) == "sliding"
+    model, tok = load_model_dir(model_dir)
+    rep = sliding_perplexity(model, tok, spec, stride=200, batch_size=8)
+    assert rep.tokens == rep.corpus.corpus_tokens == len(tok.encode_batch([notes.read_text(encoding="utf-8")])[0])
+    assert rep.data["text_field"] == "text" and rep.data["validation_files"] == [str(notes)]
+    with pytest.raises(ConfigError, match="protocol=rows .* would score 255 of the corpus's"):  # a corpus: scored whole
+        rows_perplexity(model, tok, spec, batch_size=8)
+    rows = rows_perplexity(model, tok, spec, batch_size=8, min_coverage=0.0)
+    assert rows.data["validation_files"] == [str(notes)]  # the glob, resolved
+
+
+def test_sliding_is_refused_where_the_source_says_why(tmp_path):
+    mix = data_spec({"source": "mix", "mix": [{"config": "c4_sample", "weight": 1}]})
+    with pytest.raises(ConfigError, match="data.source='mix' weighs its sources by rows; accepted there: protocol=rows"):
+        resolve_protocol("sliding", mix)
+    assert resolve_protocol("auto", mix) == "rows"
+
+
+def test_every_declared_source_has_a_kind():
+    from dlr.config.choices import SOURCES
+    from dlr.data.formats import FORMATS, OTHER_SOURCES
+
+    assert set(SOURCES) == set(FORMATS) | set(OTHER_SOURCES) and not set(FORMATS) & set(OTHER_SOURCES)
 
 
 def test_bad_input_is_refused_before_the_weights_are_read(run, tmp_path):

@@ -132,3 +132,18 @@ def test_the_package_shows_its_parts():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(m.split(".")[0] in ("experiments", "benchmarks", "scripts") for m in mods), path
+
+
+def test_the_data_and_eval_packages_name_the_process_not_a_rank():
+    """In a low-rank project `rank` is the factorization's: the process sharing the data is
+    `process_index` of `num_processes` (accelerate's names) in dlr/data and dlr/eval."""
+    found = []
+    for folder in ("data", "eval"):
+        for path in (PACKAGE / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    a = node.args
+                    params = a.posonlyargs + a.args + a.kwonlyargs + [p for p in (a.vararg, a.kwarg) if p]
+                    found += [f"{path.relative_to(ROOT)}:{node.lineno} {p.arg}" for p in params
+                              if p.arg in ("rank", "world_size")]
+    assert not found, found

@@ -79,7 +79,7 @@ def eval_main(args: list[str]) -> int:
 
 
 def _print(report) -> None:
-    where = f"({report.model}, {report.dtype}, {report.device}, {report.world_size} process(es), {report.seconds:.1f}s)"
+    where = f"({report.model}, {report.dtype}, {report.device}, {report.num_processes} process(es), {report.seconds:.1f}s)"
     ppl = report.perplexity
     if ppl is not None:
         line = f"val_ppl={ppl.val_ppl:.4f} val_loss={ppl.val_loss:.6f} tokens={ppl.tokens}"

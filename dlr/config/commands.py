@@ -59,7 +59,7 @@ class EvalConfig:
     dtype: str = setting("fp32", "fp32 | bf16 (autocast; weights stay fp32)", choices=DTYPE_NAMES)
     out: Optional[str] = setting(None, "write {val_ppl, val_loss, tokens, ...} as JSON to this file", nonempty=True)
     json: bool = setting(False, "print the JSON result on stdout instead of the one-line summary (also --json)")
-    progress: bool = setting(True, "progress bar on stderr (rank 0 only)")
+    progress: bool = setting(True, "progress bar on stderr (the first process only)")
     verify: bool = setting(True, VERIFY_HELP)
     protocol: str = setting("auto", "auto (sliding for data=text, rows otherwise) | sliding (every token of the "
                                     "concatenated corpus) | rows (the trainer's fixed validation set)",

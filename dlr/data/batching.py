@@ -2,10 +2,10 @@
 tokenize, build `paper` (truncate/pad) or `packed` (EOS-joined windows) batches, and resume exactly.
 
 Sharding over processes follows `datasets.distributed.split_dataset_by_node`. When the number
-of train files is divisible by world_size (always for one process), each epoch's permuted file
-order is dealt out to the processes (rank r reads positions i % world_size == r), so a process
-downloads and parses only 1/world_size of the data. Otherwise every process reads the whole
-globally shuffled stream and keeps document g when g % world_size == rank; only then is the
+of train files is divisible by num_processes (always for one process), each epoch's permuted file
+order is dealt out to the processes (process p reads positions i % num_processes == p), so a
+process downloads and parses only 1/num_processes of the data. Otherwise every process reads the
+whole globally shuffled stream and keeps document g when g % num_processes == process_index; only then is the
 union of a global step over N processes the set of documents of one process with N times the
 batch. `split_mode` names which applies; it is part of the resume fingerprint.
 
@@ -30,7 +30,7 @@ import torch
 
 from dlr.data.mixture import MixStream
 from dlr.data.sources import check_local_file, split_parts
-from dlr.data.spec import DataSpec
+from dlr.data.spec import DataSpec, check_process, saved_config
 from dlr.data.stream import POSITION_KEYS, DocStream
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 STATE_VERSION = 2
 
 
-def split_mode(num_files: int, world_size: int) -> str:
+def split_mode(num_files: int, num_processes: int) -> str:
     """'files' when the files can be dealt out evenly over the processes, else 'documents'."""
-    return "files" if num_files > 0 and num_files % world_size == 0 else "documents"
+    return "files" if num_files > 0 and num_files % num_processes == 0 else "documents"
 
 
 def paper_batch(ids: list[list[int]], seq_len: int, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
@@ -62,14 +62,14 @@ def paper_batch(ids: list[list[int]], seq_len: int, pad_id: int, eos_id: int) ->
 class _TrainIterable(torch.utils.data.IterableDataset):
     """Yields batches (with their `_state`) for the logical workers given per DataLoader slot."""
 
-    def __init__(self, stream: DocStream, tokenizer: Tokenizer, *, batch_size: int, rank: int, world_size: int,
-                 num_logical: int, logical: list[int], starts: list[dict | None]) -> None:
-        # rank/world_size split the stream's documents; (0, 1) when the stream is already this
-        # process's file shard.
+    def __init__(self, stream: DocStream, tokenizer: Tokenizer, *, batch_size: int, process_index: int,
+                 num_processes: int, num_logical: int, logical: list[int], starts: list[dict | None]) -> None:
+        # process_index/num_processes split the stream's documents; (0, 1) when the stream is
+        # already this process's file shard.
         self.stream, self.tok = stream, tokenizer
         self.B, self.T = batch_size, stream.spec.seq_len
         self.packed = stream.spec.mode == "packed"
-        self.rank, self.world = rank, world_size
+        self.process_index, self.num_processes = process_index, num_processes
         self.K, self.logical, self.starts = num_logical, logical, starts
         self.num_sources = len(stream.names) if hasattr(stream, "names") else 1
 
@@ -90,7 +90,7 @@ class _TrainIterable(torch.utils.data.IterableDataset):
 
     def _batches(self, w: int, start: dict | None) -> Iterator[dict[str, Any]]:
         B, T, K = self.B, self.T, self.K
-        cursor = self.stream.cursor(saved_position(start), self.rank, self.world)
+        cursor = self.stream.cursor(saved_position(start), self.process_index, self.num_processes)
         local = start["local"] if start else 0
         leftover = start["leftover"] if start else []
         buf: list[int] = leftover.tolist() if isinstance(leftover, torch.Tensor) else list(leftover)
@@ -103,7 +103,7 @@ class _TrainIterable(torch.utils.data.IterableDataset):
             return {"pos": cursor.position(), "local": local, "leftover": list(buf), "worker": w, "tokens": list(tokens)}
 
         for g, text, src in cursor:
-            if g % self.world != self.rank:
+            if g % self.num_processes != self.process_index:
                 continue
             L, local = local, local + 1
             if (L // B) % K != w:
@@ -148,36 +148,37 @@ class TrainBatches:
     makes the following batches equal those of the uninterrupted stream.
     """
 
-    def __init__(self, spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, spec: DataSpec, tokenizer: Tokenizer, batch_size: int, process_index: int, num_processes: int,
+                 seed: int) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} is not valid; accepted: an integer >= 1")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ConfigError(f"rank={rank!r}, world_size={world_size!r} are not valid; accepted: 0 <= rank < world_size")
+        check_process(process_index, num_processes)
         self.spec, self.tokenizer = spec, tokenizer
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
+        self.batch_size, self.process_index, self.num_processes, self.seed = batch_size, process_index, num_processes, int(seed)
         if spec.source == "mix":
-            # Every process reads every source and keeps g % world_size == rank of the one mixture order.
+            # Every process reads every source and keeps g % num_processes == process_index of the
+            # one mixture order.
             self.stream, self.split = MixStream(spec, seed), "documents"
-            self._doc_rank, self._doc_world = rank, world_size
+            self._doc_split = (process_index, num_processes)
         else:
-            self._single_stream(spec, rank, world_size, seed)
+            self._single_stream(spec, process_index, num_processes, seed)
         self.num_workers = spec.num_workers
         self._K = max(1, spec.num_workers)
         self._worker_states: list[dict | None] = [None] * self._K
         self._n = 0
         self._it: Iterator[dict[str, Any]] | None = None
 
-    def _single_stream(self, spec: DataSpec, rank: int, world_size: int, seed: int) -> None:
+    def _single_stream(self, spec: DataSpec, process_index: int, num_processes: int, seed: int) -> None:
         files = split_parts(spec, "train")
         for f in files:
             check_local_file(spec, f.path)
-        self.split = split_mode(len(files), world_size)
+        self.split = split_mode(len(files), num_processes)
         if self.split == "files":
-            self.stream = DocStream(spec, files, seed, shard=rank, num_shards=world_size)
-            self._doc_rank, self._doc_world = 0, 1
+            self.stream = DocStream(spec, files, seed, shard=process_index, num_shards=num_processes)
+            self._doc_split = (0, 1)
         else:
             self.stream = DocStream(spec, files, seed)
-            self._doc_rank, self._doc_world = rank, world_size
+            self._doc_split = (process_index, num_processes)
 
     @property
     def source_names(self) -> list[str]:
@@ -200,7 +201,8 @@ class TrainBatches:
     def _fingerprint(self) -> dict[str, Any]:
         s = self.spec
         return {"seq_len": s.seq_len, "mode": s.mode, "shuffle_buffer": s.shuffle_buffer, "num_workers": s.num_workers,
-                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+                "batch_size": self.batch_size, "process_index": self.process_index, "num_processes": self.num_processes,
+                "seed": self.seed,
                 "num_files": len(self.stream.files), "split": self.split, "tokenizer_vocab": self.tokenizer.vocab_size,
                 **({"holdout": s.holdout} if s.holdout is not None else {}),
                 **({"sources": [[n, w] for n, w, _ in s.mix], "exhausted": s.exhausted} if s.mix else {})}
@@ -209,8 +211,8 @@ class TrainBatches:
         first = self._n % self._K
         logical = [(first + i) % self._K for i in range(self._K)]
         starts = [self._worker_states[w] for w in logical]
-        ds = _TrainIterable(self.stream, self.tokenizer, batch_size=self.batch_size, rank=self._doc_rank,
-                            world_size=self._doc_world, num_logical=self._K, logical=logical, starts=starts)
+        ds = _TrainIterable(self.stream, self.tokenizer, batch_size=self.batch_size, process_index=self._doc_split[0],
+                            num_processes=self._doc_split[1], num_logical=self._K, logical=logical, starts=starts)
         if self.num_workers == 0:
             self._it = iter(ds)
         else:
@@ -243,8 +245,8 @@ class TrainBatches:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
         mine = self._fingerprint()
-        saved = dict(state["config"])
-        # Split last: a changed world_size or file count is the cause, and is named first.
+        saved = saved_config(state["config"])
+        # Split last: a changed num_processes or file count is the cause, and is named first.
         for k in sorted(saved, key=lambda k: k == "split"):
             v = saved[k]
             if k == "split" and v != self.split:
@@ -272,19 +274,19 @@ class TrainBatches:
 
     def _portable_fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in self._fingerprint().items()
-                if k not in ("rank", "world_size", "batch_size", "num_workers", "split")}
+                if k not in ("process_index", "num_processes", "batch_size", "num_workers", "split")}
 
     def global_state(self, positions: list[list[int]]) -> dict[str, Any]:
-        """The position of the whole run, from every process's `local_position` (rank order).
+        """The position of the whole run, from every process's `local_position` (in process order).
 
-        In paper mode with documents dealt out by index (g % world_size == rank), the
+        In paper mode with documents dealt out by index (g % num_processes == process_index), the
         documents of a global step are a contiguous range of the global order whatever the
         number of processes, so "the first G documents of epoch e are consumed" says where the
         run is. Packed mode (per-process token buffers) and file shards (a per-process order)
         have no such position: `portable` is then False and only the same number of processes
         can resume.
         """
-        W, P = self.world_size, self.stream.position_size()
+        W, P = self.num_processes, self.stream.position_size()
         tokens = [sum(int(p[P + i]) for p in positions) for i in range(len(positions[0]) - P)]
         positions = [list(p[:P]) for p in positions]
         portable = self.spec.mode == "paper" and (self.split == "documents" or W == 1)
@@ -316,9 +318,9 @@ class TrainBatches:
                 f"the checkpoint's data position belongs to its {saved} processes ({why}); accepted: resume with "
                 f"{saved} processes (a run on another count needs data.mode=paper and a file count it does not divide)"
             )
-        if self.spec.mode != "paper" or (self.split == "files" and self.world_size > 1):
+        if self.spec.mode != "paper" or (self.split == "files" and self.num_processes > 1):
             raise ConfigError(
-                f"world_size={self.world_size} would split {len(self.stream.files)} train files by file, which cannot "
+                f"num_processes={self.num_processes} would split {len(self.stream.files)} train files by file, which cannot "
                 f"continue a run written by {saved} processes; accepted: a process count that does not divide "
                 f"the number of train files, or {saved} processes"
             )
@@ -326,17 +328,17 @@ class TrainBatches:
         pos = [int(pos[k]) for k in POSITION_KEYS] if isinstance(pos, dict) else [int(x) for x in pos]
         tokens = state.get("tokens") or []
         self.close()
-        # Every worker starts at the global position; each process takes g % world_size == rank
-        # from there, so a global step is again the next global_batch documents. The run's token
-        # counts so far continue in rank 0's first worker.
+        # Every worker starts at the global position; each process takes g % num_processes ==
+        # process_index from there, so a global step is again the next global_batch documents. The
+        # run's token counts so far continue in process 0's first worker.
         self._worker_states = [{"pos": pos, "local": 0, "leftover": [], "worker": w,
-                                "tokens": list(tokens) if (self.rank, w) == (0, 0) else [0] * len(tokens)}
+                                "tokens": list(tokens) if (self.process_index, w) == (0, 0) else [0] * len(tokens)}
                                for w in range(self._K)]
         self._n = 0
 
     def restore(self, process_state: dict[str, Any] | None, global_state: dict[str, Any]) -> None:
         """This process's own position when it still applies (exact, any mode); else the global one."""
-        if process_state is not None and process_state.get("config") == self._fingerprint():
+        if process_state is not None and saved_config(process_state.get("config") or {}) == self._fingerprint():
             self.load_state_dict(process_state)
         elif process_state is not None and not global_state.get("portable"):
             self.load_state_dict(process_state)  # raises the precise one-line mismatch
@@ -350,12 +352,12 @@ class TrainBatches:
             it._shutdown_workers()
 
 
-def train_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int,
-                  seed: int) -> "TrainBatches | TokenBatches":
+def train_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, process_index: int,
+                  num_processes: int, seed: int) -> "TrainBatches | TokenBatches":
     """This process's endless training batches: streamed and tokenized on the fly, or (data=tokens)
     read from `dlr-prepare` shards. Both have state_dict / load_state_dict / close."""
     if spec.source == "tokens":
         from dlr.data.token_batches import TokenBatches
 
-        return TokenBatches(spec, tokenizer, batch_size, rank, world_size, seed)
-    return TrainBatches(spec, tokenizer, batch_size, rank, world_size, seed)
+        return TokenBatches(spec, tokenizer, batch_size, process_index, num_processes, seed)
+    return TrainBatches(spec, tokenizer, batch_size, process_index, num_processes, seed)

@@ -5,6 +5,10 @@ path)`, so a new kind of file is one `Format` (in dlr, or in your own module, na
 `data.source=<module>:<NAME>`), and nothing else changes. The built-in ones let `datasets`
 read the file (`load_dataset(<builder>, data_files=[path], streaming=True)`): JSON lines
 (plain, .gz, .zst, ...), Parquet and plain text.
+
+`source_kind(source)` answers what the evaluation asks of any data.source (is it a corpus scored
+whole, can the sliding protocol read it, what describes it): a kind of file's answers come from
+its `Format`, the other sources' (hub, tokens, mix) are declared here in `OTHER_SOURCES`.
 """
 from __future__ import annotations
 
@@ -69,7 +73,9 @@ class Format:
     check(spec, path): a cheap look at a local file that raises a one-line ConfigError when it
     cannot be read as this format or lacks the text; field(spec): the column holding the text;
     blank(path): an empty file (whose split is then reported empty, not failed obscurely);
-    whole_file_documents: dlr-eval's sliding protocol reads each file as one document.
+    whole_file_documents: a file is one running text (a corpus such as WikiText): dlr-eval reads
+    each file as one document, scores all of it, and picks the sliding protocol for it;
+    described_by: the data settings, beside the files, that say how it was read (dlr-eval reports them).
     """
 
     name: str
@@ -79,6 +85,7 @@ class Format:
     field: Callable[[DataSpec], str] = lambda spec: spec.text_field
     blank: Callable[[str], bool] = _never_blank
     whole_file_documents: bool = False
+    described_by: tuple[str, ...] = ()
 
 
 def _lacks(path: str, spec: DataSpec, extra: str = "") -> ConfigError:
@@ -134,8 +141,32 @@ JSON = Format("JSON lines", tuple(e + c for e in (".json", ".jsonl") for c in ("
 PARQUET = Format("Parquet", (".parquet",), datasets_batches("parquet", columns=lambda s: [s.text_field]), _check_parquet)
 TEXT = Format("text", tuple(".txt" + c for c in ("", *_COMPRESSED)),
               datasets_batches("text", sample_by=lambda s: s.sample_by), _check_text, field=lambda spec: "text",
-              blank=text_blank, whole_file_documents=True)
+              blank=text_blank, whole_file_documents=True, described_by=("sample_by",))
 FORMATS = {"json": JSON, "parquet": PARQUET, "text": TEXT}  # data.source -> Format
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What the evaluation asks of a data.source, so that dlr/eval names no source.
+
+    corpus: running text scored whole (protocol=auto picks sliding, and a budget that leaves part
+    of it unscored is refused); no_sliding: why protocol=sliding cannot read it ("" when it can);
+    described_by: the data settings, beside the files, that say what was read; local_files: its
+    validation files are local paths or globs (`resolve_files` lists them).
+    """
+
+    corpus: bool = False
+    no_sliding: str = ""
+    described_by: tuple[str, ...] = ()
+    local_files: bool = True
+
+
+# The data.sources that are not a kind of file; a kind of file's SourceKind comes from its Format.
+OTHER_SOURCES = {
+    "hub": SourceKind(described_by=("path", "name"), local_files=False),
+    "tokens": SourceKind(no_sliding="holds prepared token shards", described_by=("path",), local_files=False),
+    "mix": SourceKind(no_sliding="weighs its sources by rows", local_files=False),
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,6 +193,14 @@ def format_of(spec: DataSpec, path: str) -> Format:
             return fmt
     known = [e for f in FORMATS.values() for e in f.extensions if not e.endswith((".bz2", ".xz"))]
     raise ConfigError(f"hub file {path!r} has an unknown format; accepted: {', '.join(known)}")
+
+
+def source_kind(source: str) -> SourceKind:
+    """What data.source=`source` is, for the evaluation (a built-in name or a declared module:NAME)."""
+    if source in OTHER_SOURCES:
+        return OTHER_SOURCES[source]
+    fmt = FORMATS[source] if source in FORMATS else _declared(source)
+    return SourceKind(corpus=fmt.whole_file_documents, described_by=fmt.described_by)
 
 
 def extensions_of(source: str) -> tuple[str, ...]:

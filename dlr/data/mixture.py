@@ -4,7 +4,7 @@ Document g of the mixture comes from source c(g), drawn with the weights from a 
 seeded by (seed, chunk of g): a pure function of g, so the order depends on neither the number
 of processes nor of workers. Source s hands out its own documents in its own order (a
 `DocStream` of its files, seeded by (seed, s)), epoch after epoch. Processes take
-g % world_size == rank of the one global sequence, as the single-source `documents` split does.
+g % num_processes == process_index of the one global sequence, as the single-source `documents` split does.
 
 A position is [g, then each source's DocStream position]: what a resume needs, exact for a
 process and, from the process that is furthest (it has read every document below g), for any
@@ -63,7 +63,7 @@ class MixStream:
     def position_size(self) -> int:
         return 1 + 5 * len(self.streams)
 
-    def cursor(self, position: list[int] | None, rank: int = 0, world_size: int = 1) -> "MixCursor":
+    def cursor(self, position: list[int] | None, process_index: int = 0, num_processes: int = 1) -> "MixCursor":
         return MixCursor(self, position)
 
 

@@ -197,3 +197,21 @@ def _prepared_from(path: str | None) -> dict[str, str]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return {"dataset": source["path"]} if isinstance(source, dict) and source.get("source") == "hub" and source.get("path") else {}
+
+
+def check_process(process_index: int, num_processes: int) -> None:
+    """This process's place among the processes that share the data: a one-line error when it has none."""
+    if not (isinstance(num_processes, int) and num_processes >= 1 and isinstance(process_index, int)
+            and 0 <= process_index < num_processes):
+        raise ConfigError(f"process_index={process_index!r}, num_processes={num_processes!r} are not valid; "
+                          "accepted: integers with 0 <= process_index < num_processes")
+
+
+# A data state's fingerprint names the process `process_index` of `num_processes`; states written
+# by earlier versions of dlr say `rank` and `world_size`, read as the same so that they resume.
+_PROCESS_KEYS = {"rank": "process_index", "world_size": "num_processes"}
+
+
+def saved_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A data state's saved fingerprint under the names this dlr writes."""
+    return {_PROCESS_KEYS.get(k, k): v for k, v in config.items()}

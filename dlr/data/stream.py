@@ -7,11 +7,11 @@ lost on resume, so a restored run would not see the same documents. Instead we s
 (seed, epoch, block). A position is then just (epoch, block, where the block starts, index);
 resuming re-reads one block, so it is exact and cheap.
 
-With `world_size > 1` a stream can be one rank's *file shard*: the epoch's permuted file order
-is dealt out round-robin (rank r gets positions i % world_size == r) and the rank reads only
-those files; block and record positions then index the rank's own list. The permutation is
-global (seeded like the unsharded one), so the ranks of one epoch together cover every file
-exactly once and a one-rank shard is the unsharded stream.
+With `num_processes > 1` a stream can be one process's *file shard*: the epoch's permuted file
+order is dealt out round-robin (process p gets positions i % num_processes == p) and the process
+reads only those files; block and record positions then index the process's own list. The
+permutation is global (seeded like the unsharded one), so the processes of one epoch together
+cover every file exactly once and a one-process shard is the unsharded stream.
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ class DocStream:
         self.shuffle = spec.shuffle_buffer > 0
         self.block_size = spec.shuffle_buffer if self.shuffle else _NO_SHUFFLE_BLOCK
 
-    def cursor(self, position: list[int] | None, rank: int = 0, world_size: int = 1) -> "DocCursor":
+    def cursor(self, position: list[int] | None, process_index: int = 0, num_processes: int = 1) -> "DocCursor":
         """Read from `position` (a `DocCursor.position()`, None = the start) on, endlessly."""
-        return DocCursor(self, position, rank, world_size)
+        return DocCursor(self, position, process_index, num_processes)
 
     def position_size(self) -> int:
         return len(POSITION_KEYS)
@@ -119,14 +119,15 @@ POSITION_KEYS = ("epoch", "block", "file", "rec", "g")
 class DocCursor:
     """A stream's documents from a position on, epoch after epoch: (g, text, source 0).
 
-    `position()` is where the next document comes from. rank/world_size only check that every
-    process gets a document of each epoch (the caller keeps g % world_size == rank).
+    `position()` is where the next document comes from. process_index/num_processes only check
+    that every process gets a document of each epoch (the caller keeps g % num_processes ==
+    process_index).
     `on_epoch_end(epoch, documents)` is called when an epoch has been read whole.
     """
 
-    def __init__(self, stream: DocStream, position: list[int] | None, rank: int = 0, world_size: int = 1,
+    def __init__(self, stream: DocStream, position: list[int] | None, process_index: int = 0, num_processes: int = 1,
                  on_epoch_end: Callable[[int, int], None] | None = None) -> None:
-        self.stream, self.rank, self.world = stream, rank, world_size
+        self.stream, self.process_index, self.num_processes = stream, process_index, num_processes
         self.pos = Position(*position) if position else Position()
         self.on_epoch_end = on_epoch_end
 
@@ -140,7 +141,7 @@ class DocCursor:
             fresh_epoch, seen, mine = pos.g == 0, 0, 0
             for g, text, k, bf, br in self.stream.iter_epoch(pos):
                 seen += 1
-                mine += g % self.world == self.rank
+                mine += g % self.num_processes == self.process_index
                 pos.block, pos.file, pos.rec, pos.g = k, bf, br, g + 1
                 yield g, text, 0
             self._check_epoch(fresh_epoch, seen, mine)
@@ -155,11 +156,11 @@ class DocCursor:
                 raise ConfigError(f"the train split has no documents (files: {_names(st.files)})")
             mine_files = [st.files[i] for i in st.file_order(self.pos.epoch)]
             raise ConfigError(
-                f"process rank={st.shard} of world_size={st.num_shards} got train files with no documents in epoch "
+                f"process_index={st.shard} of num_processes={st.num_shards} got train files with no documents in epoch "
                 f"{self.pos.epoch} ({_names(mine_files)}); every process needs a non-empty file"
             )
         if fresh_epoch and mine == 0:
             raise ConfigError(
-                f"the train split has {seen} documents, fewer than world_size={self.world}; every process needs one"
+                f"the train split has {seen} documents, fewer than num_processes={self.num_processes}; every process needs one"
             )
 

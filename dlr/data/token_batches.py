@@ -6,18 +6,18 @@ documents within each block with (seed, epoch, block): the same kind of block sh
 streaming path, but over all blocks of the split, not within files. Epochs follow each other
 into one endless global sequence of documents, independent of the number of processes.
 
-Sharding over processes, both modes independent of `world_size`:
-- `paper`: global document G goes to rank G % world_size; local batch n of a process holds its
+Sharding over processes, both modes independent of `num_processes`:
+- `paper`: global document G goes to process G % num_processes; local batch n of a process holds its
   local documents n*B..n*B+B-1. The documents of global step s over N processes are exactly those
   of one process with N times the batch.
 - `packed`: the global sequence, EOS after each document, is one token stream cut into windows of
-  `seq_len`; window k goes to rank k % world_size. The windows of a global step are again those
+  `seq_len`; window k goes to process k % num_processes. The windows of a global step are again those
   of one process with N times the batch.
 A process reads only its own documents/windows (and the small per-block index), from memory-mapped
 files, so N processes read the data once between them.
 
 Batch n of a process is a pure function of n, so the data state is one integer: resume is exact.
-And since local batch n of rank r holds global items (n*B + j)*W + r (documents in paper mode,
+And since local batch n of process r holds global items (n*B + j)*W + r (documents in paper mode,
 windows in packed mode), after n local batches per process the run has consumed exactly the
 first n*B*W global items, whatever W: `global_state` records that count, and a run on another
 number of processes (or micro-batch) continues at local batch items / (B*W) (`restore`).
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from dlr.data.shards import SplitShards, read_manifest
-from dlr.data.spec import DataSpec
+from dlr.data.spec import DataSpec, check_process, saved_config
 from dlr.data.tokenizer import Tokenizer, tokenizer_hash
 from dlr.errors import ConfigError
 
@@ -196,15 +196,15 @@ class TokenBatches:
     `close()`, and the process-count-independent `local_position`, `global_state`, `restore`.
     """
 
-    def __init__(self, spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, spec: DataSpec, tokenizer: Tokenizer, batch_size: int, process_index: int, num_processes: int,
+                 seed: int) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} is not valid; accepted: an integer >= 1")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ConfigError(f"rank={rank!r}, world_size={world_size!r} are not valid; accepted: 0 <= rank < world_size")
+        check_process(process_index, num_processes)
         manifest = read_manifest(spec.path)
         check_tokenizer(manifest, tokenizer, spec.path)
         self.spec, self.tokenizer = spec, tokenizer
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, int(seed)
+        self.batch_size, self.process_index, self.num_processes, self.seed = batch_size, process_index, num_processes, int(seed)
         self.shards = SplitShards(spec.path, "train", manifest)
         if self.shards.num_docs == 0:
             raise ConfigError(f"the train split of data.path={spec.path!r} has no documents")
@@ -220,15 +220,15 @@ class TokenBatches:
 
     def batch(self, n: int) -> dict[str, torch.Tensor]:
         """Local batch number n of this process (a pure function of n)."""
-        B, T, W = self.batch_size, self.spec.seq_len, self.world_size
+        B, T, W = self.batch_size, self.spec.seq_len, self.num_processes
         local = np.arange(n * B, (n + 1) * B, dtype=np.int64)
         eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
         if self.packed:
-            windows = local * W + self.rank
+            windows = local * W + self.process_index
             P = (windows[:, None] * T + np.arange(T, dtype=np.int64)).ravel()
             x = torch.from_numpy(self.order.tokens(P, eos).reshape(B, T))
             return {"input_ids": x, "labels": x.clone()}
-        docs = self.order.docs(local * W + self.rank)
+        docs = self.order.docs(local * W + self.process_index)
         start, length = self.shards.doc_bounds(docs)
         n_tok = np.minimum(length, T - 1)  # the streaming path's seq[:T-1] + [EOS]
         cols = np.arange(T, dtype=np.int64)
@@ -284,7 +284,8 @@ class TokenBatches:
     def _fingerprint(self) -> dict[str, Any]:
         s = self.spec
         return {"seq_len": s.seq_len, "mode": s.mode, "shuffle_buffer": s.shuffle_buffer, "batch_size": self.batch_size,
-                "rank": self.rank, "world_size": self.world_size, "seed": self.seed, "documents": self.shards.num_docs,
+                "process_index": self.process_index, "num_processes": self.num_processes, "seed": self.seed,
+                "documents": self.shards.num_docs,
                 "tokens": self.shards.num_tokens, "tokenizer_sha256": self._hash}
 
     def state_dict(self) -> dict[str, Any]:
@@ -296,7 +297,7 @@ class TokenBatches:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"token data state version={state.get('version')!r} is not valid; accepted: {STATE_VERSION}")
         mine = self._fingerprint()
-        for k, v in state["config"].items():
+        for k, v in saved_config(state["config"]).items():
             if mine.get(k) != v:
                 raise ConfigError(f"cannot resume the data stream: {k}={mine.get(k)!r} now but {v!r} in the checkpoint; "
                                   f"use the same value")
@@ -310,10 +311,10 @@ class TokenBatches:
         return [self._n]
 
     def _portable_fingerprint(self) -> dict[str, Any]:
-        return {k: v for k, v in self._fingerprint().items() if k not in ("rank", "world_size", "batch_size")}
+        return {k: v for k, v in self._fingerprint().items() if k not in ("process_index", "num_processes", "batch_size")}
 
     def global_state(self, positions: list[list[int]]) -> dict[str, Any]:
-        """The whole run's position from every process's `local_position` (rank order): the
+        """The whole run's position from every process's `local_position` (in process order): the
         number of global items (documents in paper mode, seq_len windows in packed mode) consumed.
 
         Processes step together, so each has handed out the same n batches, which between them
@@ -322,8 +323,8 @@ class TokenBatches:
         """
         counts = {int(p[0]) for p in positions}
         portable = len(counts) == 1
-        items = counts.pop() * self.batch_size * self.world_size if portable else None
-        return {"kind": STATE_KIND, "version": STATE_VERSION, "portable": portable, "processes": self.world_size,
+        items = counts.pop() * self.batch_size * self.num_processes if portable else None
+        return {"kind": STATE_KIND, "version": STATE_VERSION, "portable": portable, "processes": self.num_processes,
                 "items": items, "config": self._portable_fingerprint()}
 
     def load_global_state(self, state: dict[str, Any]) -> None:
@@ -344,12 +345,12 @@ class TokenBatches:
         if not state.get("portable"):
             raise ConfigError(f"the checkpoint's data position belongs to its {saved} processes (they had read "
                               f"different numbers of batches); accepted: resume with {saved} processes")
-        items, per_batch = int(state["items"]), self.batch_size * self.world_size
+        items, per_batch = int(state["items"]), self.batch_size * self.num_processes
         if items % per_batch:
             raise ConfigError(
                 f"cannot resume the data stream: the checkpoint has consumed items={items} global "
                 f"{'windows' if self.packed else 'documents'}, not a multiple of micro_batch*processes="
-                f"{self.batch_size}*{self.world_size}={per_batch}; accepted: the run's global_batch with a "
+                f"{self.batch_size}*{self.num_processes}={per_batch}; accepted: the run's global_batch with a "
                 f"micro_batch and process count whose product divides {items}"
             )
         self.close()
@@ -358,7 +359,7 @@ class TokenBatches:
     def restore(self, process_state: dict[str, Any] | None, global_state: dict[str, Any]) -> None:
         """This process's own state when it still applies (same processes and batch size); else the global one."""
         if process_state is not None and (process_state.get("kind") != STATE_KIND
-                                          or process_state.get("config") == self._fingerprint()):
+                                          or saved_config(process_state.get("config") or {}) == self._fingerprint()):
             self.load_state_dict(process_state)  # exact, or the one-line refusal of a streaming state
         else:
             self.load_global_state(global_state)

@@ -1,7 +1,7 @@
 """The fixed validation set: the first `val_tokens` tokens of the validation split, in order.
 
-Rows are built once, identically on every process, then row i goes to rank i % world_size, so
-the union over ranks never depends on the number of processes.
+Rows are built once, identically on every process, then row i goes to process i % num_processes,
+so the union over processes never depends on the number of processes.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dlr.data.sources import check_local_file, split_parts, split_texts
-from dlr.data.spec import DataSpec
+from dlr.data.spec import DataSpec, check_process
 from dlr.data.tokenizer import Tokenizer
 from dlr.errors import ConfigError
 
@@ -155,14 +155,13 @@ def _prepared_mix_rows(spec: DataSpec, tokenizer: Tokenizer, shards, parts: list
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
-def validation_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, rank: int = 0,
-                       world_size: int = 1) -> list[dict[str, torch.Tensor]]:
-    """This process's share (rows rank, rank + world_size, ...) of the fixed validation set."""
+def validation_batches(spec: DataSpec, tokenizer: Tokenizer, batch_size: int, process_index: int = 0,
+                       num_processes: int = 1) -> list[dict[str, torch.Tensor]]:
+    """This process's share (rows process_index, process_index + num_processes, ...) of the fixed validation set."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is not valid; accepted: an integer >= 1")
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ConfigError(f"rank={rank!r}, world_size={world_size!r} are not valid; accepted: 0 <= rank < world_size")
+    check_process(process_index, num_processes)
     ids, labels = validation_rows(spec, tokenizer)
-    ids, labels = ids[rank::world_size], labels[rank::world_size]
+    ids, labels = ids[process_index::num_processes], labels[process_index::num_processes]
     return [{"input_ids": ids[i: i + batch_size].contiguous(), "labels": labels[i: i + batch_size].contiguous()}
             for i in range(0, ids.shape[0], batch_size)]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlr.data.formats import format_of, open_text
+from dlr.data.formats import format_of, open_text, source_kind
 from dlr.data.sources import check_local_file, iter_part, split_parts
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
@@ -91,7 +91,7 @@ def load_corpus(spec: DataSpec, tokenizer: Tokenizer, budget: int | None = None)
     eos = tokenizer.eos_id
     stream: list[int] = [eos]
     total = words = nbytes = docs = 0
-    read_all = spec.source == "text"
+    read_all = source_kind(spec.source).corpus
     complete = True
     for pieces in _documents(spec):
         if docs:
@@ -145,10 +145,10 @@ def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]
 
 
 def sliding_batches(ids: torch.Tensor, window: int, stride: int, batch_size: int, pad_id: int, *,
-                    rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """This process's windows (every world_size-th), as {"input_ids", "labels"} rows of `window`
+                    process_index: int = 0, num_processes: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's windows (every num_processes-th), as {"input_ids", "labels"} rows of `window`
     (right-padded, -100 on context and padding), for `dlr.eval.loss.evaluate`."""
-    spans = window_spans(int(ids.numel()), window, stride)[rank::world_size]
+    spans = window_spans(int(ids.numel()), window, stride)[process_index::num_processes]
     for i in range(0, len(spans), batch_size):
         chunk = spans[i: i + batch_size]
         x = torch.full((len(chunk), window), pad_id, dtype=torch.int64)

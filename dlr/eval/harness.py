@@ -8,10 +8,13 @@ path; any task name lm_eval knows (hellaswag, arc_easy, ...) works too, given th
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -104,6 +107,41 @@ def _metrics(raw: dict) -> dict[str, Any]:
     return out
 
 
+def _quiet(bar: type) -> Any:
+    """`bar` (a tqdm class) that never shows."""
+    return lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm_eval's run without its progress bars, datasets' "Generating train split" bars (lm_eval
+    loads the task data) and lm_eval's `git describe` (which prints "fatal: not a git repository"
+    outside a checkout, for a hash dlr does not report): dlr-eval prints its own lines. Warnings
+    and errors still show; everything is restored on the way out."""
+    import datasets
+    import lm_eval.evaluator
+    from tqdm.std import tqdm
+
+    # lm_eval makes its bars with the `tqdm` each of its modules imported, and offers no switch
+    # for all of them (the task's request-building bar has none).
+    bars = [(m, m.tqdm) for name, m in list(sys.modules.items()) if name.startswith("lm_eval")
+            and isinstance(getattr(m, "tqdm", None), type) and issubclass(m.tqdm, tqdm)]
+    git_hash = lm_eval.evaluator.get_git_commit_hash
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    for m, bar in bars:
+        m.tqdm = _quiet(bar)
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
+        for m, bar in bars:
+            m.tqdm = bar
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def run_tasks(model: torch.nn.Module, ckpt: str | os.PathLike, req: TaskRequest, batch_size: int,
               device: torch.device, dtype: str = "fp32") -> dict[str, dict[str, Any]]:
     """{task: {metric: value, metric_stderr: value, samples, num_fewshot, version}} from lm_eval."""
@@ -123,8 +161,9 @@ def run_tasks(model: torch.nn.Module, ckpt: str | os.PathLike, req: TaskRequest,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=str(device),
               mixed_precision_dtype=torch.bfloat16 if dtype == "bf16" else None)
     try:
-        out = simple_evaluate(model=lm, tasks=list(req.names), num_fewshot=req.num_fewshot, limit=req.limit,
-                              task_manager=tm, log_samples=False, bootstrap_iters=1000)
+        with quiet_lm_eval():
+            out = simple_evaluate(model=lm, tasks=list(req.names), num_fewshot=req.num_fewshot, limit=req.limit,
+                                  task_manager=tm, log_samples=False, bootstrap_iters=1000)
     except (ConnectionError, OSError) as e:
         raise ConfigError(f"tasks={','.join(req.names)}: the task data could not be read ({str(e).splitlines()[0][:160]}); "
                           f"hub tasks need the network, offline use the bundled {', '.join(BUNDLED_TASKS)}") from None

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dlr.data.formats import source_kind
 from dlr.data.spec import DataSpec
 from dlr.data.tokenizer import Tokenizer
 from dlr.device import dist_env, pick_device
@@ -66,7 +67,7 @@ class EvalReport:
     folded: bool
     dtype: str
     device: str
-    world_size: int
+    num_processes: int  # the torchrun processes that shared the perplexity work
     seconds: float
     perplexity: PerplexityReport | None = None
     tasks: dict[str, dict[str, Any]] | None = None  # {task: {metric: value, metric_stderr: ..., samples, ...}}
@@ -74,7 +75,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         """The JSON record of `dlr-eval --json` and `out=`."""
         out: dict[str, Any] = {"ckpt": self.ckpt, "model": self.model, "folded": self.folded, "dtype": self.dtype,
-                               "device": self.device, "world_size": self.world_size, "seconds": self.seconds}
+                               "device": self.device, "num_processes": self.num_processes, "seconds": self.seconds}
         if self.perplexity is not None:
             out.update(self.perplexity.to_dict())
         if self.tasks is not None:
@@ -93,33 +94,30 @@ def resolve_protocol(protocol: str, spec: DataSpec, stride: int | None = None) -
 
     if protocol not in EVAL_PROTOCOLS:
         raise ConfigError(f"protocol={protocol!r} is not valid; accepted: {', '.join(EVAL_PROTOCOLS)}")
+    kind = source_kind(spec.source)
     if protocol == "auto":
-        protocol = "sliding" if spec.source == "text" else "rows"
+        protocol = "sliding" if kind.corpus else "rows"
     if protocol == "sliding":
-        if spec.source in ("tokens", "mix"):
-            what = "holds prepared token shards" if spec.source == "tokens" else "weighs its sources by rows"
-            raise ConfigError(f"protocol=sliding reads one corpus's documents; data.source={spec.source!r} {what}; "
-                              "accepted there: protocol=rows (or auto)")
+        if kind.no_sliding:
+            raise ConfigError(f"protocol=sliding reads one corpus's documents; data.source={spec.source!r} "
+                              f"{kind.no_sliding}; accepted there: protocol=rows (or auto)")
         check_window(spec.seq_len, default_stride(spec, stride))
     return protocol
 
 
-def _rank_world() -> tuple[int, int]:
+def _process_place() -> tuple[int, int]:
+    """(process_index, num_processes) of this process in the evaluation's process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
 def data_description(spec: DataSpec, files: Sequence[str]) -> dict[str, Any]:
-    """What was actually read: the hub dataset for source=hub, the files otherwise."""
+    """What was actually read: the settings its source is described by (the hub dataset, the
+    token shards' directory, ...) and the files."""
     d: dict[str, Any] = {"source": spec.source, "seq_len": spec.seq_len, "mode": spec.mode,
                          "val_tokens": spec.val_tokens}
-    if spec.source == "hub":
-        d.update({"path": spec.path, "name": spec.name})
-    if spec.source == "text":
-        d["sample_by"] = spec.sample_by
-    if spec.source == "tokens":  # a dlr-prepare directory of token shards
-        d["path"] = spec.path
+    d.update({k: getattr(spec, k) for k in source_kind(spec.source).described_by})
     if spec.holdout is not None:  # validation = the first holdout documents of the train files
         d["holdout"] = spec.holdout
     if spec.mix:
@@ -137,14 +135,15 @@ def sliding_perplexity(model: torch.nn.Module, tokenizer: Tokenizer, spec: DataS
     from dlr.eval.corpus import check_coverage, corpus_metrics, load_corpus, sliding_batches
     from dlr.eval.loss import evaluate
 
-    rank, world = _rank_world()
+    process_index, num_processes = _process_place()
     window, stride = spec.seq_len, default_stride(spec, stride)
     corpus = load_corpus(spec, tokenizer, budget=spec.val_tokens)
-    if spec.source == "text":  # a fixed C4 budget is the pre-training protocol, not a corpus
+    if source_kind(spec.source).corpus:  # a fixed C4 budget is the pre-training protocol, not a corpus
         check_coverage(corpus.scored_tokens, corpus.corpus_tokens, min_coverage,
                        f"eval_tokens={spec.val_tokens} (data.val_tokens)", f"set eval_tokens >= {corpus.corpus_tokens}")
-    batches = sliding_batches(corpus.ids, window, stride, batch_size, tokenizer.pad_id, rank=rank, world_size=world)
-    res = evaluate(model, batches, device, dtype=dtype, progress=progress and rank == 0)
+    batches = sliding_batches(corpus.ids, window, stride, batch_size, tokenizer.pad_id,
+                              process_index=process_index, num_processes=num_processes)
+    res = evaluate(model, batches, device, dtype=dtype, progress=progress and process_index == 0)
     return PerplexityReport(val_ppl=res["val_ppl"], val_loss=res["val_loss"], tokens=res["val_tokens"],
                             protocol="sliding", data=data_description(spec, corpus.files), window=window,
                             stride=stride, corpus=corpus_metrics(res["val_loss"], res["val_tokens"], corpus))
@@ -152,7 +151,7 @@ def sliding_perplexity(model: torch.nn.Module, tokenizer: Tokenizer, spec: DataS
 
 def _scored_everywhere(batches: list[dict[str, torch.Tensor]], device: torch.device | str) -> int:
     scored = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    if _rank_world()[1] > 1:
+    if _process_place()[1] > 1:
         t = torch.tensor(scored, device=device)
         torch.distributed.all_reduce(t)
         scored = int(t)
@@ -168,24 +167,26 @@ def rows_perplexity(model: torch.nn.Module, tokenizer: Tokenizer, spec: DataSpec
     from dlr.eval.corpus import check_coverage, split_tokens
     from dlr.eval.loss import evaluate
 
-    rank, world = _rank_world()
+    process_index, num_processes = _process_place()
+    kind = source_kind(spec.source)
     # The files read (the hub's are listed by validation_batches itself; token shards have none).
-    files = (resolve_files(spec, "validation") if spec.source in ("json", "parquet", "text") else
+    files = (resolve_files(spec, "validation") if kind.local_files else
              [f for _, _, sub in spec.mix for f in sub.validation_files] if spec.mix else spec.validation_files)
-    batches = validation_batches(spec, tokenizer, batch_size, rank=rank, world_size=world)
-    if spec.source == "text":
+    batches = validation_batches(spec, tokenizer, batch_size, process_index=process_index,
+                                 num_processes=num_processes)
+    if kind.corpus:
         check_coverage(_scored_everywhere(batches, device), split_tokens(spec, tokenizer), min_coverage,
                        f"protocol=rows (data.mode={spec.mode}, sample_by={spec.sample_by})",
                        "use protocol=sliding (every token of the corpus, the default for data=text)")
-    res = evaluate(model, batches, device, dtype=dtype, progress=progress and rank == 0)
+    res = evaluate(model, batches, device, dtype=dtype, progress=progress and process_index == 0)
     return PerplexityReport(val_ppl=res["val_ppl"], val_loss=res["val_loss"], tokens=res["val_tokens"],
                             protocol="rows", data=data_description(spec, files))
 
 
 @contextlib.contextmanager
-def _process_group(device: torch.device, world: int) -> Iterator[None]:
+def _process_group(device: torch.device, num_processes: int) -> Iterator[None]:
     """One process group for a torchrun launch, unless the caller started one already."""
-    if world <= 1 or torch.distributed.is_initialized():
+    if num_processes <= 1 or torch.distributed.is_initialized():
         yield
         return
     if device.type == "cuda":
@@ -222,14 +223,14 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, *, data: DataSpec | None = None
     if dtype not in DTYPE_NAMES:
         raise ConfigError(f"dtype={dtype!r} is not valid; accepted: {', '.join(DTYPE_NAMES)}")
     ckpt = Path(ckpt).expanduser()
-    _, world, local_rank = dist_env()
+    _, num_processes, local_rank = dist_env()
     dev = pick_device(device, local_rank)
     config = read_config(ckpt, dense=True)  # the dense export too, as a plain LlamaForCausalLM
     request = _task_request(tasks)
-    if request is not None and world > 1:
+    if request is not None and num_processes > 1:
         raise ConfigError("tasks=... runs in one process; launch dlr-eval without torchrun for benchmarks")
     protocol = resolve_protocol(protocol, data, stride) if data is not None else protocol
-    with _process_group(dev, world):
+    with _process_group(dev, num_processes):
         t0 = time.perf_counter()
         model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify, dense=True)
         check_vocab(tokenizer, model.config.vocab_size)
@@ -246,4 +247,4 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, *, data: DataSpec | None = None
             scores = run_tasks(model, ckpt, request, batch_size=batch_size, device=dev, dtype=dtype)
         seconds = round(time.perf_counter() - t0, 3)
     return EvalReport(ckpt=str(ckpt.resolve()), model=describe(config), folded=bool(getattr(config, "dlr_folded", False)), dtype=dtype,
-                      device=str(dev), world_size=world, seconds=seconds, perplexity=ppl, tasks=scores)
+                      device=str(dev), num_processes=num_processes, seconds=seconds, perplexity=ppl, tasks=scores)

@@ -111,9 +111,9 @@ def build_state(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan
                                                             min_lr_rate=cfg.schedule.min_lr_ratio)
     if parallelism == "ddp":
         model, optimizer = accelerator.prepare(model, optimizer)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    data = train_batches(inputs.spec, inputs.tokenizer, plan.micro_batch, rank, world, cfg.seed)
-    val = validation_batches(inputs.spec, inputs.tokenizer, plan.micro_batch, rank, world)
+    process_index, num_processes = accelerator.process_index, accelerator.num_processes
+    data = train_batches(inputs.spec, inputs.tokenizer, plan.micro_batch, process_index, num_processes, cfg.seed)
+    val = validation_batches(inputs.spec, inputs.tokenizer, plan.micro_batch, process_index, num_processes)
     if parallelism == "fsdp2":
         val = equal_batch_count(val, device)
     return TrainerState(
