@@ -144,7 +144,8 @@ def hf_rows(name: str, models: dict[str, torch.nn.Module], args: argparse.Namesp
 def vllm_run(python: str, model_dir: Path, args: argparse.Namespace, cores: list[int]) -> dict:
     """Time a saved model directory in vLLM at every batch size, in one engine (its own process)."""
     spec = {"prompts": {b: prompt_ids(b, args.prompt) for b in args.batch_sizes}, "new": args.new,
-            "repeats": args.repeats, "dtype": str(DTYPES[args.dtype]).removeprefix("torch."), "device": args.device}
+            "repeats": args.repeats, "dtype": str(DTYPES[args.dtype]).removeprefix("torch."), "device": args.device,
+            "eager": args.vllm_eager}
     env = {**os.environ, "PYTHONPATH": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process: apply_model
            "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)) or "auto"}
     proc = subprocess.run([python, str(VLLM_SCRIPT), str(model_dir), json.dumps(spec)], capture_output=True,
@@ -303,7 +304,8 @@ def run(args: argparse.Namespace, sizes: list[Any] | None = None) -> dict:
             release_freed_memory()
     return {"device": device_name(args.device), "cores": cores, "threads": len(cores) or None,
             "torch": torch.__version__, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new,
-            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"), "vllm_served": served, "rows": rows}
+            "repeats": args.repeats, "vllm_eager": args.vllm_eager, "date": time.strftime("%Y-%m-%d"),
+            "vllm_served": served, "rows": rows}
 
 
 def figure(x: float) -> str:
@@ -401,6 +403,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads, each pinned to a core")
     ap.add_argument("--vllm-python", default=None, help="a Python with vLLM installed: also measure vLLM")
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM runs the model as written (enforce_eager), "
+                    "not compiled (its default)")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -430,7 +434,7 @@ def merged(paths: list[str]) -> dict:
     """Results of several runs on one machine (e.g. the small sizes with 4-bit, the large without),
     as one: their rows joined, the run settings of the first (they must agree)."""
     results = [json.loads(Path(p).read_text()) for p in paths]
-    keys = ("device", "dtype", "prompt", "new_tokens", "repeats")
+    keys = ("device", "dtype", "prompt", "new_tokens", "repeats", "vllm_eager")
     for r in results[1:]:
         differ = [k for k in keys if r.get(k) != results[0].get(k)]
         if differ:

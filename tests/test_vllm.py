@@ -219,7 +219,7 @@ def test_the_inference_benchmark_times_vllm_serving_the_factor_layers_and_their_
     size = LlamaSize("head64", hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
                      max_position_embeddings=256, default_rank=32)
     args = bench.parse_args(["--batches", "1,2", "--prompt", "8", "--new", "3", "--repeats", "1", "--dtype", "bf16",
-                             "--quant", "none,w8a8", "--vllm-python", str(VLLM_PYTHON)])
+                             "--quant", "none,w8a8", "--vllm-eager", "--vllm-python", str(VLLM_PYTHON)])
     result = bench.run(args, sizes=[size])
     served = result["vllm_served"]
     assert served["head64/folded"]["projections"] == served["head64/folded/w8a8"]["projections"] == ["LowRankLinear"]
