@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +33,7 @@ class Inputs:
     """What the run is made of, checked before anything is built for real."""
 
     spec: DataSpec
-    tokenizer: Any
+    tokenizer: Tokenizer
     config: DlrLlamaConfig  # the model's
     parallelism: str
     optimizer: OptimizerSpec  # checked against the method; built once, in build_state
