@@ -40,7 +40,7 @@ def validate(cfg: FinetuneConfig) -> None:
 
 
 def out_dir_of(cfg: FinetuneConfig, ckpt: Path) -> Path:
-    out = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir else ckpt.parent / f"{ckpt.name}-sft"
+    out = Path(cfg.out_dir).expanduser() if cfg.out_dir is not None else ckpt.parent / f"{ckpt.name}-sft"
     ck, o = ckpt.resolve(), out.resolve()
     if o == ck or ck in o.parents or o in ck.parents:
         raise ConfigError(f"out_dir={str(out)!r} overlaps ckpt={str(ckpt)!r}; accepted: a separate directory")
@@ -136,7 +136,7 @@ def lora_config(model: torch.nn.Module, cfg: FinetuneConfig) -> Any:
             params |= {f"{short}.A.weight", f"{short}.B.weight"}
         elif isinstance(m, torch.nn.Linear):
             modules.add(short)
-    return LoraConfig(r=int(cfg.lora_rank), lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout),
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_parameters=sorted(params) or None, target_modules=sorted(modules) or None,
                       task_type="CAUSAL_LM")
 
@@ -177,11 +177,11 @@ def _param_count(model: torch.nn.Module) -> int:
 
 def _datasets(cfg: FinetuneConfig) -> tuple[Any, Any]:
     """(train, eval or None) in TRL's prompt-completion format."""
-    fields = (str(cfg.prompt_field), str(cfg.response_field))
-    train = load_pairs(str(cfg.train_data), str(cfg.train_split), *fields)
+    fields = (cfg.prompt_field, cfg.response_field)
+    train = load_pairs(cfg.train_data, cfg.train_split, *fields)
     if cfg.eval_data is None:
         return train, None
-    return train, load_pairs(str(cfg.eval_data), str(cfg.eval_split), *fields, key="eval_data")
+    return train, load_pairs(cfg.eval_data, cfg.eval_split, *fields, key="eval_data")
 
 
 def _load(ckpt: Path, device: torch.device, verify: bool) -> tuple[torch.nn.Module, Any, Any]:
@@ -206,7 +206,7 @@ def _trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
         return model
     from peft import get_peft_model
 
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(cfg.seed)
     return get_peft_model(model, lora_config(model, cfg))
 
 
@@ -238,13 +238,13 @@ def _sft_config(cfg: FinetuneConfig, out_dir: Path, device: torch.device, bf16: 
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=str(out_dir / "checkpoints"), max_steps=int(cfg.steps), learning_rate=float(cfg.lr),
-        lr_scheduler_type="cosine", warmup_steps=math.ceil(float(cfg.warmup_ratio) * int(cfg.steps)),
-        weight_decay=float(cfg.weight_decay), per_device_train_batch_size=int(cfg.batch_size),
-        per_device_eval_batch_size=int(cfg.batch_size), gradient_accumulation_steps=int(cfg.grad_accum),
-        max_length=int(cfg.max_length), completion_only_loss=True, packing=False, seed=int(cfg.seed),
-        data_seed=int(cfg.seed), save_strategy="steps", save_steps=int(cfg.save_every),
-        save_total_limit=int(cfg.keep_last), logging_steps=int(cfg.log_every), bf16=bf16,
+        output_dir=str(out_dir / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
+        weight_decay=cfg.weight_decay, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length, completion_only_loss=True, packing=False, seed=cfg.seed,
+        data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_every,
+        save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, bf16=bf16,
         use_cpu=device.type == "cpu", report_to=["wandb"] if cfg.logger == "wandb" else [],
         disable_tqdm=not cfg.progress, dataloader_num_workers=0, eval_strategy="no",
     )
@@ -288,9 +288,9 @@ def _provenance(ckpt: Path, cfg: FinetuneConfig, train_loss: float) -> dict[str,
     from .artifacts.model_dir import read_meta
 
     meta = read_meta(ckpt).get("extra", {})
-    data = str(cfg.train_data)
+    data = cfg.train_data
     local = _is_local(data)
-    tuned = {"data": Path(data).name if local else data, "steps": int(cfg.steps), "lora": bool(cfg.lora),
+    tuned = {"data": Path(data).name if local else data, "steps": cfg.steps, "lora": cfg.lora,
              "train_loss": train_loss, **({} if local else {"dataset": data})}
     return {**{k: v for k, v in meta.items() if k in ("step", "tokens", "data", "dataset")},
             "finetuned_from": ckpt.resolve().name, "finetune": tuned}
@@ -306,14 +306,14 @@ def finetune(cfg: FinetuneConfig, callbacks: list | tuple = ()) -> dict[str, Any
     from .artifacts.model_dir import describe, read_config, save_model_dir
 
     validate(cfg)
-    ckpt = Path(str(cfg.ckpt)).expanduser()
+    ckpt = Path(cfg.ckpt).expanduser()
     config = read_config(ckpt)
     out_dir = out_dir_of(cfg, ckpt)
     resume_from = _check_out_dir(out_dir, cfg)
     train_ds, eval_ds = _datasets(cfg)
-    device = pick_device(str(cfg.device), 0)
+    device = pick_device(cfg.device, 0)
     bf16 = _use_bf16(cfg, device)
-    model, tokenizer, hf_tok = _load(ckpt, device, bool(cfg.verify))
+    model, tokenizer, hf_tok = _load(ckpt, device, cfg.verify)
     n_params = _param_count(model)
     use_cache = model.config.use_cache  # the Trainer turns the KV cache off for training
     trained = _trainable(model, cfg)
@@ -322,11 +322,11 @@ def finetune(cfg: FinetuneConfig, callbacks: list | tuple = ()) -> dict[str, Any
     trainer = SFTTrainer(model=trained, args=_sft_config(cfg, out_dir, device, bf16), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=hf_tok,
                          callbacks=[_metrics_callback(metrics_path), *callbacks])
-    summary: dict[str, Any] = {"ckpt": str(ckpt.resolve()), "model": describe(config), "data": str(cfg.train_data),
-                               "examples": len(train_ds), "steps": int(cfg.steps), "lora": bool(cfg.lora),
+    summary: dict[str, Any] = {"ckpt": str(ckpt.resolve()), "model": describe(config), "data": cfg.train_data,
+                               "examples": len(train_ds), "steps": cfg.steps, "lora": cfg.lora,
                                "params": n_params, "trainable_params": trainable}
     _train(trainer, out_dir, summary, resume_from, evaluate=eval_ds is not None)
-    final_model = _final_model(trained, model, lora=bool(cfg.lora), n_params=n_params, use_cache=use_cache)
+    final_model = _final_model(trained, model, lora=cfg.lora, n_params=n_params, use_cache=use_cache)
     save_model_dir(final_model, tokenizer, out_dir / "final", extra=_provenance(ckpt, cfg, summary["train_loss"]))
     summary["final"] = str((out_dir / "final").resolve())
     summary["finished"] = True

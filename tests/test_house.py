@@ -147,3 +147,35 @@ def test_the_data_and_eval_packages_name_the_process_not_a_rank():
                     found += [f"{path.relative_to(ROOT)}:{node.lineno} {p.arg}" for p in params
                               if p.arg in ("rank", "world_size")]
     assert not found, found
+
+
+TYPED_ROOTS = {"cfg", "settings", "config"}  # the names the typed settings go by (dlr.config dataclasses)
+CASTS = {"int", "float", "str", "bool"}
+
+
+def recasts(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every int/float/str/bool applied directly to an attribute chain through a
+    typed settings object: `int(cfg.schedule.steps)`, `str(state.cfg.checkpoint.out_dir)`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CASTS
+                and len(node.args) == 1 and isinstance(node.args[0], ast.Attribute)):
+            continue
+        names, part = [], node.args[0]
+        while isinstance(part, ast.Attribute):
+            names.append(part.attr)
+            part = part.value
+        if isinstance(part, ast.Name) and TYPED_ROOTS & {part.id, *names[1:]}:
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_typed_settings_are_never_cast_again():
+    """A setting is typed and checked where it is declared (dlr/config/), a number given to a
+    float setting arrives as a float: the trainer and the commands read it as it is."""
+    assert recasts("n = int(cfg.schedule.steps)\nout = str(state.cfg.checkpoint.out_dir)\nok = int(x.y)\n"
+                   "also = float(cfg.lr * 2)\n") == [(1, "int(cfg.schedule.steps)"),
+                                                     (2, "str(state.cfg.checkpoint.out_dir)")]
+    files = [p for p in PACKAGE.rglob("*.py") if "assets" not in p.parts]
+    found = [f"{path.relative_to(ROOT)}:{line} {text}" for path in files for line, text in recasts(path.read_text())]
+    assert not found, found

@@ -275,7 +275,7 @@ def _batches(data: DataSpec | None, tokenizer: Any, eval_tokens: int | None, bat
 
     spec = data if data is not None else bundled_sample()
     if eval_tokens is not None:
-        spec = dataclasses.replace(spec, val_tokens=int(eval_tokens))
+        spec = dataclasses.replace(spec, val_tokens=eval_tokens)
     batches = validation_batches(spec, tokenizer, batch_size)
     if not batches:
         raise ConfigError("the data config's validation split is empty; the quantized model cannot be checked (choose data=)")

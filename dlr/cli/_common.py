@@ -31,14 +31,6 @@ from dlr.errors import ConfigError, TrainingDiverged
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_CHECK_FAILED = 1  # dlr-fold: the fold's verification failed (reported above, nothing written)
-def required(cfg: Any, key: str, example: str) -> Any:
-    """cfg.<key>, refused in one line when it is unset or empty."""
-    value = getattr(cfg, key, None)
-    if value in (None, "", "???"):
-        raise ConfigError(f"{key} is required; e.g. {key}={example}")
-    return value
-
-
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
     """Write strict JSON atomically (temp file + rename) so a reader never sees half a file."""
     from dlr.atomic import write_atomic

@@ -21,21 +21,26 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dlr.atomic import check_writable
-from dlr.cli._common import from_overrides, required, run_cli, write_json
+from dlr.cli._common import from_overrides, run_cli, write_json
+from dlr.config import EvalConfig
+
+if TYPE_CHECKING:
+    from dlr.data.spec import DataSpec
 
 PROG = "dlr-eval"
 USAGE = __doc__
 
 
-def _validate(cfg) -> None:
+def _validate(cfg: EvalConfig) -> None:
     # Types and ranges: dlr.config.EvalConfig (from_overrides). Checked now, not after a long evaluation:
-    if cfg.out:
-        check_writable(str(cfg.out), "out", file=True)
+    if cfg.out is not None:
+        check_writable(cfg.out, "out", file=True)
 
 
-def _data(cfg, args: list[str]):
+def _data(cfg: EvalConfig, args: list[str]) -> DataSpec | None:
     """The DataSpec to measure perplexity on; None when only tasks are asked for."""
     from dlr.data import data_spec
 
@@ -44,7 +49,7 @@ def _data(cfg, args: list[str]):
                                          for a in args):
         return None
     spec = data_spec(cfg.data)
-    return spec if cfg.eval_tokens is None else dataclasses.replace(spec, val_tokens=int(cfg.eval_tokens))
+    return spec if cfg.eval_tokens is None else dataclasses.replace(spec, val_tokens=cfg.eval_tokens)
 
 
 def eval_main(args: list[str]) -> int:
@@ -55,20 +60,19 @@ def eval_main(args: list[str]) -> int:
     args = split_task_override(args)
     cfg = from_overrides("eval", args)
     _validate(cfg)
-    ckpt = Path(str(required(cfg, "ckpt", "runs/x/final"))).expanduser()
+    ckpt = Path(cfg.ckpt).expanduser()
     tasks = None if cfg.tasks is None else parse_tasks(cfg.tasks, cfg.num_fewshot, cfg.limit, cfg.include_path)
     from dlr.device import dist_env
     from dlr.eval.protocol import evaluate_checkpoint
 
-    report = evaluate_checkpoint(ckpt, data=_data(cfg, args), protocol=str(cfg.protocol), stride=cfg.stride,
-                                 tasks=tasks, batch_size=int(cfg.batch_size), device=str(cfg.device),
-                                 dtype=str(cfg.dtype), verify=bool(cfg.verify), min_coverage=float(cfg.min_coverage),
-                                 progress=bool(cfg.progress))
+    report = evaluate_checkpoint(ckpt, data=_data(cfg, args), protocol=cfg.protocol, stride=cfg.stride,
+                                 tasks=tasks, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+                                 verify=cfg.verify, min_coverage=cfg.min_coverage, progress=cfg.progress)
     if dist_env()[0] != 0:
         return 0
     result = report.to_dict()
-    if cfg.out:
-        write_json(str(cfg.out), result)
+    if cfg.out is not None:
+        write_json(cfg.out, result)
     if "val_loss" in result and (result["tokens"] == 0 or not math.isfinite(result["val_loss"])):
         print(f"{PROG}: warning: {result['tokens']} tokens evaluated, val_loss={result['val_loss']}", file=sys.stderr)
     if cfg.json:

@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from dlr.cli._common import compose, required, run_cli, typed
+from dlr.cli._common import compose, run_cli, typed
 
 PROG = "dlr-finetune"
 USAGE = __doc__
@@ -42,8 +42,7 @@ def finetune_main(args: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from dlr.finetune import finetune
 
-    cfg = typed("finetune", raw)
-    required(cfg, "ckpt", "runs/x/folded")
+    cfg = typed("finetune", raw)  # refuses an unset ckpt, as every declared-required setting
 
     summary = finetune(cfg)  # checks every setting (dlr.finetune.validate) before anything is read
     print(json.dumps({k: summary[k] for k in ("train_loss", "eval_loss_before", "eval_loss_after", "params",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from dlr.cli._common import EXIT_CHECK_FAILED, from_overrides, required, run_cli
+from dlr.cli._common import EXIT_CHECK_FAILED, from_overrides, run_cli
 
 PROG = "dlr-fold"
 USAGE = __doc__
@@ -22,14 +22,14 @@ USAGE = __doc__
 def fold_main(args: list[str]) -> int:
     cfg = from_overrides("fold", args)
     # Types and ranges: dlr.config.FoldConfig (from_overrides); the rest: dlr.artifacts.fold.fold_and_verify.
-    ckpt = str(required(cfg, "ckpt", "runs/x/final"))
+    ckpt = cfg.ckpt
     from dlr.data import data_spec
     from ..artifacts.fold import fold_and_verify, nothing_to_fold
 
     if cfg.upgrade:
         from ..artifacts.upgrade import upgrade_model_dir
 
-        out = upgrade_model_dir(ckpt, cfg.out, overwrite=bool(cfg.overwrite), verify=bool(cfg.verify))
+        out = upgrade_model_dir(ckpt, cfg.out, overwrite=cfg.overwrite, verify=cfg.verify)
         print(f"{PROG}: upgraded {ckpt} to the current model-directory format: wrote {out}")
         return 0
     if not cfg.dense:
@@ -37,9 +37,9 @@ def fold_main(args: list[str]) -> int:
         if why:
             print(f"{PROG}: nothing to fold: {why}; nothing written")
             return 0
-    report = fold_and_verify(ckpt, cfg.out, dense=bool(cfg.dense), check_batches=int(cfg.check_batches),
-                             batch_size=int(cfg.batch_size), tolerance=float(cfg.tolerance), device=str(cfg.device),
-                             verify=bool(cfg.verify), overwrite=bool(cfg.overwrite), data=data_spec(cfg.data))
+    report = fold_and_verify(ckpt, cfg.out, dense=cfg.dense, check_batches=cfg.check_batches,
+                             batch_size=cfg.batch_size, tolerance=cfg.tolerance, device=cfg.device,
+                             verify=cfg.verify, overwrite=cfg.overwrite, data=data_spec(cfg.data))
     _print(report)
     if not report.passed:
         print(f"{PROG}: verification failed (see above); nothing written", file=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from dlr.cli._common import from_overrides, required, run_cli
+from dlr.cli._common import from_overrides, run_cli
 
 PROG = "dlr-prepare"
 USAGE = __doc__
@@ -20,14 +20,14 @@ USAGE = __doc__
 
 def prepare_main(args: list[str]) -> int:
     cfg = from_overrides("prepare", args)  # keys, types and ranges: dlr.config.PrepareConfig
-    out = required(cfg, "out", "tokens/c4_sample")
+    out = cfg.out
     from dlr.data import data_spec
     from dlr.data.prepare import prepare
 
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
     spec = data_spec(cfg.data)
-    manifest = prepare(spec, str(out), tokens=cfg.tokens, documents=cfg.documents, num_proc=cfg.num_proc,
-                       progress=bool(cfg.progress))
+    manifest = prepare(spec, out, tokens=cfg.tokens, documents=cfg.documents, num_proc=cfg.num_proc,
+                       progress=cfg.progress)
     for split, v in manifest["splits"].items():
         print(f"{split}: {v['documents']:,} documents, {v['tokens']:,} tokens in {len(v['shards'])} shard(s)"
               f"{'' if v['complete'] else ' (cut at the limit)'}")

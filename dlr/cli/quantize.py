@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from dlr.cli._common import EXIT_CHECK_FAILED, from_overrides, required, run_cli
+from dlr.cli._common import EXIT_CHECK_FAILED, from_overrides, run_cli
 
 PROG = "dlr-quantize"
 USAGE = __doc__
@@ -23,7 +23,7 @@ USAGE = __doc__
 def quantize_main(args: list[str]) -> int:
     cfg = from_overrides("quantize", args)
     # Types and ranges: dlr.config.QuantizeConfig (from_overrides); the rest: dlr.artifacts.quantize.quantize_and_verify.
-    ckpt = str(required(cfg, "ckpt", "runs/x/folded"))
+    ckpt = cfg.ckpt
     from dlr.data import data_spec
     from ..artifacts.quantize import quantize_and_verify
 

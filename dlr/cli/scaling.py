@@ -25,14 +25,14 @@ from pathlib import Path
 
 from dlr.atomic import check_writable
 from dlr.cli._common import run_cli
-from dlr.config import from_command_line
+from dlr.config import ScalingConfig, from_command_line
 from dlr.errors import ConfigError
 from ..analysis.scaling_report import ScalingRequest
 
 PROG = "dlr-scaling"
 
 
-def _check(cfg) -> None:
+def _check(cfg: ScalingConfig) -> None:
     if not cfg.runs:
         raise ConfigError("no run directories given; e.g. dlr-scaling runs/studies/runs out=scaling")
     if cfg.out is not None:
@@ -53,7 +53,7 @@ def scaling_main(argv: list[str]) -> int:
                          plots=cfg.plots)
     groups, labels, points, laws = fit_runs(req, say=lambda text: print(f"{PROG}: {text}", file=sys.stderr,
                                                                         flush=True))
-    budgets = [float(c) for c in cfg.at] if cfg.at is not None else default_budgets(points)
+    budgets = [float(c) for c in cfg.at] if cfg.at is not None else default_budgets(points)  # at=1e18,100 holds ints too
     rows = predictions(laws, labels, budgets, cfg.level)
     diffs = differences(groups, laws, labels, budgets, cfg.level)
     text = "\n".join(t for t in (params_markdown(laws, labels, cfg.level), predictions_markdown(rows, cfg.level),

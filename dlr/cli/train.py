@@ -1,8 +1,10 @@
-"""`dlr-train model=llama_130m rank=256`: Hydra front end of dlr.train.loop.train.
+"""`dlr-train model=llama_130m rank=256`: the command line of dlr.train.loop.train.
 
-Before Hydra runs anything, every override is checked against the schema and every sweep
-combination of a multirun (`-m method=lowrank,dlr seed=0,1`) is composed and validated, so
-a typo or a bad value is one line and exit code 2 before the first job starts.
+A single run's settings are composed and validated once (`from_overrides`) and that typed
+config is what the trainer gets. A multirun (`-m method=lowrank,dlr seed=0,1`) and Hydra's
+own flags (--cfg, --info, ...) go through `@hydra.main`; before Hydra starts a multirun, every
+sweep combination is composed and validated, so a typo or a bad value is one line and exit
+code 2 before the first job starts.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 import dlr.configs  # noqa: F401  (registers the schemas and the run-dir resolver)
+from dlr.config import TrainConfig
 
 from ._common import USAGE_FLAGS, canonical_overrides, from_overrides, guarded, parse_overrides, quiet_third_party, typed
 
@@ -25,10 +28,9 @@ PROG = "dlr-train"
 MAX_CHECKED_COMBINATIONS = 256
 
 
-def _run(raw: DictConfig) -> int:
+def _run(cfg: TrainConfig) -> int:
     from ..train.loop import train
 
-    cfg = typed("train", raw)
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun / accelerate launch the summary is printed once, by rank 0
@@ -43,12 +45,23 @@ def _run(raw: DictConfig) -> int:
     return 0
 
 
-@hydra.main(config_path="pkg://dlr.configs", config_name="train", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def _log_setup() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = guarded(PROG, _run, cfg)
+
+
+@hydra.main(config_path="pkg://dlr.configs", config_name="train", version_base="1.3")
+def _main(raw: DictConfig) -> None:
+    """One job of a multirun (or of Hydra's own flags): the config Hydra's sweeper composed, validated."""
+    _log_setup()
+    code = guarded(PROG, lambda: _run(typed("train", raw)))
     if code:
         sys.exit(code)
+
+
+def _single(args: list[str]) -> int:
+    cfg = from_overrides("train", args)  # composed and validated here, once
+    _log_setup()
+    return _run(cfg)
 
 
 def combinations(args: list[str]) -> list[list[str]]:
@@ -96,6 +109,11 @@ def main() -> None:
     quiet_third_party()
     if any(a in USAGE_FLAGS for a in args):
         sys.exit(guarded(PROG, _help))
+    if not any(a.startswith("-") for a in args):
+        code = guarded(PROG, _single, args)
+        if code:
+            sys.exit(code)
+        return
     code = guarded(PROG, lambda: precheck(args) or 0)
     if code:
         sys.exit(code)

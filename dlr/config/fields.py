@@ -112,14 +112,26 @@ def describe_field(f: dataclasses.Field) -> str:
     return desc + (", or null" if _type_name(f.type)[1] else "")
 
 
+def _as_declared(tp: Any, value: Any) -> Any:
+    """A number given to a float setting (`lr=1`, `betas=[0,0.99]`) as the float it is declared,
+    so code reads every setting as its type and never casts it again."""
+    base, _ = _type_name(tp)
+    if base == "float" and is_number(value):
+        return float(value)
+    if base == "list[float]" and isinstance(value, (list, tuple)) and all(is_number(v) for v in value):
+        return [float(v) for v in value]
+    return value
+
+
 def check_value(f: dataclasses.Field, value: Any, label: str) -> Any:
-    """Check one value against its field; returns it, or raises a one-line ConfigError."""
+    """Check one value against its field; returns it as declared (an int given to a float
+    setting as a float), or raises a one-line ConfigError."""
     m = f.metadata
     if m.get("check"):
         why = m["check"](value)
         if why:
             raise bad_value(label, value, why)
-        return value
+        return _as_declared(f.type, value)
     ok, _ = _type_ok(f.type, value)
     if not ok or (value is not None and m.get("choices") and value not in m["choices"]):
         raise bad_value(label, value, describe_field(f))
@@ -129,7 +141,7 @@ def check_value(f: dataclasses.Field, value: Any, label: str) -> Any:
         for key, test in (("ge", float.__ge__), ("gt", float.__gt__), ("le", float.__le__), ("lt", float.__lt__)):
             if m.get(key) is not None and not test(float(value), float(m[key])):
                 raise bad_value(label, value, describe_field(f))
-    return value
+    return _as_declared(f.type, value)
 
 
 def check_field(schema: type, name: str, value: Any, label: str | None = None) -> Any:

@@ -24,16 +24,18 @@ def factorization(method: str = "dlr", rank: int | None = None, alpha: float = 1
 
 def make_config(size: str | LlamaSize, fact: FactorizationConfig, *, seed: int = 0,
                 vocab_size: int = VOCAB_SIZE) -> DlrLlamaConfig:
-    """The one place a factorization section becomes the HF model config; ConfigError on bad input."""
+    """The one place a factorization section becomes the HF model config; ConfigError on bad input.
+
+    `fact`: a section built by dlr.config (a TrainConfig's, or `factorization(...)`), whose settings
+    were each checked there; what ties them together and to the size is checked here."""
     spec = get_size(size) if isinstance(size, str) else size
     rank = spec.default_rank if fact.rank is None else fact.rank
-    check_factorization(fact, rank, spec.hidden_size, spec.intermediate_size,
-                        where=f" (the smallest projection dim of {spec.name})")
+    check_combination(fact, rank, spec.hidden_size, spec.intermediate_size,
+                      where=f" (the smallest projection dim of {spec.name})")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise bad_value("vocab_size", vocab_size, "a positive integer")
     dlr_fields = {hf: getattr(fact, name) for name, hf in _HF_FIELDS.items()}
-    dlr_fields.update(dlr_rank=rank if method_named(fact.method).factorized else None, dlr_alpha=float(fact.alpha),
-                      dlr_latent_alpha=None if fact.latent_alpha is None else float(fact.latent_alpha))
+    dlr_fields.update(dlr_rank=rank if method_named(fact.method).factorized else None)
     return DlrLlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -51,7 +53,7 @@ def make_config(size: str | LlamaSize, fact: FactorizationConfig, *, seed: int =
         eos_token_id=EOS_ID,
         bos_token_id=None,
         dlr_size=spec.name,
-        dlr_seed=int(seed),
+        dlr_seed=seed,
         dlr_folded=False,
         **dlr_fields,
     )
@@ -75,14 +77,19 @@ def deploy_config(config: DlrLlamaConfig) -> DlrLlamaConfig:
 
 def check_factorization(fact: FactorizationConfig, rank: int | None, hidden_size: int, intermediate_size: int, *,
                         prefix: str = "", where: str = "") -> None:
-    """What ties the factorization settings together, and each one's declared range.
-
-    For make_config and for a saved config.json; `prefix` names the keys as the caller's user
-    knows them (e.g. "dlr_" in config.json).
+    """Each factorization setting's declared range, and what ties them together: for a saved
+    config.json, whose values no dlr.config build has checked; `prefix` names the keys as the
+    caller's user knows them (e.g. "dlr_" in config.json).
     """
     for name in _HF_FIELDS:
         if name != "rank":
             check_field(FactorizationConfig, name, getattr(fact, name), prefix + name)
+    check_combination(fact, rank, hidden_size, intermediate_size, prefix=prefix, where=where)
+
+
+def check_combination(fact: FactorizationConfig, rank: int | None, hidden_size: int, intermediate_size: int, *,
+                      prefix: str = "", where: str = "") -> None:
+    """What ties the factorization settings together and to the size (the rank fits its projections)."""
     if fact.latent_alpha is not None and fact.trainable_latent_scale:
         raise ConfigError(f"{prefix}latent_alpha={fact.latent_alpha!r} has no effect with "
                           f"{prefix}trainable_latent_scale=true (the trainable scale is tanh(p), p starting at 1); "

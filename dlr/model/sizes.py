@@ -6,6 +6,7 @@ from importlib import resources
 
 import yaml
 
+from ..config import ModelConfig
 from ..errors import bad_value
 
 # The T5 SentencePiece tokenizer GaLore's and CoLA's C4 code uses: 32000 pieces, pad 0, eos 1, no bos.
@@ -49,7 +50,7 @@ def recipe(name: str) -> dict:
     return dict(_size_file(name)["schedule"])
 
 
-def size_from_mapping(cfg) -> LlamaSize:
+def size_from_mapping(model: ModelConfig | dict) -> LlamaSize:
     """The size a `model` section describes (a ModelConfig or a plain dict), so CLI overrides of dims apply."""
-    get = cfg.__getitem__ if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    get = model.__getitem__ if isinstance(model, dict) else lambda k: getattr(model, k)
     return LlamaSize(**{k: get(k) for k in LlamaSize.__dataclass_fields__})

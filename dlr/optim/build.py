@@ -72,7 +72,7 @@ def spectron_param_groups(
 
 def _adamw(c: Any, model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
     groups = _adamw_groups(_trainable(model), lr=lr, weight_decay=c.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(float(b) for b in c.betas), eps=c.eps,
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(c.betas), eps=c.eps,
                              weight_decay=c.weight_decay, fused=fused or None)
 
 
@@ -89,7 +89,7 @@ def _spectron(c: Any, model: nn.Module, lr: float, fused: bool) -> torch.optim.O
         spectron=dict(momentum=c.momentum, ns_steps=c.ns_steps, power_init_iters=c.power_init_iters,
                       ns_dtype=c.ns_dtype, seed=c.seed),
     )
-    return Spectron(groups, lr=lr, betas=tuple(float(b) for b in c.betas), eps=c.eps, weight_decay=c.weight_decay)
+    return Spectron(groups, lr=lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -123,24 +123,32 @@ register_optimizer(OptimizerSpec(AdamWConfig, _adamw))
 register_optimizer(OptimizerSpec(SpectronConfig, _spectron, factorized_only=True, fsdp2=False))
 
 
-def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, method: str, *, lr: float,
-                    fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizer for `model` trained with `method` (a name in dlr.config.METHODS).
-
-    cfg: the optimizer section (its registered settings dataclass, e.g. dlr.config.AdamWConfig,
-    or a mapping with their keys, checked there; unknown keys are refused). lr: the peak learning
-    rate (the schedule's `lr`, the one learning-rate setting; Spectron's factor step). fused:
-    AdamW's single-kernel implementation (the trainer asks for it on CUDA); the others ignore it.
-    """
+def optimizer_spec(cfg: Any, method: str) -> OptimizerSpec:
+    """The registered optimizer that `cfg` (its settings, or a mapping with their keys) names,
+    refused in one line when `method` cannot be trained with it (Spectron needs factors)."""
     name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
     if name not in BUILDERS:
         raise bad_value("optimizer", name, BUILDERS)
     spec, factorized = BUILDERS[name], method_named(method).factorized
-    c = cfg if isinstance(cfg, spec.settings) else build(spec.settings, {k: v for k, v in cfg.items() if k != "defaults"},
-                                                         "optimizer.")
-    lr = float(check_field(ScheduleConfig, "lr", lr))
     if spec.factorized_only and not factorized:
         accepted = ", ".join(m for m in METHODS if method_named(m).factorized)
         raise ConfigError(f"optimizer={name!r} is not valid with method={method!r}; accepted: method={accepted} "
                           "(or optimizer=adamw)")
-    return spec.build(c, model, lr, fused)
+    return spec
+
+
+def build_optimizer(cfg: Mapping[str, Any] | Any, model: nn.Module, method: str, *, lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer for `model` trained with `method` (a name in dlr.config.METHODS).
+
+    cfg: the optimizer section (its registered settings dataclass, e.g. dlr.config.AdamWConfig,
+    or a mapping with their keys, checked here; unknown keys are refused). lr: the peak learning
+    rate (the schedule's `lr`, the one learning-rate setting; Spectron's factor step), checked
+    here as the schedule declares it. fused: AdamW's single-kernel implementation (the trainer
+    asks for it on CUDA); the others ignore it. The trainer, whose settings are checked when its
+    config is built, checks the combination once (`optimizer_spec`) and calls the spec's build.
+    """
+    spec = optimizer_spec(cfg, method)
+    c = cfg if isinstance(cfg, spec.settings) else build(spec.settings, {k: v for k, v in cfg.items() if k != "defaults"},
+                                                         "optimizer.")
+    return spec.build(c, model, check_field(ScheduleConfig, "lr", lr), fused)

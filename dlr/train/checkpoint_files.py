@@ -362,9 +362,12 @@ def check_checkpoint(ckpt: Path, verify: bool = True) -> dict:
     return state
 
 
-def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler, verify: bool = True) -> tuple[dict, dict]:
+def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler, verify: bool = True, *,
+                    checked: dict | None = None) -> tuple[dict, dict]:
     """Restore model/optimizer/scheduler/RNG in place, resharded to this run's processes.
 
+    `checked`: what check_checkpoint(ckpt) returned (dlr-train checks a checkpoint before any
+    work, and reads it once); None: checked here first, with `verify`.
     Returns (trainer_state, data_state) where data_state has "process" (this rank's own
     position, or None when the number of processes changed) and "global".
     """
@@ -373,7 +376,7 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler, verify
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     ckpt = Path(ckpt)
-    trainer_state = check_checkpoint(ckpt, verify)
+    trainer_state = check_checkpoint(ckpt, verify) if checked is None else checked
     optim_json = _read_json(ckpt / "optimizer.json")
     scheduler_state = _read_json(ckpt / "scheduler.json")
     data_global = _read_json(ckpt / "data.json")

@@ -11,7 +11,6 @@ from ..atomic import normalize_modes
 from ..errors import ConfigError, TrainingDiverged
 from .finite import last_finite_checkpoint, training_state_nonfinite
 from ..artifacts.run_dir import settings_differences
-from .preflight import check_resume
 from .settings import resolved_settings
 from .trainer_state import TrainerState
 from .checkpoint_files import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -25,8 +24,11 @@ def due(every: int, step: int, last_step: int) -> bool:
     return step % every == 0 or step == last_step
 
 
-def resume_point(cfg: TrainConfig, out_dir: Path) -> Path | None:
-    """The checkpoint to resume from for resume=auto|never|<dir>; ConfigError if it contradicts out_dir."""
+def resume_point(cfg: TrainConfig, out_dir: Path, named: Path | None) -> Path | None:
+    """The checkpoint to resume from for resume=auto|never|<dir>; ConfigError if it contradicts out_dir.
+
+    `named`: the checkpoint directory resume=<dir> names, as dlr.train.preflight.check_resume found it.
+    """
     existing = checkpoint_dirs(out_dir)
     if cfg.checkpoint.resume == "auto":
         return existing[-1] if existing else None
@@ -35,7 +37,7 @@ def resume_point(cfg: TrainConfig, out_dir: Path) -> Path | None:
             raise ConfigError(f"resume='never' but out_dir={str(out_dir)!r} has checkpoints; "
                               "accepted: resume=auto or another out_dir")
         return None
-    return check_resume(cfg.checkpoint.resume)
+    return named
 
 
 def check_resumed_settings(ckpt: Path, saved: dict, resolved: dict, allow: bool) -> None:
@@ -75,11 +77,13 @@ def save(state: TrainerState, wall_s: float) -> None:
         normalize_modes(saved)  # safetensors writes 0600; every file of a run gets one mode
 
 
-def restore(state: TrainerState, ckpt: Path) -> None:
-    """Model, optimizer, schedule, RNG and data position from `ckpt`; where training stands."""
-    # Its sha256 were checked before any work (dlr.train.loop); sizes and headers are checked again.
+def restore(state: TrainerState, ckpt: Path, checked: dict) -> None:
+    """Model, optimizer, schedule, RNG and data position from `ckpt`; where training stands.
+
+    `checked`: its trainer state as check_checkpoint returned it before any work (dlr.train.loop).
+    """
     trainer_state, data_state = load_checkpoint(state.accelerator, ckpt, state.model, state.optimizer, state.scheduler,
-                                                verify=False)
+                                                checked=checked)
     # Its own exact position when the processes are the same; else the global position.
     state.data.restore(data_state["process"], data_state["global"])
     state.step, state.wall_before = trainer_state["step"], trainer_state["wall_s"]

@@ -5,8 +5,9 @@ import torch
 
 
 def compile_enabled(setting: bool | str, device: torch.device) -> bool:
-    """compile=auto: on for CUDA (docs/performance.md), off on CPU, where compile time dominates."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
+    """compile=auto: on for CUDA (docs/performance.md), off on CPU, where compile time dominates;
+    true or false as given (the setting accepts nothing else: dlr.config.SystemConfig)."""
+    return device.type == "cuda" if setting == "auto" else setting
 
 
 def compile_decoder(model) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PARALLELISMS
+from ..hf import DlrLlamaConfig
 from ..model.counting import ModelStats, model_stats
 from ..model.fused_loss import DEFAULT_CHUNK_TOKENS
 from ..model.llama import build_from_config, deploy_config
@@ -13,7 +14,7 @@ from .setup import precision
 from ..config import TrainConfig
 
 
-def memory_estimate(cfg: TrainConfig, plan: TrainPlan, config, stats: ModelStats, parallelism: str) -> dict:
+def memory_estimate(cfg: TrainConfig, plan: TrainPlan, config: DlrLlamaConfig, stats: ModelStats, parallelism: str) -> dict:
     """memory_estimate_gib for these settings, rounded to 0.01 GiB."""
     # A plan for several processes is a GPU plan: bf16 there, unless fp32 is asked for.
     on_gpu = torch.cuda.is_available() or plan.processes > 1
@@ -27,7 +28,7 @@ def memory_estimate(cfg: TrainConfig, plan: TrainPlan, config, stats: ModelStats
     return {k: round(v, 2) for k, v in memory.items()}
 
 
-def describe_plan(cfg: TrainConfig, plan: TrainPlan, config) -> dict:
+def describe_plan(cfg: TrainConfig, plan: TrainPlan, config: DlrLlamaConfig) -> dict:
     """What dry_run prints: built on `meta`, so it works for llama_7b on a laptop."""
     train_stats = model_stats(build_from_config(config, device="meta"), plan.seq_len)
     deploy_stats = model_stats(build_from_config(deploy_config(config), device="meta"), plan.seq_len)

@@ -54,14 +54,11 @@ def train(cfg: TrainConfig) -> dict:
     if done is not None:
         log.info("%s has finished; nothing to do (resume=auto leaves a finished run as it is)", out_dir)
         return {**done, "already_finished": True}
-    resume_from = resume_point(cfg, out_dir)
-    if resume_from is not None:  # a corrupt, old-format or other-settings checkpoint: one line, before any work
-        saved = check_checkpoint(resume_from, cfg.checkpoint.verify)["config"]
-        check_resumed_settings(resume_from, saved, resolved, cfg.checkpoint.resume_changed)
+    resume = _check_resume_point(cfg, out_dir, inputs, resolved)
     check_data_files(inputs.spec)
     lock = RunLock(out_dir)
     try:
-        state, first = _setup(cfg, inputs, accelerator, plan, lock, resume_from, resolved=resolved)
+        state, first = _setup(cfg, inputs, accelerator, plan, lock, resume, resolved=resolved)
         wall_s, speed = _loop(state, first)
         return finish(state, wall_s, speed, memory_estimate(cfg, plan, inputs.config, state.stats, inputs.parallelism))
     finally:
@@ -75,13 +72,27 @@ def _check_run_dir(cfg: TrainConfig, out_dir: Path, resolved: dict) -> dict | No
     return finished_summary(out_dir) if cfg.checkpoint.resume == "auto" else None
 
 
+def _check_resume_point(cfg: TrainConfig, out_dir: Path, inputs: Inputs, resolved: dict) -> tuple[Path, dict] | None:
+    """(the checkpoint to resume from, its checked trainer state), or None for a fresh start.
+
+    A corrupt, old-format or other-settings checkpoint is one line, before any work; the
+    checkpoint is read and checked here once, and restored from what this check returned.
+    """
+    resume_from = resume_point(cfg, out_dir, inputs.resume)
+    if resume_from is None:
+        return None
+    checked = check_checkpoint(resume_from, cfg.checkpoint.verify)
+    check_resumed_settings(resume_from, checked["config"], resolved, cfg.checkpoint.resume_changed)
+    return resume_from, checked
+
+
 def _own(lock: RunLock) -> None:
     lock.acquire()
     tidy(lock.out_dir)
 
 
-def _setup(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan, lock: RunLock, resume_from: Path | None,
-           *, resolved: dict) -> tuple[TrainerState, list | None]:
+def _setup(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan: TrainPlan, lock: RunLock,
+           resume: tuple[Path, dict] | None, *, resolved: dict) -> tuple[TrainerState, list | None]:
     """The trainer state at its starting step, and the first step's batches (None at the end).
 
     An existing run directory is locked before its checkpoints are read; a fresh one is
@@ -92,8 +103,8 @@ def _setup(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan: Tra
     if main and lock.out_dir.exists():
         _own(lock)
     state = build_state(cfg, inputs, accelerator, plan)
-    if resume_from is not None:
-        restore(state, resume_from)
+    if resume is not None:
+        restore(state, *resume)
     first = next_batches(state) if state.step < plan.steps else None
     accelerator.wait_for_everyone()
     if main:

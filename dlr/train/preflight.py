@@ -29,9 +29,9 @@ def check_resume(resume: str) -> Path | None:
     """`resume` must be auto, never, or a training checkpoint directory; the directory is returned."""
     if resume in ("auto", "never"):
         return None
-    path = Path(str(resume)).expanduser()
+    path = Path(resume).expanduser()
     if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume={str(resume)!r} is not a checkpoint directory; "
+        raise ConfigError(f"resume={resume!r} is not a checkpoint directory; "
                           "accepted: auto, never, or a checkpoints/step_<N> dir")
     return path
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -13,11 +12,13 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from ..model.counting import model_stats
 from ..data import check_vocab, data_spec, load_tokenizer, train_batches, validation_batches
 from ..data.spec import DataSpec
+from ..data.tokenizer import Tokenizer
+from ..hf import DlrLlamaConfig
 from ..errors import ConfigError
 from ..model.fused_loss import make_loss_fn, resolve_loss_impl
 from ..model.llama import build_from_config, make_config
 from .layer_paths import apply_training_paths
-from ..optim import build_optimizer
+from ..optim import OptimizerSpec, optimizer_spec
 from ..model.sizes import size_from_mapping
 from .compile import compile_enabled, compile_for
 from .plan import TrainPlan
@@ -32,12 +33,14 @@ class Inputs:
     """What the run is made of, checked before anything is built for real."""
 
     spec: DataSpec
-    tokenizer: Any
-    config: Any  # the model's DlrLlamaConfig
+    tokenizer: Tokenizer
+    config: DlrLlamaConfig  # the model's
     parallelism: str
+    optimizer: OptimizerSpec  # checked against the method; built once, in build_state
+    resume: Path | None  # the checkpoint that resume=<dir> names (None: auto or never)
 
 
-def model_config(cfg: TrainConfig, tokenizer):
+def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> DlrLlamaConfig:
     """The model's config from the settings; the whole model node, so model.hidden_size=... applies."""
     config = make_config(size_from_mapping(cfg.model), cfg.factorization, seed=cfg.seed, vocab_size=tokenizer.vocab_size)
     # The ids the data pipeline writes are the ids the model (and generate()) must use.
@@ -46,17 +49,18 @@ def model_config(cfg: TrainConfig, tokenizer):
 
 
 def check_inputs(cfg: TrainConfig) -> Inputs:
-    """Data spec, tokenizer, model config, parallelism, optimizer and resume value; ConfigError if bad."""
+    """Data spec, tokenizer, model config, parallelism, optimizer and resume value; ConfigError if bad.
+
+    Each is checked here once, from the settings alone: nothing is built (the model and the
+    optimizer are built once, by build_state) and nothing is read but the tokenizer.
+    """
     spec = data_spec(cfg.data)
     tokenizer = load_tokenizer(spec.tokenizer)
     config = model_config(cfg, tokenizer)
     check_vocab(tokenizer, config.vocab_size)
     parallelism = check_parallelism(cfg)
-    # Method/optimizer combinations (e.g. spectron on a full model) on a meta copy: no memory.
-    build_optimizer(cfg.optimizer, build_from_config(config, device="meta"), cfg.factorization.method,
-                    lr=cfg.schedule.lr)
-    check_resume(cfg.checkpoint.resume)
-    return Inputs(spec, tokenizer, config, parallelism)
+    optimizer = optimizer_spec(cfg.optimizer, cfg.factorization.method)  # e.g. spectron on a full model
+    return Inputs(spec, tokenizer, config, parallelism, optimizer, check_resume(cfg.checkpoint.resume))
 
 
 def precision(cfg: TrainConfig) -> str:
@@ -104,8 +108,7 @@ def build_state(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan
         model = shard_model(model, device, bf16=bf16)
     # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
     # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.factorization.method, lr=cfg.schedule.lr,
-                                fused=device.type == "cuda")
+    optimizer = inputs.optimizer.build(cfg.optimizer, model, cfg.schedule.lr, device.type == "cuda")
     # Not passed to prepare(): accelerate would step it once per process per step.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps,
                                                             min_lr_rate=cfg.schedule.min_lr_ratio)

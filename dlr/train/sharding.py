@@ -20,17 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import PARALLELISMS
 from ..config.methods import KNOBS
-from ..errors import ConfigError, bad_value
+from ..errors import ConfigError
 from ..optim.build import BUILDERS
 from ..config import TrainConfig
 
 
 def check_parallelism(cfg: TrainConfig) -> str:
-    value = cfg.system.parallelism
-    if value not in PARALLELISMS:
-        raise bad_value("parallelism", value, PARALLELISMS)
+    value = cfg.system.parallelism  # one of PARALLELISMS (dlr.config.SystemConfig)
     name = cfg.optimizer.name
     if value == "fsdp2" and not BUILDERS[name].fsdp2:
         # Spectron's Newton-Schulz and power iteration need each factor whole; FSDP2 shards its rows.

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from ..config import TrainConfig
+from ..data.tokenizer import Tokenizer
 from ..model.counting import ModelStats
 from .plan import TrainPlan
 from ..artifacts.run_dir import MetricsLog
@@ -19,13 +21,13 @@ class TrainerState:
 
     cfg: TrainConfig
     plan: TrainPlan
-    accelerator: Any
+    accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     data: Any
     val: list
-    tokenizer: Any
+    tokenizer: Tokenizer
     stats: ModelStats
     out_dir: Path
     compiled: bool
