@@ -125,7 +125,11 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     every process must call it (each tensor is gathered from all of them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tensor gathered from padded shards (a dimension the processes do not divide evenly, a
+    # one-element parameter) can be a view of a larger buffer; the shard plan counts storage
+    # bytes (model.safetensors.index.json's total_size), so each gets a buffer of its own size.
+    return {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state.items()}
 
 
 def save_final(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, extra: dict | None = None) -> None:
