@@ -71,7 +71,8 @@ def shard_model(objective: torch.nn.Module, device: torch.device, bf16: bool) ->
     objective.to(device)
     kw: dict[str, Any] = {"mesh": mesh, "mp_policy": policy}
     decoder = objective.model
-    if objective.lm_head.weight is not decoder.get_input_embeddings().weight:  # a tied pair must live in one unit: the root
+    tied = objective.lm_head.weight is decoder.get_input_embeddings().weight
+    if not tied:  # a tied pair must live in one unit: the root
         fully_shard(decoder.get_input_embeddings(), **kw)
     for layer in decoder.layers:
         fully_shard(layer, **kw)
