@@ -45,6 +45,7 @@ from dlr.hf.lowrank import LowRankLinear, expansion_factor
 from dlr.model.fused_loss import LOSS_IMPLS, make_loss_fn, resolve_loss_impl
 from dlr.train.compile import compile_decoder, compile_layers
 from dlr.train.layer_paths import apply_training_paths
+from dlr.train.objective import TrainingObjective
 from dlr.train.telemetry import peak_flops
 
 from .recipe import SEQ, recipe_micro_batch
@@ -81,9 +82,9 @@ VARIANTS = {"dlr_ri": RepeatInterleaveDLR, "dlr_scatter": ScatterAddDLR}
 
 
 def compile_model(model) -> None:
-    """Whole-model compilation, in place: one graph from the embedding to the loss. The trainer
-    keeps the loss out of its graph (compile_decoder); this scope is here to compare against."""
-    model.compile()
+    """Whole-model compilation: one graph from the embedding to the loss, done by make_step on
+    the training objective. The trainer keeps the loss out of its graph (compile_decoder); this
+    scope is here to compare against."""
 
 
 COMPILE_SCOPE = {"decoder": compile_decoder, "layers": compile_layers, "model": compile_model}
@@ -104,10 +105,10 @@ def build(size: str, method: str, device: torch.device, compile: bool = False) -
                 assert m.dlr_index.is_meta or torch.equal(m.dlr_index.cpu(), torch.arange(m.out_features) // k)
                 m.__class__ = VARIANTS[method]
     if compile and device.type != "meta" and MODE[0] is not None:
-        target = {"decoder": model.model, "model": model}.get(SCOPE[0])
-        if target is None:
+        if SCOPE[0] not in ("decoder", "model"):
             sys.exit("--compile-mode needs --compile-scope decoder or model")
-        target.compile(mode=MODE[0])
+        if SCOPE[0] == "decoder":  # the model scope is compiled with its loss, in make_step
+            model.model.compile(mode=MODE[0])
     elif compile and device.type != "meta":
         COMPILE_SCOPE[SCOPE[0]](model)  # what dlr-train does with compile=true (and compile=auto on CUDA)
     return model
@@ -116,14 +117,16 @@ def build(size: str, method: str, device: torch.device, compile: bool = False) -
 def make_step(model: torch.nn.Module, device: torch.device, dtype: str, batch: int, vocab: int, loss: str = "chunked",
               compile: bool = False):
     # The trainer's loss: plain = HF's lm_head + fp32 logits; chunked/liger from the hidden states.
-    model.fused_loss = make_loss_fn(resolve_loss_impl(loss, device), compiled=compile)
+    objective = TrainingObjective(model, make_loss_fn(resolve_loss_impl(loss, device), compiled=compile))
+    if compile and SCOPE[0] == "model" and device.type != "meta":
+        objective.compile(mode=MODE[0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, vocab, (batch, SEQ), generator=gen).to(device)
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = objective(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

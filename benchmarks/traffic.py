@@ -42,6 +42,7 @@ from torch._inductor.scheduler import ExternKernelSchedulerNode
 from dlr.model.fused_loss import make_loss_fn
 from dlr.model.llama import build_model
 from dlr.train.layer_paths import apply_training_paths
+from dlr.train.objective import TrainingObjective
 from dlr.train.compile import compile_decoder
 from dlr.model.sizes import VOCAB_SIZE, get_size
 
@@ -87,11 +88,11 @@ def step_bytes(size: str, method: str, layers: int, sequences: int, bf16_weights
     if bf16_weights:
         model.to(torch.bfloat16)
     compile_decoder(model)
-    model.fused_loss = make_loss_fn("chunked", compiled=True)
+    objective = TrainingObjective(model, make_loss_fn("chunked", compiled=True))
     ids = torch.randint(0, VOCAB_SIZE, (sequences, SEQ), generator=torch.Generator().manual_seed(0))
     with counting_kernels():  # the backward graph compiles at the first backward
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16_weights):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = objective(input_ids=ids, labels=ids).loss
         loss.backward()
     counted = collections.Counter()
     for node, words in metrics.nodes_num_elem:  # every graph compiled since the reset: (node, bytes // 4)

@@ -1,9 +1,10 @@
 """Run by tests/test_fsdp2.py under torch.distributed.run: 2 CPU processes, gloo, FSDP2.
 
-A DLR model sharded by dlr.train.sharding.shard_model (what parallelism=fsdp2 does) must train
-like the same model unsharded on the whole batch; our checkpoint code (dlr.train.checkpoint_files)
-must restore it exactly from the shards; the fold must work on the shards bit for bit; and a
-model directory streamed from the shards must be byte-identical to a single-process save.
+A DLR model's training objective sharded by dlr.train.sharding.shard_model (what parallelism=fsdp2
+does) must train like the same model unsharded on the whole batch; our checkpoint code
+(dlr.train.checkpoint_files) must restore it exactly from the shards; the fold must work on the
+shards bit for bit; and the model directory written from the shards (dlr.train.sharding.save_final)
+must be byte-identical to a single-process save.
 """
 import json
 import os
@@ -18,7 +19,9 @@ from dlr import build_model
 from dlr.artifacts.model_dir import save_model_dir
 from dlr.data import load_tokenizer
 from dlr.artifacts.fold import fold_model
-from dlr.train.sharding import save_model_dir_gathered, shard_model
+from dlr.model.fused_loss import make_loss_fn
+from dlr.train.objective import TrainingObjective
+from dlr.train.sharding import save_final, shard_model
 from dlr.train.checkpoint_files import load_checkpoint, save_checkpoint
 
 SIZE, LR, WD = "llama_tiny", 1e-3, 0.01
@@ -27,9 +30,10 @@ OPTIONS = json.loads(os.environ.get("DLR_TEST_MODEL_OPTIONS", "{}"))
 
 
 def sharded(state: dict) -> torch.nn.Module:
+    """The sharded training objective (the plain loss: the reference's) of a model holding `state`."""
     model = build_model(SIZE, "dlr", **OPTIONS)
     model.load_state_dict(state)
-    return shard_model(model, torch.device("cpu"), bf16=False)
+    return shard_model(TrainingObjective(model, make_loss_fn("plain")), torch.device("cpu"), bf16=False)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -102,8 +106,11 @@ def main(out: Path) -> None:
         report["data_state_rank"] = data_state["process"]["rank"]
         report["scheduler_epoch"] = restored_sched.last_epoch
 
-    # Model directories streamed from the shards (small shards: the index path too) are
+    # Model directories written from the shards (small shards: the index path too) are
     # byte-identical to save_model_dir of the same weights on one process, before and after the fold.
+    from dlr.artifacts import model_dir as ck
+
+    ck.MAX_SHARD_SIZE = "200KB"
     tok = load_tokenizer("t5")
     plain, weights = build_model(SIZE, "dlr", **OPTIONS), full(model)  # gathered on rank 0 only
     if rank == 0:
@@ -114,15 +121,11 @@ def main(out: Path) -> None:
     trainable = OPTIONS.get("trainable_alpha") or OPTIONS.get("trainable_latent_scale")
     for name in ("final",) if trainable else ("final", "folded"):
         if name == "folded":
-            report["folded_layers"] = fold_model(model)
+            report["folded_layers"] = fold_model(model.causal_lm)
             fold_model(plain)
-        save_model_dir_gathered(model, tok, out / f"sharded_{name}", rank == 0, max_shard_size="200KB")
+        save_final(model.causal_lm, tok, out / f"sharded_{name}", rank == 0)
         if rank == 0:
-            from dlr.artifacts import model_dir as ck
-
-            ck.MAX_SHARD_SIZE, before = "200KB", ck.MAX_SHARD_SIZE
             save_model_dir(plain, tok, out / f"plain_{name}")
-            ck.MAX_SHARD_SIZE = before
             a, b = out / f"sharded_{name}", out / f"plain_{name}"
             names = sorted(p.name for p in a.iterdir())
             report[f"{name}_files"] = names

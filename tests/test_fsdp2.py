@@ -1,4 +1,4 @@
-"""FSDP2 (fully_shard) on 2 CPU processes: training, checkpoint save/restore, sharded fold, streamed save."""
+"""FSDP2 (fully_shard) on 2 CPU processes: training, checkpoint save/restore, sharded fold, the model directory written from the shards."""
 import json
 import os
 import subprocess
@@ -28,7 +28,7 @@ def test_fsdp2_sharded_dlr_trains_like_unsharded_and_resumes_exactly(tmp_path, o
     assert report["restored_next_loss"] == report["next_loss"]
     assert report["after_resume_diff"] == 0.0
     assert (report["data_state_rank"], report["scheduler_epoch"]) == (0, 2)
-    # The fold on the shards, and model directories streamed from them, equal one process's bytes.
+    # The fold on the shards, and model directories written from them, equal one process's bytes.
     trainable = options.get("trainable_alpha") or options.get("trainable_latent_scale")
     if not trainable:
         assert report["folded_layers"] == 14

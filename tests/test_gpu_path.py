@@ -75,10 +75,11 @@ def test_a_training_step_has_no_host_sync():
     with found_inf."""
     from dlr.model.fused_loss import make_loss_fn
     from dlr.train.compile import compile_decoder
+    from dlr.train.objective import TrainingObjective
 
     model = build_model("llama_tiny", method="dlr", rank=16).cuda()
     compile_decoder(model)
-    model.fused_loss = make_loss_fn("chunked", compiled=True)
+    objective = TrainingObjective(model, make_loss_fn("chunked", compiled=True))
     opt = build_optimizer({"name": "adamw"}, model, "dlr", lr=1e-3, fused=True)
     ids = torch.randint(2, 1000, (4, 256)).pin_memory().cuda(non_blocking=True)
     n = torch.tensor(4 * 255).pin_memory().cuda(non_blocking=True)
@@ -86,7 +87,7 @@ def test_a_training_step_has_no_host_sync():
         torch.cuda.set_sync_debug_mode("error" if i == 2 else "default")  # compilation and warm-up may sync
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids, num_items_in_batch=n).loss
+                loss = objective(input_ids=ids, labels=ids, num_items_in_batch=n).loss
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()

@@ -179,3 +179,87 @@ def test_typed_settings_are_never_cast_again():
     files = [p for p in PACKAGE.rglob("*.py") if "assets" not in p.parts]
     found = [f"{path.relative_to(ROOT)}:{line} {text}" for path in files for line, text in recasts(path.read_text())]
     assert not found, found
+
+
+HF = PACKAGE / "hf"
+HF_CLASSES = ("DlrLlamaForCausalLM", "DlrLlamaModel", "DlrLlamaConfig", "LowRankLinear")
+
+
+def hf_class_attributes() -> set[str]:
+    """Names the shipped model classes (dlr/hf/) declare in their class bodies: attributes and
+    methods. Not the config's fields: they are the model directory's data (the fold sets dlr_folded)."""
+    names = set()
+    for path in HF.rglob("*.py"):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)
+                    and not n.name.endswith("Config")):
+            for node in cls.body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names.add(node.name)
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names - {n for n in names if n.startswith("__")}
+
+
+def set_attributes(source: str) -> list[tuple[int, ast.expr, str]]:
+    """(line, object, name) of every attribute assignment (`x.name = ...`, `setattr(x, "name", ...)`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            for e in ast.walk(t):  # tuple targets too: a, b.x = ...
+                if isinstance(e, ast.Attribute) and isinstance(e.ctx, ast.Store):
+                    found.append((node.lineno, e.value, e.attr))
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) and \
+                (node.func.id if isinstance(node.func, ast.Name) else node.func.attr) in ("setattr", "__setattr__") \
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+            found.append((node.lineno, node.args[0], node.args[1].value))
+    return found
+
+
+def boundary_breaches(source: str, hf_names: set[str]) -> list[str]:
+    """A class swapped by assigning `__class__`; a shipped class (or `type(x)`) given an attribute;
+    an attribute the shipped classes declare set from outside them (trainer state on the model)."""
+    out = []
+    for line, obj, name in set_attributes(source):
+        on_class = (isinstance(obj, ast.Name) and obj.id in HF_CLASSES) or \
+            (isinstance(obj, ast.Call) and isinstance(obj.func, ast.Name) and obj.func.id == "type")
+        if name == "__class__":
+            out.append(f"{line}: assigns __class__")
+        elif on_class:
+            out.append(f"{line}: sets {ast.unparse(obj)}.{name}")
+        elif name in hf_names and not (isinstance(obj, ast.Name) and obj.id == "self"):
+            out.append(f"{line}: sets {ast.unparse(obj)}.{name}, which dlr/hf declares")
+    return out
+
+
+def test_the_scan_finds_class_swaps_and_trainer_state_on_the_shipped_classes():
+    names = hf_class_attributes()
+    assert {"post_init", "up_weight", "has_residual", "config_class"} <= names
+    bad = ("m.__class__ = Other\nsetattr(m, '__class__', Other)\nDlrLlamaForCausalLM.fused_loss = f\n"
+           "type(model).loss = f\nmodel.config_class = None\nlayer.up_weight = w\n")
+    assert len(boundary_breaches(bad, names)) == 6
+    assert boundary_breaches("self.up_weight = w\nmodel.config.dlr_folded = True\nm.other = 1\n", names) == []
+
+
+def test_no_class_swaps_and_no_trainer_state_on_the_shipped_classes():
+    """dlr/hf is what a model directory ships: nothing outside it sets what its classes declare,
+    nothing gives them new attributes, and no module anywhere in dlr/ swaps an object's class."""
+    names, breaches = hf_class_attributes(), []
+    for path in PACKAGE.rglob("*.py"):
+        if "assets" in path.parts:
+            continue
+        found = boundary_breaches(path.read_text(), set() if HF in path.parents else names)
+        breaches += [f"{path.relative_to(ROOT)}:{b}" for b in found]
+    assert not breaches, breaches
+
+
+def test_every_package_ships():
+    """pyproject.toml lists its packages: a package left out of the list is missing from a
+    non-editable install (tests/test_packaging.py installs one; this says which at once)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= listed, sorted(packages - listed)

@@ -118,8 +118,8 @@ SHAPES = [(64, 176, 16), (176, 64, 16), (64, 64, 24), (16, 13, 4)]
 
 def training_layer(layer: LowRankLinear) -> TrainingLowRankLinear:
     wrapper = torch.nn.Sequential(layer)
-    assert apply_training_paths(wrapper) == 1 and type(layer) is TrainingLowRankLinear
-    return layer
+    assert apply_training_paths(wrapper) == 1 and type(wrapper[0]) is TrainingLowRankLinear
+    return wrapper[0]
 
 
 def reference_forward(layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor:
@@ -253,3 +253,30 @@ def test_engine_forward_calls_b_and_computes_the_same_function(options):
     got = layer.engine_forward(layer.latent(x))
     assert calls and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [{"method": "dlr"}, {"method": "lowrank"},
+                                     {"method": "dlr", "trainable_alpha": True, "bias": True, "expand": "random_reuse"},
+                                     {"method": "dlr", "trainable_latent_scale": True}])
+def test_training_paths_replace_the_layers_keeping_every_parameter_name_and_bit(options):
+    """The training layers hold the shipped layers' very tensors under the same names, and the
+    whole model's loss and gradients are the shipped model's bit for bit."""
+    import dlr
+
+    torch.manual_seed(0)
+    model = dlr.build_model("llama_tiny", rank=8, **options)
+    params, buffers, keys = dict(model.named_parameters()), dict(model.named_buffers()), list(model.state_dict())
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = model(input_ids=ids, labels=ids).loss
+    want_grads = torch.autograd.grad(want, list(params.values()))
+
+    assert apply_training_paths(model) == 7 * model.config.num_hidden_layers
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert layers and all(type(m) is TrainingLowRankLinear for m in layers)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+    got = model(input_ids=ids, labels=ids).loss
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, list(params.values())), want_grads))
+    assert apply_training_paths(model) == 0  # nothing shipped is left to replace

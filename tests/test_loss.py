@@ -7,6 +7,7 @@ from dlr import build_model
 from dlr.errors import ConfigError
 from dlr.eval.loss import evaluate
 from dlr.model.fused_loss import chunked_linear_cross_entropy, make_loss_fn, resolve_loss_impl, shift_labels
+from dlr.train.objective import TrainingObjective
 
 
 def _inputs(seed=0, B=3, T=37, H=24, V=101):
@@ -78,14 +79,15 @@ def test_model_loss_through_the_fused_path_equals_hf_loss():
     labels[1, 20:] = -100
     ref = model(input_ids=ids, labels=labels).loss
     ref_grads = _grads(ref, model.lm_head.weight, model.model.layers[0].self_attn.q_proj.B.weight)
-    model.fused_loss = make_loss_fn("chunked")
-    out = model(input_ids=ids, labels=labels)
+    out = TrainingObjective(model, make_loss_fn("chunked"))(input_ids=ids, labels=labels)
     assert out.logits is None  # no [tokens, vocab] tensor was built
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for a, b in zip(_grads(out.loss, model.lm_head.weight, model.model.layers[0].self_attn.q_proj.B.weight), ref_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-    # generate() and the logits API are untouched by the fused loss.
-    assert model(input_ids=ids).logits.shape == (2, 33, model.config.vocab_size)
+    # The plain objective is the model's own loss, bit for bit; the model itself keeps HF's.
+    plain = TrainingObjective(model, make_loss_fn("plain"))(input_ids=ids, labels=labels).loss
+    assert torch.equal(plain, ref)
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 33, model.config.vocab_size)
 
 
 def test_evaluation_from_hidden_states_equals_the_logits_path():
@@ -145,3 +147,19 @@ def test_the_compiled_chunk_holds_one_logits_buffer_in_the_compute_dtype():
     _, code = run_and_get_code(torch.compile(_chunk_loss_and_grads_fused, dynamic=False), h, w, y, torch.tensor(0.1))
     logits_buffers = [line for line in code[-1].splitlines() if "empty_strided" in line and "(96, 500)" in line]
     assert len(logits_buffers) == 1 and "torch.bfloat16" in logits_buffers[0], logits_buffers
+
+
+def test_the_training_objective_trains_the_models_own_parameters_under_their_names():
+    model = build_model("llama_tiny", method="dlr", rank=16)
+    objective = TrainingObjective(model, make_loss_fn("chunked"))
+    assert objective.causal_lm is model
+    assert list(objective.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in objective.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert all(a is b for a, b in zip(objective.parameters(), model.parameters()))
+    objective.eval()  # the model's own flag follows, so code handed the model restores this mode
+    assert not model.training and not model.model.layers[0].training
+    objective.train()
+    assert model.training and model.lm_head.training
+    model.extra = torch.nn.Linear(2, 2)  # a parameter outside the decoder and lm_head would go untrained
+    with pytest.raises(ValueError, match="outside its model and lm_head"):
+        TrainingObjective(model, None)

@@ -175,6 +175,15 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     assert b == pytest.approx(a, rel=1e-6)
 
 
+def test_the_plain_loss_trains_like_the_chunked_one(tmp_path):
+    """loss=plain (the model's own lm_head and cross-entropy) and the default chunked loss from the
+    hidden states: two implementations of one objective, in the trainer's step."""
+    train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
+    train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "loss=plain"))
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["loss_impl"] == "plain"
+    assert records(tmp_path / "b") == pytest.approx(records(tmp_path / "a"), rel=1e-5)
+
+
 def test_compile_gives_the_same_losses(tmp_path):
     train(cfg("steps=2", f"out_dir={tmp_path / 'a'}", "method=dlr"))
     train(cfg("steps=2", f"out_dir={tmp_path / 'b'}", "method=dlr", "compile=true"))

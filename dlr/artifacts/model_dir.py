@@ -76,21 +76,26 @@ def save_model_dir(
     out_dir: str | os.PathLike,
     extra: dict | None = None,
     files: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` + `tokenizer` as a model directory at `out_dir`, atomically.
+    """Write `model` + `tokenizer` as a model directory at `out_dir`, atomically: config.json,
+    the weights, the shipped code, the tokenizer, the card and the record.
 
     Everything is written into a temporary sibling directory which is then renamed, so a
     crash leaves either the old directory or the complete new one, never a half-written
     one. An existing `out_dir` is replaced. `extra` (JSON-able) is stored under "extra" in
     dlr_checkpoint.json (e.g. step, tokens seen, final val loss); `files` maps extra file
     names to JSON-able objects written next to the weights (e.g. fold_report.json).
+    `state_dict`: the weights to write in place of the model's own, e.g. those of an FSDP2-sharded
+    model gathered on the main process (dlr.train.sharding.save_final); the files are the same
+    bytes a single process writes.
     """
     if not isinstance(model, DlrLlamaForCausalLM):
         raise ConfigError(f"save_model_dir expects a DlrLlamaForCausalLM, got {type(model).__name__}")
     if tokenizer is None:
         raise ConfigError("save_model_dir needs a tokenizer: a model directory must be self-describing")
     with write_errors(out_dir), atomic_dir(out_dir) as tmp:
-        save_pretrained_quietly(model, tmp)
+        save_pretrained_quietly(model, tmp, **({} if state_dict is None else {"state_dict": dict(state_dict)}))
         finish_model_dir(tmp, extra, tokenizer=tokenizer, files=files)
     return Path(out_dir).expanduser().absolute()
 
@@ -116,8 +121,8 @@ def finish_model_dir(tmp: str | os.PathLike, extra: dict | None = None, *, token
     tokenizer, the extra `files`, the model card (README.md, unless `files` holds one) and
     dlr_checkpoint.json with `extra` and the size and sha256 of every other file.
 
-    For any Hugging Face model directory dlr writes (dlr_llama, the dense llama export, the
-    FSDP2 writer in dlr.train.sharding, which streams the weights itself): the record is what
+    For any Hugging Face model directory dlr writes (dlr_llama through `save_model_dir`, the dense
+    llama export, a dlr-quantize directory): the record is what
     `check_integrity` verifies before a loader reads a byte. Nothing may be written after it.
     """
     tmp = Path(tmp)

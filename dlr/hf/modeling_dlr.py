@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_dlr import DlrLlamaConfig
 from .lowrank import LowRankLinear, factorize_projections
@@ -45,17 +44,6 @@ class DlrLlamaModel(LlamaModel):
 class DlrLlamaForCausalLM(LlamaForCausalLM):
     config_class = DlrLlamaConfig
     _init_weights = _init_weights
-    # Set by the trainer to fused_loss(hidden, lm_head_weight, labels, num_items): the loss from
-    # the hidden states, without [tokens, vocab] logits. None (loaded models, generate()): plain HF.
-    fused_loss = None
-
-    def forward(self, input_ids=None, labels=None, **kwargs):
-        if self.fused_loss is None or labels is None:
-            return super().forward(input_ids=input_ids, labels=labels, **kwargs)
-        num_items = kwargs.pop("num_items_in_batch", None)
-        kwargs.setdefault("use_cache", False)
-        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-        return CausalLMOutputWithPast(loss=self.fused_loss(hidden, self.lm_head.weight, labels, num_items))
 
     def post_init(self) -> None:
         # self.model is the LlamaModel that LlamaForCausalLM.__init__ built (and initialised):

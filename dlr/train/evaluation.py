@@ -1,8 +1,6 @@
 """Evaluation during and at the end of training, logged as val_* (or folded_val_*) records."""
 from __future__ import annotations
 
-import torch
-
 from ..eval.loss import evaluate
 from .reporting import report, say
 from .trainer_state import TrainerState
@@ -11,11 +9,11 @@ from .trainer_state import TrainerState
 EVAL_KEYS = ("val_loss", "val_ppl", "val_tokens")
 
 
-def run_eval(state: TrainerState, eval_model: torch.nn.Module | None = None, prefix: str = "val") -> dict:
+def run_eval(state: TrainerState, prefix: str = "val") -> dict:
     """Evaluate on the validation batches at the current step and report the record."""
-    # The plain module: evaluation needs no DDP hooks, and a compiled graph would recompile
-    # for no-grad mode and every new batch shape.
-    model = eval_model or state.plain_model()
+    # Without DDP: evaluation needs no DDP hooks, and a compiled graph would recompile for
+    # no-grad mode and every new batch shape.
+    model = state.eval_model()
     result = evaluate(model, state.val, state.device, dtype=state.autocast_dtype, compiled_loss=state.compiled)
     result = {k: result[k] for k in EVAL_KEYS}
     report(state, {"step": state.step, "tokens": state.tokens(state.step), f"{prefix}_loss": result["val_loss"],

@@ -53,8 +53,8 @@ def _fold(state: TrainerState, summary: dict, extra: dict) -> None:
     """Fold the trained model in place, evaluate it and write folded/."""
     model, last = state.plain_model(), state.last_eval
     say(state, "folding the DLR residual into B, then validating the folded model")
-    folded = fold_model(model)
-    folded_eval = run_eval(state, eval_model=model, prefix="folded_val")
+    folded = fold_model(model)  # in place: the objective evaluation runs holds the same modules
+    folded_eval = run_eval(state, prefix="folded_val")
     deploy = model_stats(model, state.plan.seq_len)
     summary.update({"folded_layers": folded, "folded_val_loss": folded_eval["val_loss"],
                     "folded_val_ppl": folded_eval["val_ppl"], "deploy_params": deploy.total_params,

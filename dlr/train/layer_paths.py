@@ -78,15 +78,31 @@ class TrainingLowRankLinear(LowRankLinear):
         return _RebuiltResidualUp.apply(z, B, *self.scatter_operands())
 
 
-def apply_training_paths(model: nn.Module) -> int:
-    """Give every LowRankLinear of `model` the training forward, in place; returns how many.
+def training_layer(layer: LowRankLinear) -> TrainingLowRankLinear:
+    """A TrainingLowRankLinear with `layer`'s settings that holds `layer`'s very parameters and buffers.
 
-    Only the class changes (no parameter, buffer or name does), so optimizers, checkpoints,
-    FSDP2 and the saved model directory see the same model. Call before wrapping or sharding.
+    Built on meta with the same constructor arguments (nothing allocated, nothing drawn from
+    the RNG), then given the layer's tensor objects by a strict load: the same names, so the
+    optimizer, checkpoints and the saved model directory see the same model.
     """
-    count = 0
-    for module in model.modules():
-        if type(module) is LowRankLinear:
-            module.__class__ = TrainingLowRankLinear
-            count += 1
-    return count
+    with torch.device("meta"):
+        new = TrainingLowRankLinear(layer.in_features, layer.out_features, layer.rank, layer.activation,
+                                    layer.dlr_scale, layer.dlr_index, trainable_alpha_divisor=layer.alpha_divisor,
+                                    latent_scale=layer.latent_scale, trainable_latent=layer.has_trainable_latent,
+                                    bias=layer.bias is not None)
+    for name, p in new.named_parameters():  # an assigning load keeps the receiving side's flag
+        p.requires_grad_(layer.get_parameter(name).requires_grad)
+    new.load_state_dict(layer.state_dict(keep_vars=True), strict=True, assign=True)
+    left = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+    if left:  # a tensor outside the state dict (a non-persistent buffer) the training layer lacks
+        raise RuntimeError(f"training_layer: {left} not taken over from the shipped layer")
+    return new.train(layer.training)
+
+
+def apply_training_paths(model: nn.Module) -> int:
+    """Replace every LowRankLinear of `model` by its training layer (same parameter objects,
+    same names), in place; returns how many. Call before wrapping or sharding."""
+    names = [name for name, module in model.named_modules() if type(module) is LowRankLinear]
+    for name in names:
+        model.set_submodule(name, training_layer(model.get_submodule(name)))
+    return len(names)

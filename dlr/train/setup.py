@@ -19,6 +19,7 @@ from ..model.fused_loss import make_loss_fn, resolve_loss_impl
 from ..model.llama import build_from_config, make_config
 from .layer_paths import apply_training_paths
 from ..optim import OptimizerSpec, optimizer_spec
+from .objective import TrainingObjective
 from ..model.sizes import size_from_mapping
 from .compile import compile_enabled, compile_for
 from .plan import TrainPlan
@@ -101,11 +102,12 @@ def build_state(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan
         _enable_checkpointing(model)
     compiled = compile_enabled(cfg.system.compile, device)
     loss_impl = resolve_loss_impl(cfg.system.loss, device)
-    model.fused_loss = make_loss_fn(loss_impl, compiled=compiled)
     if compiled:
         compile_for(model, parallelism)
+    # What the trainer runs: the model's decoder and lm_head (the same parameters) with its loss.
+    objective = TrainingObjective(model, make_loss_fn(loss_impl, compiled=compiled))
     if parallelism == "fsdp2":  # before the optimizer: it must hold the sharded parameters
-        model = shard_model(model, device, bf16=bf16)
+        objective = shard_model(objective, device, bf16=bf16)
     # Fused AdamW on CUDA: one kernel for all parameters, and it can refuse a whole update on
     # the device (found_inf) without a host sync. The CPU keeps the foreach kernel (its numbers).
     optimizer = inputs.optimizer.build(cfg.optimizer, model, cfg.schedule.lr, device.type == "cuda")
@@ -113,14 +115,14 @@ def build_state(cfg: TrainConfig, inputs: Inputs, accelerator: Accelerator, plan
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps,
                                                             min_lr_rate=cfg.schedule.min_lr_ratio)
     if parallelism == "ddp":
-        model, optimizer = accelerator.prepare(model, optimizer)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
     process_index, num_processes = accelerator.process_index, accelerator.num_processes
     data = train_batches(inputs.spec, inputs.tokenizer, plan.micro_batch, process_index, num_processes, cfg.seed)
     val = validation_batches(inputs.spec, inputs.tokenizer, plan.micro_batch, process_index, num_processes)
     if parallelism == "fsdp2":
         val = equal_batch_count(val, device)
     return TrainerState(
-        cfg=cfg, plan=plan, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        cfg=cfg, plan=plan, accelerator=accelerator, model=objective, optimizer=optimizer, scheduler=scheduler,
         data=data, val=val, tokenizer=inputs.tokenizer, stats=stats, out_dir=Path(cfg.checkpoint.out_dir),
         compiled=compiled, loss_impl=loss_impl,
         # Under FSDP2 the MixedPrecisionPolicy computes in bf16; autocast stays off.

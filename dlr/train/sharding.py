@@ -5,16 +5,15 @@ in the test suite and on GPUs (nccl), the model is sharded here; the Accelerator
 the process group, the device and the reductions, so the training loop has one code path.
 
 Layout (as torchtitan): one FSDP unit per decoder layer, one for the embeddings, and the
-root (final norm and lm_head, which the fused loss reads inside the root's forward). Parameters stay fp32; on bf16 runs the
+root: the training objective (dlr.train.objective) with the final norm and lm_head, which the
+fused loss reads inside the root's forward. Parameters stay fp32; on bf16 runs the
 MixedPrecisionPolicy gathers them in bf16 for compute and reduces gradients in fp32
 (accelerate's autocast is then off: the policy does that job).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,26 +55,29 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """fully_shard per decoder layer, the embeddings and the root (norm, lm_head), in place."""
+def shard_model(objective: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
+    """fully_shard per decoder layer, the embeddings and the root, in place: the training
+    objective (dlr.train.objective) with the final norm and lm_head; the model it trains keeps
+    its class, so it saves as itself."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    model.to(device)
+    objective.to(device)
     kw: dict[str, Any] = {"mesh": mesh, "mp_policy": policy}
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    decoder = objective.model
+    tied = objective.lm_head.weight is decoder.get_input_embeddings().weight
     if not tied:  # a tied pair must live in one unit: the root
-        fully_shard(model.get_input_embeddings(), **kw)
-    for layer in model.model.layers:
+        fully_shard(decoder.get_input_embeddings(), **kw)
+    for layer in decoder.layers:
         fully_shard(layer, **kw)
     # lm_head stays in the root unit (with the final norm): the fused loss (dlr.model.fused_loss) reads
-    # lm_head.weight inside the model's forward without calling lm_head, so lm_head's own
+    # lm_head.weight inside the root's forward without calling lm_head, so lm_head's own
     # unit would never be gathered; the root's is, for the whole forward and backward.
-    fully_shard(model, **kw)
-    return model
+    fully_shard(objective, **kw)
+    return objective
 
 
 def no_sync(accelerator, model: torch.nn.Module, skip: bool):
@@ -116,80 +118,27 @@ def equal_batch_count(batches: list[dict[str, torch.Tensor]], device: torch.devi
     return batches + [filler] * (int(n.item()) - len(batches))
 
 
-def _full(value: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU (every process must call this for a DTensor: it gathers)."""
-    from torch.distributed.tensor import DTensor
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model on the main process's CPU ({} on the others);
+    every process must call it (each tensor is gathered from all of them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    return value.detach().cpu().contiguous()
-
-
-@contextlib.contextmanager
-def _unsharded_class(model):
-    """fully_shard swaps the model's class for a dynamic `FSDP<Name>` subclass defined in torch;
-    save_pretrained would copy torch's files as the model's remote code. Show it the real class."""
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded_cls = type(model)
-    if isinstance(model, FSDPModule):
-        model.__class__ = next(c for c in sharded_cls.__bases__ if not issubclass(c, FSDPModule))
-    try:
-        yield
-    finally:
-        model.__class__ = sharded_cls
-
-
-def save_model_dir_gathered(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, extra: dict | None = None,
-                            max_shard_size: str | int | None = None) -> Path:
-    """`save_model_dir` for a sharded model; every process calls it, the main one writes.
-
-    The weights are gathered one tensor at a time and written one safetensors shard at a
-    time, split exactly as `save_pretrained` splits them, so the main process holds at most
-    one shard (2 GB) and the files are byte-identical to a single-process save.
-    """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    from ..artifacts.model_dir import INDEX_FILE, MAX_SHARD_SIZE, atomic_dir, finish_model_dir, save_pretrained_quietly
-
-    max_shard_size = max_shard_size or MAX_SHARD_SIZE
-    state = model.state_dict()
-    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
-        state.pop(key, None)
-    # The shard plan needs only shapes and dtypes: meta stand-ins, keyed like the real ones.
-    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
-    meta = remove_tied_weights_from_state_dict(meta, model)
-    plan = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
-                                              max_shard_size=max_shard_size)
-    context = atomic_dir(out_dir) if is_main else contextlib.nullcontext(None)
-    with context as tmp:
-        if is_main:
-            with _unsharded_class(model):  # config, generation config, remote code: no weights
-                save_pretrained_quietly(model, tmp, state_dict={})
-        for filename, names in plan.filename_to_tensors.items():
-            shard = {name: _full(state[name]) for name in names}
-            if is_main:
-                save_file(shard, tmp / filename, metadata={"format": "pt"})
-            del shard
-        if is_main:
-            if plan.is_sharded:
-                index = {"metadata": {"total_parameters": model.num_parameters(), **plan.metadata},
-                         "weight_map": plan.tensor_to_filename}
-                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            finish_model_dir(tmp, extra, tokenizer=tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
-    return Path(out_dir).expanduser().absolute()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tensor gathered from padded shards (a dimension the processes do not divide evenly, a
+    # one-element parameter) can be a view of a larger buffer; the shard plan counts storage
+    # bytes (model.safetensors.index.json's total_size), so each gets a buffer of its own size.
+    return {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state.items()}
 
 
 def save_final(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, extra: dict | None = None) -> None:
-    """final/ and folded/: streamed from the shards under FSDP2, from the main process under DDP.
-    `extra` goes into dlr_checkpoint.json (the trainer's step, tokens, val loss)."""
+    """final/ and folded/, written by the main process; every process calls it. Under FSDP2 the
+    weights are gathered first (one whole copy in the main process's host memory), then written
+    as a single process writes them. `extra` goes into dlr_checkpoint.json (step, tokens, val loss)."""
     from ..artifacts.model_dir import save_model_dir
 
-    if is_sharded(model):
-        save_model_dir_gathered(model, tokenizer, out_dir, is_main, extra=extra)
-    elif is_main:
-        save_model_dir(model, tokenizer, out_dir, extra=extra)
+    sharded = is_sharded(model)
+    state_dict = gathered_state_dict(model) if sharded else None
+    if is_main:
+        save_model_dir(model, tokenizer, out_dir, extra=extra, state_dict=state_dict)
+    if sharded and dist.is_initialized():
+        dist.barrier()

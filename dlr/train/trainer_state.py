@@ -22,7 +22,7 @@ class TrainerState:
     cfg: TrainConfig
     plan: TrainPlan
     accelerator: Accelerator
-    model: torch.nn.Module
+    model: torch.nn.Module  # what the step runs: the TrainingObjective (dlr.train.objective), wrapped or sharded
     optimizer: torch.optim.Optimizer
     scheduler: Any
     data: Any
@@ -48,9 +48,19 @@ class TrainerState:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def plain_model(self) -> torch.nn.Module:
-        """The model without DDP or torch.compile wrappers (FSDP2's sharded module stays)."""
+    def objective(self) -> torch.nn.Module:
+        """The TrainingObjective without the DDP wrapper (under FSDP2: the sharded root)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def plain_model(self) -> torch.nn.Module:
+        """The causal LM being trained (under FSDP2 its parameters are the shards)."""
+        return self.objective().causal_lm
+
+    def eval_model(self) -> torch.nn.Module:
+        """What evaluation runs: the causal LM, or under FSDP2 the sharded root, whose forward
+        gathers the final norm and lm_head the loss reads."""
+        objective = self.objective()
+        return objective if self.cfg.system.parallelism == "fsdp2" else objective.causal_lm
 
     def tokens(self, at_step: int) -> int:
         return at_step * self.plan.tokens_per_step
