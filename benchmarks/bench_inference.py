@@ -375,16 +375,17 @@ def gain_table(result: dict, batch: int = 8) -> str:
     """What quantizing buys, dense against folded, through vLLM at one batch size: each model's weight
     bytes and decode tok/s relative to the unquantized dense model of its size."""
     by = {(r["size"], r["method"], r["quant"]): r for r in result["rows"] if r["batch"] == batch and "vllm" in r}
-    out = ["| size | model | weights MiB | weights vs dense | vLLM decode tok/s | decode vs dense |", "|---|---|---|---|---|---|"]
+    out = ["| size | model | weights MiB | dense's bytes / its bytes | vLLM decode tok/s | decode over dense |",
+           "|---|---|---|---|---|---|"]
     for (size, method, quant), r in sorted(by.items(), key=lambda kv: _order(result)({**kv[1], "batch": batch})):
         base = by.get((size, "full", "none"))
         speed, ref = _median(r, "vllm.decode_tok_s"), _median(base, "vllm.decode_tok_s")
         if base is None or method not in ("full", "folded"):
             continue
         rel = f"{speed / ref:.2f}x" if speed and ref else "-"
-        out.append(f"| {size} | {'dense' if method == 'full' else 'folded'} {'' if quant == 'none' else quant} | "
-                   f"{r['weight_bytes'] / 2**20:.0f} | {base['weight_bytes'] / r['weight_bytes']:.2f}x fewer | "
-                   f"{figure(speed) if speed else '-'} | {rel} |")
+        model = ("dense" if method == "full" else "folded") + ("" if quant == "none" else f" {quant}")
+        out.append(f"| {size} | {model} | {r['weight_bytes'] / 2**20:.0f} | {base['weight_bytes'] / r['weight_bytes']:.2f} | "
+                   f"{figure(speed) if speed else 'not served'} | {rel} |")
     return "\n".join(out) if len(out) > 2 else ""
 
 

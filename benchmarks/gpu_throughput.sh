@@ -57,7 +57,7 @@ fi
 
 if want inference 200; then
   stamp inference
-  timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_inference --device cuda --repeats 5 \
+  timeout $(( $(left) - 10 )) python3 -m benchmarks.bench_inference --device cuda --repeats 5 ${VLLM_PYTHON:+--quant none,w8a8} \
     ${VLLM_PYTHON:+--vllm-python "$VLLM_PYTHON"} --out "$OUT/inference_gpu.json" 2>"$OUT/inference.log" \
     | tee -a "$OUT/report.txt"
 fi
