@@ -26,8 +26,8 @@ included) is a persistent buffer, so it travels in the safetensors with the weig
 from __future__ import annotations
 
 import contextlib
-import io
 import hashlib
+import io
 import json
 import math
 import os

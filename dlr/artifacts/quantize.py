@@ -10,10 +10,11 @@ kernels and transformers loads through its CompressedTensorsHfQuantizer:
            every factor's input and output size to be a multiple of 32).
 
 Every `nn.Linear` but the LM head is quantized: in a low-rank model those are the factors A
-and B of every projection. `ignore` keeps more layers unquantized (module names or `re:`
-patterns, llm-compressor's convention), e.g. where a serving kernel does not take a layer's
-shape; every other layer is checked to be quantized in the reloaded model. Scales are the weights' own min/max (round to nearest; no
-calibration data needed). Written the way llm-compressor writes it (apply the scheme, set the
+and B of every projection, in a dense one (a `full` model, the dense export) its projections.
+`ignore` keeps more layers unquantized (module names or `re:` patterns, llm-compressor's
+convention), e.g. where a serving kernel does not take a layer's shape; every other layer is
+checked to be quantized in the reloaded model. Scales are the weights' own min/max (round to
+nearest; no calibration data needed). Written the way llm-compressor writes it (apply the scheme, set the
 scales, compress, save, add `quantization_config` to config.json); llm-compressor itself pins
 an older transformers, so dlr drives compressed-tensors directly.
 
