@@ -25,6 +25,7 @@ kept unless both are within the given bounds.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -87,8 +88,6 @@ class QuantizeReport:
 
 def quantization_of(path: str | os.PathLike) -> dict | None:
     """The `quantization_config` of a model directory's config.json (None if unquantized)."""
-    import json
-
     raw = json.loads((Path(path) / "config.json").read_text())
     q = raw.get("quantization_config") if isinstance(raw, dict) else None
     return q if isinstance(q, dict) else None
@@ -319,7 +318,8 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
     why = refusal(ckpt)
     if why:
         raise ConfigError(why)
-    _check_groups(meta_model(read_config(ckpt, dense=True)), group_size, ignore)
+    config = read_config(ckpt, dense=True)
+    _check_groups(meta_model(config), group_size, ignore)
     target = resolve_out(ckpt, out or default_out(ckpt, scheme), False, overwrite)
     t0 = time.perf_counter()
     model, tokenizer = load_model_dir(ckpt, device=dev, dtype=torch.float32, verify=verify, dense=True)
@@ -330,8 +330,7 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
     quantize_model_(model, scheme, group_size, ignore)
     layers = {n for n, _ in quantized_linears(model)}
     compressor = compress_(model, scheme)
-    described = describe_quantized(read_config(ckpt, dense=True), scheme)
-    meta = {"input": str(ckpt.resolve()), "output": str(target), "model": described,
+    meta = {"input": str(ckpt.resolve()), "output": str(target), "model": describe_quantized(config, scheme),
             "scheme": scheme, "format": SCHEMES[scheme][1], "group_size": group_size, "ignore": list(ignore)}
     try:
         return _write(model, compressor, tokenizer, ckpt, target, meta=meta, layers=layers, params=params,
@@ -342,8 +341,6 @@ def quantize_and_verify(ckpt: str | os.PathLike, out: str | os.PathLike | None =
 
 def _fold_report(ckpt: Path) -> dict | None:
     """The dense export's fold_report.json (what its card says it came from), if it has one."""
-    import json
-
     f = ckpt / "fold_report.json"
     return json.loads(f.read_text()) if f.is_file() else None
 
