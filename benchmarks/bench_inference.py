@@ -187,9 +187,10 @@ def served_bytes(model_dir: Path, dtype: str) -> tuple[int, int]:
                 sl = st.get_slice(key)
                 n, kind = math.prod(sl.get_shape()), sl.get_dtype()
                 nbytes += n * itemsize.get(kind, float_size)
-                # A packed int32 holds 32 // bits 4-bit weights (compressed-tensors' pack-quantized).
-                params += n * (32 // 4 if key.endswith("weight_packed") else 1) \
-                    if not key.endswith(("_scale", "_zero_point", "weight_shape")) else 0
+                if key.endswith(("_scale", "_zero_point", "weight_shape")):  # quantization metadata
+                    continue
+                # A packed int32 holds 8 4-bit weights (compressed-tensors' pack-quantized).
+                params += n * 8 if key.endswith("weight_packed") else n
     return params, nbytes
 
 
