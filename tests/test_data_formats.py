@@ -4,20 +4,17 @@ the ready hub configs' one-line refusal without network."""
 from __future__ import annotations
 
 import gzip
-import importlib
 import json
 from importlib import resources
 from pathlib import Path
 
-from test_data_helpers import roundtrip  # noqa: E402  (sets HF offline env first)
+from test_data_helpers import mount_hub, roundtrip  # noqa: E402  (sets HF offline env first)
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import zstandard
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
 from omegaconf import OmegaConf
 
 from dlr.data import data_spec, train_batches, validation_rows
@@ -198,15 +195,7 @@ def fineweb_mirror(tmp_path, monkeypatch, corpus):
     write_parquet(repo / "sample" / "10BT" / "001_00000.parquet", train[1000:])
     write_parquet(repo / "data" / "CC-MAIN-2024-10" / "train-00000-of-00001.parquet", train[:10])
     (repo / "README.md").write_text(CARD)
-    root = str(tmp_path / "hub")
-
-    class Mirror(DirFileSystem):
-        protocol = "hf"
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(path=root, fs=LocalFileSystem())
-
-    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "hf", Mirror)
+    mount_hub(tmp_path / "hub", monkeypatch)
     return repo
 
 

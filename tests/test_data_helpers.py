@@ -53,3 +53,21 @@ def roundtrip(state):
     torch.save(state, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def mount_hub(root: Path, monkeypatch) -> None:
+    """Serve `hf://` from the local folder `root` (laid out as the Hub's datasets/<org>/<name>/...),
+    so the real hub path (fsspec's hf:// URLs, the card's configs) runs offline."""
+    import importlib
+
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Mirror(DirFileSystem):
+        protocol = "hf"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(path=str(root), fs=LocalFileSystem())
+
+    # The fsspec package's `registry` attribute is a read-only view; the module holds the dict.
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "hf", Mirror)

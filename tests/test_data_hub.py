@@ -7,19 +7,17 @@ filesystem for `hf` instead (a mirror holding allenai/c4/en/ shards), so everyth
 runs for real: C4's shard globs, the hf:// paths, datasets' streaming, sharding and the
 trainer. The check is that `data=c4` gives the same run as `data=c4_local` on the same files.
 """
-import importlib
 import shutil
 from importlib import resources
 from pathlib import Path
 
 import pytest
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
 from omegaconf import OmegaConf
 
 from dlr.data import data_spec
 from dlr.data.sources import resolve_files
 from dlr.train.loop import train
+from test_data_helpers import mount_hub
 from test_train import cfg, records
 
 CONFIGS_DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
@@ -38,16 +36,7 @@ def hub_mirror(tmp_path, monkeypatch):
     # A decoy that C4's train glob must not pick up.
     shutil.copyfile(train_src, en / "c4-train.00000-of-00002.json.gz")
 
-    root = str(tmp_path / "hub")
-
-    class Mirror(DirFileSystem):
-        protocol = "hf"
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(path=root, fs=LocalFileSystem())
-
-    # The fsspec package's `registry` attribute is a read-only view; the module holds the dict.
-    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "hf", Mirror)
+    mount_hub(tmp_path / "hub", monkeypatch)
     return en
 
 
